@@ -1,0 +1,235 @@
+"""The public ACT attention op: validate the arguments once, then dispatch to a backend.
+
+Backends receive normalised arguments and share one signature::
+
+    backend(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats)
+        -> (out, stats_dict_or_None)
+
+with ``heads`` either ``None`` (nothing calibrated) or a bool tensor ``[B, Hq]`` on q's device,
+``scale`` a float, and ``key_padding_mask`` either ``None`` (no padding) or a bool ``[B, Nk]``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Optional, Sequence, Union
+
+import torch
+
+BACKENDS = ("auto", "eager", "torch", "triton")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class ACTStats:
+    """What the calibration saw, per key and per row, for every (batch row, head).
+
+    ``scores`` and ``sinks`` are filled for every head (the sinks a calibration *would* use), so
+    one call with ``heads=None`` shows the sinks of a whole layer; ``calibrated`` says which heads
+    were actually changed.
+    """
+
+    scores: torch.Tensor      # [B, Hq, Nk] float32: mean attention each key receives (0 if unseen)
+    sinks: torch.Tensor       # [B, Hq, Nk] bool: score > tau, first valid key excluded
+    sink_mass: torch.Tensor   # [B, Hq, Nq] float32: m_i, each row's attention on the sinks
+    calibrated: torch.Tensor  # [B, Hq] bool
+
+    @classmethod
+    def from_dict(cls, stats: dict) -> "ACTStats":
+        return cls(stats["scores"], stats["sinks"], stats["sink_mass"], stats["calibrated"])
+
+
+def _check_tensors(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"act_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"act_attention: {name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"act_attention: {name} has dtype {t.dtype}; expected one of "
+                            "float16, bfloat16, float32, float64")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"act_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"act_attention: q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"act_attention: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    bsz, hq, nq, dim = q.shape
+    _, hkv, nk, dk = k.shape
+    if k.shape[0] != bsz:
+        raise ValueError(f"act_attention: batch sizes differ: q has {bsz}, k/v have {k.shape[0]}")
+    if dk != dim:
+        raise ValueError(f"act_attention: head dims differ: q has D={dim}, k/v have D={dk}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"act_attention: Hq={hq} query heads is not a multiple of Hkv={hkv} kv heads")
+    if nq == 0 or nk == 0 or dim == 0 or bsz == 0:
+        raise ValueError(f"act_attention: empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if nq > nk:
+        raise ValueError(f"act_attention: Nq={nq} queries exceed Nk={nk} keys; the queries are the "
+                         "last Nq positions of the keys")
+
+
+def _check_float(name, value):
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"act_attention: {name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def normalize_heads(heads, bsz: int, hq: int, device) -> Optional[torch.Tensor]:
+    """``None`` | bool ``[Hq]`` / ``[B, Hq]`` | head indices  ->  ``None`` or bool ``[B, Hq]``."""
+    if heads is None:
+        return None
+    if isinstance(heads, torch.Tensor) and heads.dtype == torch.bool:
+        if heads.dim() == 1 and heads.shape[0] == hq:
+            mask = heads[None, :].expand(bsz, hq)
+        elif heads.dim() == 2 and tuple(heads.shape) == (bsz, hq):
+            mask = heads
+        else:
+            raise ValueError(f"act_attention: bool heads must have shape [Hq]=[{hq}] or "
+                             f"[B, Hq]=[{bsz}, {hq}], got {tuple(heads.shape)}")
+        mask = mask.to(device)
+    else:
+        if isinstance(heads, torch.Tensor):
+            if heads.is_floating_point() or heads.is_complex() or heads.dim() > 1:
+                raise TypeError("act_attention: heads must be a bool mask [Hq] / [B, Hq] or "
+                                f"a 1-D list of head indices, got a {heads.dtype} tensor "
+                                f"of shape {tuple(heads.shape)}")
+            indices = [int(i) for i in heads.reshape(-1).tolist()]
+        elif isinstance(heads, Integral) and not isinstance(heads, bool):
+            indices = [int(heads)]
+        elif isinstance(heads, Sequence) and not isinstance(heads, (str, bytes)):
+            indices = []
+            for i in heads:
+                if isinstance(i, bool) or not isinstance(i, Integral):
+                    raise TypeError(f"act_attention: head indices must be integers, got {i!r}")
+                indices.append(int(i))
+        else:
+            raise TypeError("act_attention: heads must be None, a bool tensor [Hq] or [B, Hq], "
+                            f"or a sequence of head indices; got {type(heads).__name__}")
+        bad = [i for i in indices if not 0 <= i < hq]
+        if bad:
+            raise ValueError(f"act_attention: head index {bad[0]} out of range: there are {hq} "
+                             f"query heads (valid indices 0..{hq - 1})")
+        row = torch.zeros(hq, dtype=torch.bool, device=device)
+        if indices:
+            row[torch.tensor(indices, device=device)] = True
+        mask = row[None, :].expand(bsz, hq)
+    if not bool(mask.any()):
+        return None
+    return mask.contiguous()
+
+
+def normalize_key_padding_mask(mask, bsz: int, nk: int, device) -> Optional[torch.Tensor]:
+    """``None`` | bool/0-1 integer ``[B, Nk]`` (True = real token)  ->  ``None`` or bool ``[B, Nk]``."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"act_attention: key_padding_mask must be a bool tensor [B, Nk], "
+                        f"got {type(mask).__name__}")
+    if tuple(mask.shape) != (bsz, nk):
+        raise ValueError(f"act_attention: key_padding_mask must have shape [B, Nk]=[{bsz}, {nk}], "
+                         f"got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(f"act_attention: key_padding_mask must be bool (True = real token), "
+                            f"got {mask.dtype}")
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("act_attention: an integer key_padding_mask must hold only 0 and 1")
+        mask = mask != 0
+    if mask.device != device:
+        raise ValueError(f"act_attention: key_padding_mask is on {mask.device} but q is on {device}")
+    if bool(mask.all()):
+        return None
+    return mask.contiguous()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"act_attention: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def _backend_fn(name: str):
+    if name == "eager":
+        from .reference import act_attention_reference
+
+        def eager(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
+            out, _, stats = act_attention_reference(q, k, v, heads=heads, beta=beta, tau=tau,
+                                                    scale=scale, key_padding_mask=key_padding_mask)
+            return out, (stats if return_stats else None)
+        return eager
+    if name == "torch":
+        from .torch_backend import act_attention_torch
+        return act_attention_torch
+    from .triton_backend import act_attention_triton  # raises a clear error if it cannot run
+    return act_attention_triton
+
+
+_warned_grad = False
+
+
+def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                  heads: Union[None, torch.Tensor, Sequence[int]] = None,
+                  beta: float = 0.4, tau: float = 0.1, scale: Optional[float] = None,
+                  key_padding_mask: Optional[torch.Tensor] = None,
+                  backend: str = "auto", return_stats: bool = False):
+    """Causal attention with ACT calibration of the chosen heads (see ``ACT_SPEC.md``).
+
+    Args:
+        q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` (may be non-contiguous), ``Hq % Hkv == 0``,
+            ``Nq <= Nk``; the queries are the last ``Nq`` positions (bottom-right causal).
+        heads: ``None`` (plain attention), a bool tensor ``[Hq]`` or ``[B, Hq]``, or head indices.
+        beta: fraction of the sink attention that calibrated rows keep, in ``[0, 1]``.
+        tau: sink threshold on the mean attention a key receives, ``> 0``.
+        scale: softmax scale, default ``D ** -0.5``.
+        key_padding_mask: bool ``[B, Nk]``, True for real tokens (left padding).
+        backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"torch"``, ``"triton"``, ``"eager"``.
+        return_stats: also return an :class:`ACTStats`.
+
+    Returns:
+        ``[B, Hq, Nq, D]`` in q's dtype, or ``(out, ACTStats)`` with ``return_stats=True``.
+    """
+    global _warned_grad
+    _check_tensors(q, k, v)
+    bsz, hq, nq, dim = q.shape
+    nk = k.shape[2]
+    beta = _check_float("beta", beta)
+    if not 0.0 <= beta <= 1.0:  # also rejects NaN
+        raise ValueError(f"act_attention: beta must be in [0, 1], got {beta}")
+    tau = _check_float("tau", tau)
+    if not tau > 0.0:  # also rejects NaN
+        raise ValueError(f"act_attention: tau must be > 0, got {tau}")
+    if scale is None:
+        scale = dim ** -0.5
+    else:
+        scale = _check_float("scale", scale)
+        if not math.isfinite(scale) or scale == 0.0:
+            raise ValueError(f"act_attention: scale must be finite and non-zero, got {scale}")
+    head_mask = normalize_heads(heads, bsz, hq, q.device)
+    kpm = normalize_key_padding_mask(key_padding_mask, bsz, nk, q.device)
+    name = resolve_backend(backend, q.device)
+    fn = _backend_fn(name)
+
+    if name != "eager" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                        or v.requires_grad):
+        if not _warned_grad:
+            warnings.warn(f"act_attention: the {name!r} backend is forward-only; gradients do "
+                          "not flow through it (use backend='eager' to differentiate)",
+                          stacklevel=2)
+            _warned_grad = True
+        with torch.no_grad():
+            out, stats = fn(q, k, v, head_mask, beta, tau, scale, kpm, bool(return_stats))
+    else:
+        out, stats = fn(q, k, v, head_mask, beta, tau, scale, kpm, bool(return_stats))
+    if return_stats:
+        return out, ACTStats.from_dict(stats)
+    return out

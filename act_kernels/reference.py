@@ -1,0 +1,94 @@
+"""The eager reference: ACT written the way ``ACT_SPEC.md`` states it, one step per block.
+
+It materialises the full ``[B, Hq, Nq, Nk]`` probability map, so it is only meant for short
+inputs, for tests, and for ``output_attentions=True``. Every fast backend is checked against it.
+This module imports nothing from the rest of the package on purpose.
+
+Inputs are already validated and normalised by the caller (``act_kernels.op``):
+``heads`` is ``None`` or a bool tensor ``[B, Hq]``; ``key_padding_mask`` is ``None`` or a bool
+tensor ``[B, Nk]`` (True = real token).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def visibility(nq: int, nk: int, key_padding_mask, batch: int, device) -> torch.Tensor:
+    """Bool ``[B, Nq, Nk]``: does query row ``i`` see key ``j``?
+
+    Row ``i`` sits at absolute position ``nk - nq + i`` (bottom-right causal). With a key-padding
+    mask, padded keys are seen by no row and padded query rows see nothing.
+    """
+    rows = torch.arange(nk - nq, nk, device=device)[:, None]
+    cols = torch.arange(nk, device=device)[None, :]
+    sees = (cols <= rows).unsqueeze(0).expand(batch, nq, nk)
+    if key_padding_mask is not None:
+        real = key_padding_mask.to(device=device, dtype=torch.bool)
+        sees = sees & real[:, None, :] & real[:, nk - nq:, None]
+    return sees
+
+
+def act_attention_reference(q, k, v, *, heads=None, beta=0.4, tau=0.1, scale=None,
+                            key_padding_mask=None):
+    """Return ``(out, probs, stats)``.
+
+    ``out`` is ``[B, Hq, Nq, D]`` in q's dtype, ``probs`` the calibrated map ``P'`` in float32
+    (float64 for float64 inputs) and ``stats`` a dict with ``scores`` / ``sinks`` ``[B, Hq, Nk]``
+    and ``sink_mass`` ``[B, Hq, Nq]`` for every head (what calibration would use), plus
+    ``calibrated`` ``[B, Hq]``.
+    """
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = dim ** -0.5 if scale is None else scale
+
+    # Grouped-query attention: query head h reads kv head h // group.
+    kf = k.to(work).repeat_interleave(group, dim=1)
+    vf = v.to(work).repeat_interleave(group, dim=1)
+    sees = visibility(nq, nk, key_padding_mask, bsz, q.device)[:, None]  # [B, 1, Nq, Nk]
+
+    # 1. P = softmax(scale * q k^T + mask), rows that see nothing are all zero.
+    logits = scale * torch.einsum("bhid,bhjd->bhij", q.to(work), kf)
+    logits = logits.masked_fill(~sees, float("-inf"))
+    row_has_key = sees.any(dim=-1, keepdim=True)
+    probs = torch.softmax(logits.masked_fill(~row_has_key, 0.0), dim=-1)
+    probs = probs.masked_fill(~sees, 0.0)
+
+    # 2. Sink score of key j: mean attention from the rows that see it (0 if nobody does).
+    seen_by = sees.sum(dim=-2).to(work)  # [B, 1, Nk]
+    scores = probs.sum(dim=-2) / seen_by.clamp(min=1)
+    scores = scores.masked_fill(seen_by == 0, 0.0)
+
+    # 3. Sinks: score > tau, except the first valid key of the sequence, which is kept as it is.
+    if key_padding_mask is None:
+        first_valid = torch.zeros(bsz, dtype=torch.long, device=q.device)
+    else:
+        first_valid = key_padding_mask.to(torch.long).argmax(dim=-1)
+    not_first = torch.arange(nk, device=q.device)[None, :] != first_valid[:, None]
+    sinks = (scores > tau) & not_first[:, None, :]
+
+    # 4. Each row keeps beta of its sink mass m_i and gives (1 - beta) m_i to its other keys.
+    sink_probs = probs * sinks[:, :, None, :]
+    mass = sink_probs.sum(dim=-1, keepdim=True)               # m_i
+    rest = (probs - sink_probs).sum(dim=-1, keepdim=True)     # 1 - m_i, summed directly
+    change = (mass > 0) & (rest > 0)
+    gain = (1.0 - beta * mass) / torch.where(change, rest, torch.ones_like(rest))
+    calibrated_rows = torch.where(sinks[:, :, None, :], beta * probs, probs * gain)
+    new_probs = torch.where(change, calibrated_rows, probs)
+
+    if heads is None:
+        calibrated = torch.zeros(bsz, hq, dtype=torch.bool, device=q.device)
+    else:
+        calibrated = heads.to(device=q.device, dtype=torch.bool)
+    new_probs = torch.where(calibrated[:, :, None, None], new_probs, probs)
+
+    # 5. o_i = sum_j P'_ij v_j
+    out = torch.einsum("bhij,bhjd->bhid", new_probs, vf).to(q.dtype)
+    stats = {
+        "scores": scores.float(),
+        "sinks": sinks,
+        "sink_mass": mass.squeeze(-1).float(),
+        "calibrated": calibrated,
+    }
+    return out, new_probs, stats

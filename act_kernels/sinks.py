@@ -1,0 +1,79 @@
+"""Sink selection and the calibration identity, shared by the torch and Triton backends.
+
+These act on small tensors (per key or per row), never on an N x N map:
+
+* ``seen_counts``: how many query rows of the call see each key (the divisor of the score);
+* ``select_sinks``: keys whose score exceeds tau, minus the first valid key;
+* ``calibrate_rows``: the spec's identity ``o = beta w + (1 - beta m) / (1 - m) (u - w)``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# Below this non-sink mass (1 - m_i) the identity's difference u - w loses too many digits to
+# cancellation, and backends recompute the row's non-sink part directly instead.
+STABLE_REST = 0.05
+
+
+def first_valid_index(key_padding_mask: Optional[torch.Tensor], bsz: int, device) -> torch.Tensor:
+    """``[B]`` long: position of the first real key of each sequence (0 without padding)."""
+    if key_padding_mask is None:
+        return torch.zeros(bsz, dtype=torch.long, device=device)
+    return key_padding_mask.to(torch.long).argmax(dim=-1)
+
+
+def seen_counts(nq: int, nk: int, key_padding_mask: Optional[torch.Tensor], bsz: int,
+                device) -> torch.Tensor:
+    """``[B, Nk]`` float32: number of query rows of this call that see each key.
+
+    Row ``i`` sits at position ``nk - nq + i`` and sees keys up to it; padded rows see nothing and
+    padded keys are seen by nobody. Without padding this is ``min(nq, nk - j)``.
+    """
+    pos = torch.arange(nk, device=device)
+    if key_padding_mask is None:
+        counts = torch.clamp(nk - pos, max=nq).to(torch.float32)
+        return counts[None, :].expand(bsz, nk)
+    real = key_padding_mask.to(torch.float32)
+    real_rows = real[:, nk - nq:]                                  # [B, Nq]
+    # rows at positions >= j, counted from the right: reverse cumulative sum over query rows
+    rows_from = torch.flip(torch.cumsum(torch.flip(real_rows, [1]), 1), [1])  # [B, Nq]
+    first_row = torch.clamp(pos - (nk - nq), min=0)                 # first row index that sees j
+    counts = torch.zeros(bsz, nk, device=device)
+    inside = first_row < nq
+    counts[:, inside] = rows_from[:, first_row[inside]]
+    return counts * real
+
+
+def select_sinks(column_sums: torch.Tensor, counts: torch.Tensor, tau: float,
+                 first_valid: torch.Tensor):
+    """Scores and sink mask from per-key attention sums.
+
+    Args:
+        column_sums: ``[B, H, Nk]`` float32, ``sum_i P_ij`` over the rows that see ``j``.
+        counts: ``[B, Nk]`` from :func:`seen_counts`.
+        first_valid: ``[B]`` from :func:`first_valid_index`.
+    Returns:
+        ``scores [B, H, Nk]`` (0 where no row sees the key) and ``sinks [B, H, Nk]`` bool.
+    """
+    counts = counts[:, None, :]
+    scores = torch.where(counts > 0, column_sums / counts.clamp(min=1), torch.zeros_like(column_sums))
+    nk = scores.shape[-1]
+    not_first = torch.arange(nk, device=scores.device)[None, :] != first_valid[:, None]
+    sinks = (scores > tau) & not_first[:, None, :]
+    return scores, sinks
+
+
+def calibrate_rows(out_plain: torch.Tensor, sink_out: torch.Tensor, mass: torch.Tensor,
+                   beta: float) -> torch.Tensor:
+    """The spec's identity, row by row, in float32.
+
+    ``out_plain`` = u (plain output), ``sink_out`` = w (``sum_{j in S} P_ij v_j``), ``mass`` = m
+    (``[..., 1]``). Rows with ``m == 0`` or ``m >= 1`` are returned unchanged.
+    """
+    rest = 1.0 - mass
+    change = (mass > 0) & (rest > 0)
+    gain = (1.0 - beta * mass) / torch.where(change, rest, torch.ones_like(rest))
+    new = beta * sink_out + gain * (out_plain - sink_out)
+    return torch.where(change, new, out_plain)

@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="act-kernels",
+    version="0.1.0",
+    description="ACT attention calibration (Yu et al., ICML 2024) in fused attention kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["act_kernels", "act_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "transformers>=4.56",
+        "safetensors",
+        "tqdm",
+        "platformdirs",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "gguf": ["gguf", "accelerate"],
+        "data": ["pyarrow"],
+        "plot": ["matplotlib"],
+        "test": ["pytest", "hypothesis", "pytest-xdist"],
+    },
+    entry_points={"console_scripts": ["act=act_kernels.cli:main"]},
+)
