@@ -12,6 +12,9 @@ of P is as small as the output, so it is calibrated directly, without the identi
 """
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
 from .sinks import calibrate_rows, first_valid_index, seen_counts, select_sinks, stable_rest
@@ -90,38 +93,73 @@ def plain_attention(q, k, v, scale, key_padding_mask):
 # column pass
 # --------------------------------------------------------------------------------------------
 
-def _future_mask(rows: int, device) -> torch.Tensor:
-    """``[rows, rows - 1]`` bool: row i of a block must not see the c-th key after the block's
-    first row position when ``c >= i`` (the causal triangle at the block's right edge)."""
-    return torch.ones(rows, max(rows - 1, 0), dtype=torch.bool, device=device).triu_()
+def _column_block(q_rows, k_t, neg_lse_rows, first_pos: int, scale: float):
+    """``sum_i P_ij`` over one block of rows: ``[kend]`` for the keys ``0 .. kend - 1``.
+
+    ``P_ij = exp(scale q_i.k_j - lse_i)``; row ``i`` sits at ``first_pos + i`` and sees keys up to
+    it. Written as plain tensor code so that ``torch.compile`` fuses mask, exp and the column sum
+    into one sweep over the block after the matmul.
+    """
+    s = torch.addmm(neg_lse_rows[:, None], q_rows, k_t, alpha=scale)
+    rows = first_pos + torch.arange(q_rows.shape[0], device=q_rows.device)
+    cols = torch.arange(k_t.shape[1], device=q_rows.device)
+    s = torch.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+    return torch.exp(s).sum(0)
+
+
+# Below this many q k^T entries per head the compiled block is not worth its compile time.
+COMPILE_MIN_ENTRIES = 1 << 20
+_compiled_block = None
+
+
+def _pick_column_block(nq: int, nk: int):
+    """The compiled block for large inputs on the CPU (``ACT_KERNELS_COMPILE=0`` turns it off,
+    ``=1`` forces it), else the eager one. A failed compile warns once and falls back."""
+    global _compiled_block
+    mode = os.environ.get("ACT_KERNELS_COMPILE", "auto").lower()
+    if mode in ("0", "false", "off") or (mode == "auto" and nq * nk < COMPILE_MIN_ENTRIES):
+        return _column_block
+    if _compiled_block is None:
+        _compiled_block = torch.compile(_column_block, dynamic=True)
+    return _compiled_block
+
+
+def _run_block(fn, *args):
+    global _compiled_block
+    if fn is _column_block:
+        return fn(*args)
+    try:
+        return fn(*args)
+    except Exception as err:  # no C++ compiler, unsupported platform, ...
+        warnings.warn(f"act_kernels: torch.compile of the column pass failed ({err!r:.200}); "
+                      "using the slower eager column pass. Set ACT_KERNELS_COMPILE=0 to silence.")
+        os.environ["ACT_KERNELS_COMPILE"] = "0"
+        _compiled_block = None
+        return _column_block(*args)
 
 
 def column_sums(q, k, neg_lse, b_idx, h_idx, scale):
     """``[P, Nk]`` float32: ``sum_i P_ij`` over the rows that see ``j``, for each (b, h) pair.
 
-    ``P_ij = exp(scale q_i.k_j - lse_i)``; ``neg_lse`` is ``-lse`` with ``-inf`` on rows that must
-    not count (padded queries), so they add exact zeros. Keys past a block's last row are never
-    computed and only the right-edge triangle is masked. Padded keys get garbage sums, which the
-    caller discards (no row sees them, so they have no score).
+    ``neg_lse`` is ``-lse`` with ``-inf`` on rows that must not count (padded queries), so they
+    add exact zeros. Keys past a block's last row are never computed. Padded keys get garbage
+    sums, which the caller discards (no row sees them, so they have no score).
     """
-    nq, dim = q.shape[2], q.shape[3]
+    nq = q.shape[2]
     nk = k.shape[2]
     group = q.shape[1] // k.shape[1]
     work = _work_dtype(q.dtype)
     sums = torch.zeros(len(b_idx), nk, dtype=work, device=q.device)
     rows = _block_rows(nk)
-    tri = _future_mask(rows, q.device)
+    block = _pick_column_block(nq, nk)
     for p, (b, h) in enumerate(zip(b_idx.tolist(), h_idx.tolist())):
         qp = q[b, h].to(work)
         kt = k[b, h // group].to(work).t()
         for r0 in range(0, nq, rows):
             r1 = min(nq, r0 + rows)
             kend = nk - nq + r1
-            s = torch.addmm(neg_lse[p, r0:r1, None], qp[r0:r1], kt[:, :kend], alpha=scale)
-            edge = r1 - r0 - 1            # keys after the block's first row position
-            if edge > 0:
-                s[:, kend - edge:].masked_fill_(tri[: r1 - r0, :edge], float("-inf"))
-            sums[p, :kend] += s.exp_().sum(0)
+            sums[p, :kend] += _run_block(block, qp[r0:r1], kt[:, :kend], neg_lse[p, r0:r1],
+                                         nk - nq + r0, scale)
     return sums.float()
 
 
@@ -207,8 +245,8 @@ def _decode(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
     group = hq // hkv
     work = _work_dtype(q.dtype)
     # [B, Hkv, group, Nk]: the query heads of a group read their kv head once, unrepeated.
-    logits = torch.matmul(q.reshape(bsz, hkv, group, dim).to(work), k.to(work).transpose(-1, -2))
-    logits.mul_(scale)
+    q_scaled = q.reshape(bsz, hkv, group, dim).to(work) * scale
+    logits = torch.matmul(q_scaled, k.to(work).transpose(-1, -2))
     alive = None
     if key_padding_mask is not None:
         alive = key_padding_mask[:, -1]                       # is the query itself real?
@@ -218,23 +256,32 @@ def _decode(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
     probs = torch.softmax(logits, dim=-1).view(bsz, hq, nk)
 
     stats = None
-    if heads is not None or return_stats:
-        seen = probs if alive is None else probs * alive[:, None, None]
-        if key_padding_mask is not None:
-            seen = seen * key_padding_mask[:, None, :]
-        first = first_valid_index(key_padding_mask, bsz, q.device)
-        not_first = torch.arange(nk, device=q.device)[None, :] != first[:, None]
-        sinks = (seen > tau) & not_first[:, None, :]
-        sink_probs = torch.where(sinks, probs, torch.zeros_like(probs))
-        mass = sink_probs.sum(-1, keepdim=True)
-        rest = (probs - sink_probs).sum(-1, keepdim=True)
+    if return_stats:
+        rows = torch.ones(bsz, hq, dtype=torch.bool, device=q.device)
+    else:
+        rows = heads
+    if rows is not None:
+        # Only the rows that need it: their sinks (P > tau, first valid key excepted), m, 1 - m.
+        sel = rows.nonzero(as_tuple=True)
+        p_rows = probs[sel]                                   # [R, Nk]
+        first = first_valid_index(key_padding_mask, bsz, q.device)[sel[0]]
+        sinks = p_rows > tau
+        sinks[torch.arange(len(first), device=q.device), first] = False
+        if alive is not None:
+            sinks &= alive[sel[0], None]
+        sink_p = p_rows * sinks
+        mass = sink_p.sum(-1, keepdim=True)
+        rest = (p_rows - sink_p).sum(-1, keepdim=True)       # 1 - m, summed directly
         if heads is not None:
-            change = heads[:, :, None] & (mass > 0) & (rest > 0)
-            gain = (1.0 - beta * mass) / torch.where(change, rest, torch.ones_like(rest))
-            moved = torch.where(sinks, beta * probs, probs * gain)
-            probs = torch.where(change, moved, probs)
+            change = heads[sel][:, None] & (mass > 0) & (rest > 0)
+            gain = torch.where(change, (1.0 - beta * mass) / torch.where(change, rest, 1.0), 1.0)
+            # P' = gain P off the sinks and beta P on them; unchanged rows get exactly P.
+            probs[sel] = torch.addcmul(p_rows * gain, sink_p, torch.where(change, beta - gain, 0.0))
         if return_stats:
-            stats = {"scores": seen.float(), "sinks": sinks, "sink_mass": mass.float(),
+            scores = p_rows if alive is None else p_rows * alive[sel[0], None]
+            stats = {"scores": scores.reshape(bsz, hq, nk).float(),
+                     "sinks": sinks.reshape(bsz, hq, nk),
+                     "sink_mass": mass.reshape(bsz, hq, 1).float(),
                      "calibrated": _calibrated(heads, bsz, hq, q.device)}
     out = torch.matmul(probs.view(bsz, hkv, group, nk), v.to(work)).reshape(bsz, hq, 1, dim)
     if alive is not None:

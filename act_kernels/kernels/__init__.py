@@ -1,0 +1,1 @@
+"""Triton kernels of the ``triton`` backend, one op per module with its launcher."""

@@ -1,0 +1,85 @@
+"""Column sums of the attention map for the calibrated heads (pass 2 of ACT, ``q k^T`` only).
+
+``colsum[p, j] = sum_{i sees j} P_ij`` with ``P_ij = exp2(s2_ij - lse2_i)`` recomputed tile by
+tile against the row normalisers of the plain pass. The grid is (key block, calibrated pair):
+each program owns BLOCK_N keys of one (b, h) pair, keeps their K tile, and loops over the query
+blocks that can see them (like the dK/dV loop of FlashAttention's backward), so every column sum
+is written by exactly one program: no atomics. Query blocks entirely above the key block
+(causally blind to it) are skipped. Reads Q, K, lse2; writes ``colsum`` [P, Nk] fp32. It never
+touches V.
+
+Only the pairs listed are launched: an uncalibrated head costs no program at all.
+``LAUNCHES`` counts launched programs (read by the tests).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .common import LOG2E, key_real, load_rows, load_rows_t, row_real
+
+LAUNCHES = {"calls": 0, "programs": 0}
+
+
+@configs.maybe_autotune("column", key=["nq_key", "nk_key", "BLOCK_D"])
+@triton.jit
+def _column_scores_kernel(
+        Q, K, Lse, Pairs, Kpm, ColSum,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        Hq, group, Nq, Nk, D, qk_scale, nq_key, nk_key,
+        HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_p = tl.program_id(1)
+    bh = tl.load(Pairs + pid_p)
+    b = bh // Hq
+    h = bh % Hq
+    kvh = h // group
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kpm_row = Kpm + b * Nk
+    k_ok = key_real(kpm_row, offs_n, Nk, HAS_KPM)
+    kt = load_rows_t(K + b * stride_kb + kvh * stride_kh, offs_n, offs_n < Nk, stride_kn,
+                     offs_d, d_ok, stride_kd)
+    q_base = Q + b * stride_qb + h * stride_qh
+
+    col = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # first query row that sees key start_n sits at index start_n - (Nk - Nq)
+    first_row = tl.maximum(start_n - (Nk - Nq), 0)
+    for start_m in range((first_row // BLOCK_M) * BLOCK_M, Nq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        r_ok = row_real(kpm_row, offs_m, Nq, Nk, HAS_KPM)
+        q = load_rows(q_base, offs_m, offs_m < Nq, stride_qn, offs_d, d_ok, stride_qd)
+        lse2 = tl.load(Lse + bh * Nq + offs_m, mask=r_ok, other=float("inf"))
+        s = tl.dot(q, kt, input_precision=IN_PREC) * qk_scale
+        vis = r_ok[:, None] & k_ok[None, :] & (offs_n[None, :] <= (Nk - Nq + offs_m)[:, None])
+        p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
+        col += tl.sum(p, 0)
+    tl.store(ColSum + pid_p * Nk + offs_n, col, mask=offs_n < Nk)
+
+
+def column_scores(q, k, lse2, scale, kpm_i8, pairs):
+    """``colsum`` [P, Nk] fp32 for the (b*Hq + h) pairs listed in ``pairs`` (int32 [P])."""
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    n_pairs = pairs.numel()
+    colsum = torch.empty(n_pairs, nk, device=q.device, dtype=torch.float32)
+    if n_pairs == 0:
+        return colsum
+    has_kpm = kpm_i8 is not None
+    meta = configs.interp_meta("column") if configs.INTERPRET else {}
+
+    def grid(m):
+        g = (triton.cdiv(nk, m["BLOCK_N"]), n_pairs)
+        LAUNCHES["programs"] += g[0] * g[1]
+        return g
+
+    LAUNCHES["calls"] += 1
+    _column_scores_kernel[grid](
+        q, k, lse2, pairs, kpm_i8 if has_kpm else pairs, colsum,
+        *q.stride(), *k.stride(),
+        hq, hq // hkv, nq, nk, dim, scale * LOG2E, configs.len_bucket(nq), configs.len_bucket(nk),
+        HAS_KPM=has_kpm, IN_PREC=configs.in_precision(q.dtype), BLOCK_D=configs.head_block(dim), **meta)
+    return colsum

@@ -1,0 +1,131 @@
+"""Block sizes and autotuning for the Triton kernels.
+
+Two regimes:
+
+* ``TRITON_INTERPRET=1`` (CPU tests): every kernel runs with small fixed blocks (16), no
+  autotuning; the interpreter executes one program at a time in numpy, so small tiles keep the
+  tests fast and exercise the tail masks at small lengths.
+* GPU: the flash forward, column-score and sink-correction kernels are wrapped in
+  ``triton.autotune`` keyed on the lengths (bucketed), the head dim and (implicitly, Triton adds
+  the tensor dtypes to the key) the dtype. Decode block/split sizes are chosen by a formula, not
+  autotuned, so that the plain output is computed the same way in every call with the same shapes
+  (uncalibrated heads must stay bit-identical to the plain path).
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Head dims the kernels accept: any D in 1..MAX_HEAD_DIM; the D block is the next power of two
+# (at least 16, the smallest tl.dot operand) and the padding lanes are masked.
+MAX_HEAD_DIM = 256
+
+# Interpreter tiles (tests). The decode split is small so that short test contexts use several
+# splits and exercise the flash-decoding merge.
+INTERP_BLOCK = 16
+INTERP_DECODE_SPLIT = 32
+
+
+def head_block(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def is_interpreted(kernel) -> bool:
+    """True when ``kernel`` (a jit function, possibly autotuned) runs through the interpreter."""
+    fn = kernel
+    while hasattr(fn, "fn"):
+        if type(fn).__name__ == "InterpretedFunction":
+            return True
+        fn = fn.fn
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+def len_bucket(n: int) -> int:
+    """Autotune key for a length: the next power of two, so nearby lengths share a config."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _gpu_configs(kind: str):
+    """Candidate configs; ``prune_configs`` drops the ones too large for the head dim."""
+    out = []
+    if kind == "forward":
+        for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4),
+                             (64, 128, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]:
+            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    elif kind == "column":
+        # key block outer (BLOCK_N), query block inner (BLOCK_M)
+        for bn, bm, w, s in [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3),
+                             (128, 32, 4, 4), (64, 32, 4, 4)]:
+            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    elif kind == "correction":
+        for bm, bs, w, s in [(64, 16, 4, 2), (128, 16, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2),
+                             (32, 16, 4, 2)]:
+            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_S": bs, "BLOCK_N": 64},
+                                     num_warps=w, num_stages=s))
+    else:
+        raise ValueError(kind)
+    return out
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Drop tiles whose fp32 working set clearly cannot fit for large head dims."""
+    bd = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
+    kept = []
+    for c in configs:
+        bm = c.kwargs.get("BLOCK_M", 64)
+        bn = c.kwargs.get("BLOCK_N", 64)
+        if bd >= 256 and (bm > 64 or bn > 64):
+            continue
+        if bd >= 128 and bm * bn > 128 * 64 and c.num_stages > 2:
+            continue
+        kept.append(c)
+    return kept or configs[-1:]
+
+
+def maybe_autotune(kind: str, key):
+    """Decorator: autotune on GPU, identity under the interpreter (fixed blocks are passed)."""
+    def wrap(kernel):
+        if INTERPRET:
+            return kernel
+        return triton.autotune(configs=_gpu_configs(kind), key=key,
+                               prune_configs_by={"early_config_prune": prune_configs})(kernel)
+    return wrap
+
+
+def interp_meta(kind: str) -> dict:
+    """Fixed meta-parameters under the interpreter (autotuning supplies them on GPU)."""
+    if kind == "correction":
+        return {"BLOCK_M": INTERP_BLOCK, "BLOCK_S": INTERP_BLOCK, "BLOCK_N": INTERP_BLOCK}
+    return {"BLOCK_M": INTERP_BLOCK, "BLOCK_N": INTERP_BLOCK}
+
+
+def decode_config(batch_heads: int, nk: int, dim: int, split_size=None):
+    """(BLOCK_N, split size in keys, number of splits, num_warps) for the decode kernel.
+
+    Flash-decoding: a long context is cut into splits so that about two programs per SM run even
+    for a single sequence; each split is a multiple of BLOCK_N keys.
+    """
+    if INTERPRET:
+        block_n = INTERP_BLOCK
+        split = split_size or INTERP_DECODE_SPLIT
+    else:
+        block_n = 64 if dim <= 128 else 32
+        if split_size is None:
+            target_programs = 2 * 132
+            splits = max(1, min(triton.cdiv(nk, 256), triton.cdiv(target_programs, batch_heads)))
+            split = triton.cdiv(nk, splits)
+        else:
+            split = split_size
+    split = triton.cdiv(max(split, 1), block_n) * block_n
+    num_splits = triton.cdiv(nk, split)
+    num_warps = 4 if dim <= 128 else 8
+    return block_n, split, num_splits, num_warps
+
+
+def in_precision(dtype) -> str:
+    """fp32 inputs use true fp32 dots (no TF32), like torch's default matmul."""
+    import torch
+    return "ieee" if dtype == torch.float32 else "tf32"

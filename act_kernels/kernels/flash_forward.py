@@ -1,0 +1,132 @@
+"""Plain causal attention, FlashAttention-style, with the base-2 log-sum-exp (pass 1 of ACT).
+
+Tiling: one program per (query block of BLOCK_M rows, batch x query head). It holds its Q tile,
+walks the key blocks its rows can see with an online softmax in base 2 (running max ``m``, running
+sum ``l``, fp32 accumulator), and writes
+
+* ``out``  [B, Hq, Nq, D] in the input dtype (the plain attention output ``u``),
+* ``lse2`` [B*Hq, Nq] fp32, base-2 log-sum-exp of each row (``+inf`` for rows that see nothing),
+* ``u32``  [n_slots, Nq, D] fp32, the un-rounded output, only for heads that will be calibrated
+  (``u_slot[b*Hq + h] >= 0``): the calibration identity needs ``u`` without the bf16/fp16 rounding.
+
+Key blocks are visited in two stages, sharing one loop body (``_attend``): blocks every row of the
+tile sees in full (no causal mask), then the blocks on the diagonal (causal + tail masks). Blocks
+past the diagonal and blocks entirely before the first real key (left padding) are skipped.
+GQA: query head ``h`` reads kv head ``h // group`` through its strides, nothing is copied.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .common import LOG2E, key_real, load_rows, load_rows_t, row_real
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            kpm_row, pos_m, offs_d, d_ok, lo, hi, Nk, qk_scale,
+            BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+            IN_PREC: tl.constexpr):
+    """Online-softmax update of (acc, l, m) over key blocks [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ok = key_real(kpm_row, offs_n, Nk, HAS_KPM)
+        kt = load_rows_t(k_base, offs_n, offs_n < Nk, stride_kn, offs_d, d_ok, stride_kd)
+        s = tl.dot(q, kt, input_precision=IN_PREC) * qk_scale
+        vis = k_ok[None, :]
+        if CAUSAL:
+            vis = vis & (offs_n[None, :] <= pos_m[:, None])
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet: no NaN
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = load_rows(v_base, offs_n, offs_n < Nk, stride_vn, offs_d, d_ok, stride_vd)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=IN_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@configs.maybe_autotune("forward", key=["nq_key", "nk_key", "BLOCK_D"])
+@triton.jit
+def _flash_forward_kernel(
+        Q, K, V, Out, Lse, U32, Kpm, FirstValid, USlot,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_on, stride_od,
+        Hq, group, Nq, Nk, D, qk_scale, nq_key, nk_key,
+        HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    kvh = h // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kpm_row = Kpm + b * Nk
+    pos_m = (Nk - Nq) + offs_m
+
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_m < Nq, stride_qn,
+                  offs_d, d_ok, stride_qd)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    lo = 0
+    if HAS_KPM:
+        lo = (tl.load(FirstValid + b) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(Nk, Nk - Nq + start_m + BLOCK_M)        # one past the last row's position
+    mid = tl.maximum(lo, tl.minimum(hi, ((Nk - Nq + start_m + 1) // BLOCK_N) * BLOCK_N))
+    # stage 1: blocks every row of the tile sees entirely (only padding can mask a key)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
+                            stride_vd, kpm_row, pos_m, offs_d, d_ok, lo, mid, Nk, qk_scale,
+                            BLOCK_N, HAS_KPM, False, IN_PREC)
+    # stage 2: the diagonal blocks, causal mask on
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
+                            stride_vd, kpm_row, pos_m, offs_d, d_ok, mid, hi, Nk, qk_scale,
+                            BLOCK_N, HAS_KPM, True, IN_PREC)
+
+    r_ok = row_real(kpm_row, offs_m, Nq, Nk, HAS_KPM) & (l_i > 0)
+    o = acc / tl.where(r_ok, l_i, 1.0)[:, None]
+    o = tl.where(r_ok[:, None], o, 0.0)
+    lse2 = tl.where(r_ok, m_i + tl.math.log2(tl.where(r_ok, l_i, 1.0)), float("inf"))
+    tl.store(Lse + bh * Nq + offs_m, lse2, mask=offs_m < Nq)
+    out_mask = (offs_m < Nq)[:, None] & d_ok[None, :]
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
+             + offs_d[None, :] * stride_od, o.to(Out.dtype.element_ty), mask=out_mask)
+    slot = tl.load(USlot + bh)
+    if slot >= 0:
+        tl.store(U32 + (slot * Nq + offs_m[:, None]) * D + offs_d[None, :], o, mask=out_mask)
+
+
+def flash_forward(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots):
+    """Launch the plain pass. Returns ``(out, lse2 [B*Hq, Nq] fp32, u32 [n_slots, Nq, D] fp32)``.
+
+    ``kpm_i8``: int8 [B, Nk] or None; ``first_valid``: int32 [B]; ``u_slot``: int32 [B*Hq]
+    (-1: head not calibrated, no fp32 copy written).
+    """
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse2 = torch.empty(bsz * hq, nq, device=q.device, dtype=torch.float32)
+    u32 = torch.empty(max(n_slots, 1), nq, dim, device=q.device, dtype=torch.float32)
+    has_kpm = kpm_i8 is not None
+    kpm_arg = kpm_i8 if has_kpm else first_valid   # any valid pointer; never read
+    meta = configs.interp_meta("forward") if configs.INTERPRET else {}
+
+    def grid(m):
+        return (triton.cdiv(nq, m["BLOCK_M"]), bsz * hq)
+
+    _flash_forward_kernel[grid](
+        q, k, v, out, lse2, u32, kpm_arg, first_valid, u_slot,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        hq, hq // hkv, nq, nk, dim, scale * LOG2E, configs.len_bucket(nq), configs.len_bucket(nk),
+        HAS_KPM=has_kpm, IN_PREC=configs.in_precision(q.dtype), BLOCK_D=configs.head_block(dim), **meta)
+    return out, lse2, u32

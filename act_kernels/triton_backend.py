@@ -1,0 +1,129 @@
+"""The Triton backend of ``act_attention``: fused kernels for the plain pass and the calibration.
+
+Data path (prefill / chunked prefill, ``Nq > 1``), every step one launch:
+
+1. plain pass   ``kernels.flash_forward``   out (input dtype), lse2 (base-2 LSE), u32 (fp32 u of
+   the calibrated heads only);
+2. column pass  ``kernels.column_scores``   per-key sums of P over the rows that see them, for the
+   calibrated (b, h) pairs only (all pairs when ``return_stats``);
+3. sink selection (``sinks.select_sinks``, tiny torch tensors) and compaction of each pair's sink
+   indices into a padded list (``kernels.sink_correction.compact_sinks``);
+4. correction   ``kernels.sink_correction`` m_i, w_i from the sink keys only, ``out`` rewritten
+   in place with the spec's identity (direct recompute for rows with ``1 - m < STABLE_REST``).
+
+Decode (``Nq == 1``, some heads calibrated, no stats, ``candidate_slots(tau)`` available):
+``kernels.decode`` does plain output, LSE, candidate tracking and the correction in one pass over
+K/V plus an epilogue. Otherwise ``Nq == 1`` runs the decode kernel as its plain pass and then the
+same steps 2-4 as prefill (so uncalibrated heads are always the decode kernel's plain output).
+
+LSE convention: base 2, ``lse2 = log2 sum_j 2^(scale * log2(e) * q.k_j)``; ``+inf`` for rows
+that see nothing (padded query rows), whose output is 0.
+"""
+from __future__ import annotations
+
+import torch
+
+from .sinks import STABLE_REST, first_valid_index, seen_counts, select_sinks
+
+try:
+    import triton  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise RuntimeError("act_attention: backend='triton' needs the triton package, which is not "
+                       "installed (pip install triton), or use backend='torch'") from exc
+
+from .kernels import configs  # noqa: E402
+from .kernels.column_scores import column_scores  # noqa: E402
+from .kernels.decode import candidate_slots, decode_attention  # noqa: E402
+from .kernels.flash_forward import _flash_forward_kernel, flash_forward  # noqa: E402
+from .kernels.sink_correction import sink_correction  # noqa: E402
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_can_run(q: torch.Tensor) -> None:
+    """Raise one clear RuntimeError if these kernels cannot run on ``q``."""
+    dev = q.device.type
+    interpreted = configs.is_interpreted(_flash_forward_kernel)
+    if dev == "cpu" and not interpreted:
+        raise RuntimeError(
+            "act_attention: backend='triton' got CPU tensors but Triton is not in interpreter "
+            "mode; set TRITON_INTERPRET=1 before importing triton, or use backend='torch'")
+    if dev not in ("cpu", "cuda"):
+        raise RuntimeError(f"act_attention: backend='triton' runs on CUDA tensors (or CPU with "
+                           f"TRITON_INTERPRET=1), got device {q.device}; use backend='torch'")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(f"act_attention: backend='triton' supports float16, bfloat16 and "
+                           f"float32, got {q.dtype}; use backend='torch'")
+    dim = q.shape[-1]
+    if not 1 <= dim <= configs.MAX_HEAD_DIM:
+        raise RuntimeError(
+            f"act_attention: backend='triton' does not support head dim D={dim}; supported head "
+            f"dims are 1..{configs.MAX_HEAD_DIM} (powers of two 16..{configs.MAX_HEAD_DIM} run "
+            "unpadded, other sizes are padded to the next power of two); use backend='torch'")
+
+
+def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
+    check_can_run(q)
+    bsz, hq, nq, dim = q.shape
+    nk = k.shape[2]
+    dev = q.device
+    n_bh = bsz * hq
+    kpm_i8 = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
+    first_valid = first_valid_index(key_padding_mask, bsz, dev)
+    first_valid_i32 = first_valid.to(torch.int32)
+    cal_flat = None if heads is None else heads.reshape(-1)
+
+    # Decode with calibration: one pass over K/V, candidates kept on the fly, exact (decode.py).
+    if nq == 1 and cal_flat is not None and not return_stats and candidate_slots(tau):
+        no_slot = torch.full((n_bh,), -1, device=dev, dtype=torch.int32)
+        out, _, _, _ = decode_attention(q, k, v, scale, kpm_i8, first_valid_i32, no_slot, 0,
+                                        calibrated=cal_flat.to(torch.int8).contiguous(),
+                                        beta=beta, tau=tau, stable_rest=STABLE_REST)
+        return out, None
+
+    # Which (b, h) pairs get column work: the calibrated ones (all of them for stats).
+    if cal_flat is None:
+        cal_pairs = torch.empty(0, device=dev, dtype=torch.int32)
+    else:
+        cal_pairs = torch.nonzero(cal_flat).reshape(-1).to(torch.int32)
+    n_cal = cal_pairs.numel()
+    u_slot = torch.full((n_bh,), -1, device=dev, dtype=torch.int32)
+    u_slot[cal_pairs.long()] = torch.arange(n_cal, device=dev, dtype=torch.int32)
+
+    # 1. plain pass: out, base-2 LSE, fp32 u of the calibrated heads
+    if nq == 1:
+        out, lse2, u32, _ = decode_attention(q, k, v, scale, kpm_i8, first_valid_i32, u_slot,
+                                             n_cal)
+    else:
+        out, lse2, u32 = flash_forward(q, k, v, scale, kpm_i8, first_valid_i32, u_slot, n_cal)
+    if return_stats:
+        pairs = torch.arange(n_bh, device=dev, dtype=torch.int32)
+    else:
+        pairs = cal_pairs
+    if pairs.numel() == 0:
+        return out, None
+
+    # 2. column pass: sum_i P_ij per key, calibrated pairs only
+    colsum = column_scores(q, k, lse2, scale, kpm_i8, pairs)
+
+    # 3. sink selection on [P, Nk] (tiny tensors, torch)
+    pair_b = pairs.long() // hq
+    counts = seen_counts(nq, nk, key_padding_mask, bsz, dev)[pair_b]
+    scores, sinks = select_sinks(colsum[:, None, :], counts, tau, first_valid[pair_b])
+    scores, sinks = scores[:, 0], sinks[:, 0]
+
+    # 4. correction of the calibrated rows, in place (stats-only pairs just get m_i)
+    slots = u_slot[pairs.long()]
+    mass = sink_correction(q, k, v, out, lse2, u32, pairs, slots, sinks, beta, scale, kpm_i8,
+                           first_valid_i32, STABLE_REST)
+    if not return_stats:
+        return out, None
+    calibrated = (heads if heads is not None
+                  else torch.zeros(bsz, hq, dtype=torch.bool, device=dev))
+    stats = {
+        "scores": scores.reshape(bsz, hq, nk),
+        "sinks": sinks.reshape(bsz, hq, nk),
+        "sink_mass": mass.reshape(bsz, hq, nq),
+        "calibrated": calibrated,
+    }
+    return out, stats

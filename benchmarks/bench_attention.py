@@ -1,0 +1,133 @@
+"""act_attention's torch backend vs SDPA vs the eager reference (issue 2's goals).
+
+SmolLM2's attention shape: B=1, Hq=9, Hkv=3, D=64, float32. For each N: plain SDPA (the faster
+of its GQA call and a call on repeated k/v), the torch backend with no head, 2 of 9 and all 9
+heads calibrated, and the eager reference where its full maps fit. Then decode (Nq=1).
+
+    python benchmarks/bench_attention.py            # the full table, appended to RESULTS.md
+    python benchmarks/bench_attention.py --quick    # N up to 2048, no file written
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import append_results, extra_peak_bytes, median_time  # noqa: E402
+
+from act_kernels import act_attention  # noqa: E402
+
+HQ, HKV, D = 9, 3, 64
+TWO_HEADS = [2, 6]
+EAGER_MAX_N = 4096
+
+
+def sdpa_best(q, k, v, causal=True):
+    """The faster of SDPA's GQA call and its call on repeated k/v (repeat included)."""
+    gqa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)  # noqa: E731
+
+    def repeated():
+        kk = k.repeat_interleave(HQ // HKV, dim=1)
+        vv = v.repeat_interleave(HQ // HKV, dim=1)
+        return F.scaled_dot_product_attention(q, kk, vv, is_causal=causal)
+    return gqa, repeated
+
+
+def bench_prefill(sizes, repeat):
+    rows = []
+    for n in sizes:
+        torch.manual_seed(0)
+        q = torch.randn(1, HQ, n, D)
+        k = torch.randn(1, HKV, n, D)
+        v = torch.randn(1, HKV, n, D)
+        reps = repeat if n <= 4096 else max(2, repeat // 2)
+        gqa, repeated = sdpa_best(q, k, v)
+        calls = {
+            "torch, 0 heads": lambda: act_attention(q, k, v, backend="torch"),
+            "torch, 2/9 heads": lambda: act_attention(q, k, v, heads=TWO_HEADS, backend="torch"),
+            "torch, 9/9 heads": lambda: act_attention(q, k, v, heads=list(range(HQ)), backend="torch"),
+        }
+        if n <= EAGER_MAX_N:
+            calls["eager, 9/9 heads"] = lambda: act_attention(q, k, v, heads=list(range(HQ)),
+                                                            backend="eager")
+        t_gqa, t_rep = median_time(gqa, reps), median_time(repeated, reps)
+        sdpa = min(t_gqa, t_rep)
+        row = {"N": n, "sdpa_s": sdpa, "sdpa_call": "gqa" if t_gqa <= t_rep else "repeat-kv",
+               "sdpa_mem": extra_peak_bytes(gqa if t_gqa <= t_rep else repeated)}
+        for name, fn in calls.items():
+            row[name] = median_time(fn, reps if not name.startswith("eager") else 2)
+            row[name + " mem"] = extra_peak_bytes(fn)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def bench_decode(sizes, repeat):
+    rows = []
+    for nk in sizes:
+        q = torch.randn(1, HQ, 1, D)
+        k = torch.randn(1, HKV, nk, D)
+        v = torch.randn(1, HKV, nk, D)
+        gqa, repeated = sdpa_best(q, k, v, causal=False)
+        sdpa = min(median_time(gqa, repeat * 4), median_time(repeated, repeat * 4))
+        row = {"Nk": nk, "sdpa_s": sdpa}
+        for name, heads in (("0 heads", None), ("2/9 heads", TWO_HEADS), ("9/9 heads", list(range(HQ)))):
+            row[name] = median_time(lambda: act_attention(q, k, v, heads=heads, backend="torch"),
+                                    repeat * 4)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def to_markdown(prefill, decode) -> str:
+    gib = 1 << 30
+    full_maps = lambda n: HQ * n * n * 4  # noqa: E731  (the fp32 maps of all heads)
+    lines = ["### Prefill (B=1, Hq=9, Hkv=3, D=64, fp32, causal): time as a ratio of SDPA",
+             "",
+             "| N | SDPA (s) | torch 0 heads | torch 2/9 | torch 9/9 | eager 9/9 | "
+             "extra peak, torch 9/9 | as % of the full maps | extra peak, SDPA |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in prefill:
+        s = r["sdpa_s"]
+        eager = f"{r['eager, 9/9 heads'] / s:.2f}x" if "eager, 9/9 heads" in r else "(does not fit)"
+        mem = r["torch, 9/9 heads mem"]
+        lines.append(
+            f"| {r['N']} | {s:.4f} ({r['sdpa_call']}) | {r['torch, 0 heads'] / s:.2f}x | "
+            f"{r['torch, 2/9 heads'] / s:.2f}x | {r['torch, 9/9 heads'] / s:.2f}x | {eager} | "
+            f"{mem / gib:.3f} GiB | {100 * mem / full_maps(r['N']):.2f}% | "
+            f"{r['sdpa_mem'] / gib:.3f} GiB |")
+    speedups = [f"N={r['N']}: {r['eager, 9/9 heads'] / r['torch, 9/9 heads']:.1f}x"
+                for r in prefill if "eager, 9/9 heads" in r]
+    lines += ["", "torch backend (9/9 heads) vs the eager reference: " + ", ".join(speedups), "",
+              "### Decode (Nq=1): time as a ratio of SDPA", "",
+              "| Nk | SDPA (ms) | torch 0 heads | torch 2/9 | torch 9/9 |", "|---|---|---|---|---|"]
+    for r in decode:
+        s = r["sdpa_s"]
+        lines.append(f"| {r['Nk']} | {1e3 * s:.3f} | {r['0 heads'] / s:.2f}x | "
+                     f"{r['2/9 heads'] / s:.2f}x | {r['9/9 heads'] / s:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, no RESULTS.md entry")
+    parser.add_argument("--sizes", type=str, default=None, help="comma-separated prefill N")
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+    sizes = ([int(x) for x in args.sizes.split(",")] if args.sizes else
+             [512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192, 16384])
+    decode_sizes = [1024, 8192] if args.quick else [1024, 8192, 32768]
+    prefill = bench_prefill(sizes, args.repeat)
+    decode = bench_decode(decode_sizes, args.repeat)
+    table = to_markdown(prefill, decode)
+    print(table)
+    if not args.quick:
+        append_results("bench_attention: torch backend vs SDPA vs eager (CPU)", table)
+
+
+if __name__ == "__main__":
+    main()
