@@ -73,8 +73,8 @@ def act_attention_reference(q, k, v, *, heads=None, beta=0.4, tau=0.1, scale=Non
     mass = sink_probs.sum(dim=-1, keepdim=True)               # m_i
     rest = (probs - sink_probs).sum(dim=-1, keepdim=True)     # 1 - m_i, summed directly
     change = (mass > 0) & (rest > 0)
-    gain = (1.0 - beta * mass) / torch.where(change, rest, torch.ones_like(rest))
-    calibrated_rows = torch.where(sinks[:, :, None, :], beta * probs, probs * gain)
+    share = probs / torch.where(change, rest, torch.ones_like(rest))  # P_ij / (1 - m_i)
+    calibrated_rows = torch.where(sinks[:, :, None, :], beta * probs, share * (1.0 - beta * mass))
     new_probs = torch.where(change, calibrated_rows, probs)
 
     if heads is None:

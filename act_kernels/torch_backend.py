@@ -167,21 +167,27 @@ def column_sums(q, k, neg_lse, b_idx, h_idx, scale):
 # sink correction
 # --------------------------------------------------------------------------------------------
 
-def _nonsink_rows(qp, kp, vp, neg_lse_rows, positions, skip_keys, scale):
-    """Exact ``(sum_{j not in S} P_ij v_j, sum_{j not in S} P_ij)`` for a few rows, by blocks.
+def _nonsink_rows(qp, kp, vp, lse_rows, positions, skip_keys, scale):
+    """For a few rows, exactly: the non-sink average ``sum_{j not in S} P_ij v_j / (1 - m_i)``
+    and the non-sink mass ``1 - m_i``, by blocks of rows.
 
-    ``skip_keys [Nk]`` marks the sinks and the padded keys."""
+    The average is a softmax over the non-sink keys, so it keeps full precision even when
+    ``1 - m_i`` is subnormal. ``skip_keys [Nk]`` marks the sinks and the padded keys.
+    """
     nk = kp.shape[0]
-    outs, rests = [], []
+    averages, rests = [], []
     rows = _block_rows(nk)
     for r0 in range(0, qp.shape[0], rows):
         r1 = min(qp.shape[0], r0 + rows)
-        s = torch.addmm(neg_lse_rows[r0:r1, None], qp[r0:r1], kp.t(), alpha=scale)
+        s = torch.mm(qp[r0:r1], kp.t()).mul_(scale)
         hidden = (torch.arange(nk, device=qp.device)[None, :] > positions[r0:r1, None]) | skip_keys
-        pr = s.masked_fill_(hidden, float("-inf")).exp_()
-        outs.append(pr @ vp)
-        rests.append(pr.sum(1, keepdim=True))
-    return torch.cat(outs), torch.cat(rests)
+        s.masked_fill_(hidden, float("-inf"))
+        lse_rest = torch.logsumexp(s, dim=1, keepdim=True)
+        finite = torch.isfinite(lse_rest)
+        share = torch.exp(s - torch.where(finite, lse_rest, 0.0))
+        averages.append(share @ vp)
+        rests.append(torch.where(finite, torch.exp(lse_rest - lse_rows[r0:r1, None]), 0.0))
+    return torch.cat(averages), torch.cat(rests)
 
 
 def sink_correction(out, q, k, v, neg_lse, b_idx, h_idx, sinks, calibrated, beta, scale,
@@ -225,11 +231,10 @@ def sink_correction(out, q, k, v, neg_lse, b_idx, h_idx, sinks, calibrated, beta
                 skip = sinks[p].clone()
                 if key_padding_mask is not None:
                     skip |= ~key_padding_mask[b]
-                rest_out, rest = _nonsink_rows(qp[r0:r1][sel], kp.to(work), vp.to(work),
-                                               neg_lse[p, r0:r1][sel], positions[r0:r1][sel],
-                                               skip, scale)
-                ms = m[sel]
-                fixed = beta * w[sel] + (1.0 - beta * ms) / rest.clamp(min=1e-300) * rest_out
+                average, rest = _nonsink_rows(qp[r0:r1][sel], kp.to(work), vp.to(work),
+                                              -neg_lse[p, r0:r1][sel], positions[r0:r1][sel],
+                                              skip, scale)
+                fixed = beta * w[sel] + average * (1.0 - beta * m[sel])
                 new[sel] = torch.where(rest > 0, fixed, u[sel])
             out[b, h, r0:r1] = new.to(out.dtype)
     return mass
@@ -254,6 +259,7 @@ def _decode(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
         logits.masked_fill_(hidden[:, None, None, :], float("-inf"))
         logits.masked_fill_(~alive[:, None, None, None], 0.0)   # a dead row: finite, zeroed below
     probs = torch.softmax(logits, dim=-1).view(bsz, hq, nk)
+    logits = logits.view(bsz, hq, nk)
 
     stats = None
     if return_stats:
@@ -274,9 +280,11 @@ def _decode(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
         rest = (p_rows - sink_p).sum(-1, keepdim=True)       # 1 - m, summed directly
         if heads is not None:
             change = heads[sel][:, None] & (mass > 0) & (rest > 0)
-            gain = torch.where(change, (1.0 - beta * mass) / torch.where(change, rest, 1.0), 1.0)
-            # P' = gain P off the sinks and beta P on them; unchanged rows get exactly P.
-            probs[sel] = torch.addcmul(p_rows * gain, sink_p, torch.where(change, beta - gain, 0.0))
+            # P' = beta P on the sinks and (1 - beta m) P / (1 - m) off them, where P / (1 - m) is
+            # the softmax over the non-sink keys (exact even when 1 - m is subnormal).
+            share = torch.softmax(logits[sel].masked_fill(sinks, float("-inf")), dim=-1)
+            moved = torch.where(sinks, beta * p_rows, share * (1.0 - beta * mass))
+            probs[sel] = torch.where(change, moved, p_rows)
         if return_stats:
             scores = p_rows if alive is None else p_rows * alive[sel[0], None]
             stats = {"scores": scores.reshape(bsz, hq, nk).float(),
