@@ -1,0 +1,35 @@
+"""Evaluation tasks of the ACT reference protocols: data, prompts, splits and scoring.
+
+Ground level: imports nothing of ``act_kernels`` outside this package.
+
+* Registry: :data:`TASKS`, :func:`get_task` (aliases ``sst2 sst5 mr subj trec agnews cb boolq
+  arc_easy arc_challenge piqa hellaswag copa openbookqa commonsense_qa``, plus ``dbpedia`` and
+  ``trec_reference``).
+* Data: :func:`load_examples`, :func:`available_splits`, :class:`DataNotInstalledError`.
+* Prompts: :meth:`Task.build_prompt`, :meth:`Task.candidate_token_ids`,
+  :meth:`Task.option_token_ids`, :meth:`Task.score_item`, :meth:`Task.loglik_requests`.
+* Splits: :func:`make_splits`, :func:`load_splits`, :class:`Splits`.
+* Scoring: :func:`encode_batch`, :func:`prepare_batch`, :func:`score_last_logits`,
+  :func:`encode_loglik`, :func:`continuation_logprobs`, :func:`score_option_logprobs`,
+  :func:`accuracy`, :func:`balanced_accuracy`, :func:`evaluate_last_token`,
+  :func:`evaluate_loglik`.
+"""
+from .data import (DataNotInstalledError, available_splits, default_split, load_examples,
+                   offline_path, read_rows)
+from .registry import CLASSIFICATION_TASKS, MULTIPLE_CHOICE_TASKS, TASKS, get_task
+from .scoring import (accuracy, balanced_accuracy, continuation_logprobs, encode_batch,
+                      encode_loglik, evaluate_last_token, evaluate_loglik, pad_id, prepare_batch,
+                      score_last_logits, score_option_logprobs)
+from .splits import Splits, load_splits, make_splits
+from .task import (CLASSIFICATION, LETTERS, MULTIPLE_CHOICE, Example, ScoreItem, Task,
+                   apply_chat, letter_token_ids)
+
+__all__ = [
+    "CLASSIFICATION", "CLASSIFICATION_TASKS", "DataNotInstalledError", "Example", "LETTERS",
+    "MULTIPLE_CHOICE", "MULTIPLE_CHOICE_TASKS", "ScoreItem", "Splits", "TASKS", "Task",
+    "accuracy", "apply_chat", "available_splits", "balanced_accuracy", "continuation_logprobs",
+    "default_split", "encode_batch", "encode_loglik", "evaluate_last_token", "evaluate_loglik",
+    "get_task", "letter_token_ids", "load_examples", "load_splits", "make_splits",
+    "offline_path", "pad_id", "prepare_batch", "read_rows", "score_last_logits",
+    "score_option_logprobs",
+]
