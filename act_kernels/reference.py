@@ -28,6 +28,22 @@ def visibility(nq: int, nk: int, key_padding_mask, batch: int, device) -> torch.
     return sees
 
 
+def calibrate_probs(probs: torch.Tensor, sinks: torch.Tensor, beta: float):
+    """Step 4 of the spec on attention rows: ``(P', m)``.
+
+    ``probs [..., Nk]`` are rows of ``P``; ``sinks`` (broadcastable bool) marks the sink keys.
+    Returns the calibrated rows and ``m [..., 1]``, each row's attention on the sinks. Rows with
+    ``m == 0`` or no non-sink mass left stay as they are.
+    """
+    sink_probs = probs * sinks
+    mass = sink_probs.sum(dim=-1, keepdim=True)               # m_i
+    rest = (probs - sink_probs).sum(dim=-1, keepdim=True)     # 1 - m_i, summed directly
+    change = (mass > 0) & (rest > 0)
+    share = probs / torch.where(change, rest, torch.ones_like(rest))  # P_ij / (1 - m_i)
+    moved = torch.where(sinks, beta * probs, share * (1.0 - beta * mass))
+    return torch.where(change, moved, probs), mass
+
+
 def act_attention_reference(q, k, v, *, heads=None, beta=0.4, tau=0.1, scale=None,
                             key_padding_mask=None):
     """Return ``(out, probs, stats)``.
@@ -69,13 +85,7 @@ def act_attention_reference(q, k, v, *, heads=None, beta=0.4, tau=0.1, scale=Non
     sinks = (scores > tau) & not_first[:, None, :]
 
     # 4. Each row keeps beta of its sink mass m_i and gives (1 - beta) m_i to its other keys.
-    sink_probs = probs * sinks[:, :, None, :]
-    mass = sink_probs.sum(dim=-1, keepdim=True)               # m_i
-    rest = (probs - sink_probs).sum(dim=-1, keepdim=True)     # 1 - m_i, summed directly
-    change = (mass > 0) & (rest > 0)
-    share = probs / torch.where(change, rest, torch.ones_like(rest))  # P_ij / (1 - m_i)
-    calibrated_rows = torch.where(sinks[:, :, None, :], beta * probs, share * (1.0 - beta * mass))
-    new_probs = torch.where(change, calibrated_rows, probs)
+    new_probs, mass = calibrate_probs(probs, sinks[:, :, None, :], beta)
 
     if heads is None:
         calibrated = torch.zeros(bsz, hq, dtype=torch.bool, device=q.device)
