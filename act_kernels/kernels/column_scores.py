@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LOG2E, key_real, load_rows, load_rows_t, row_real
+from .common import LOG2E, key_real, load_rows, load_rows_t, mma, row_real
 
 LAUNCHES = {"calls": 0, "programs": 0}
 
@@ -28,7 +28,7 @@ def _column_scores_kernel(
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         Hq, group, Nq, Nk, D, qk_scale, nq_key, nk_key,
-        HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr,
+        HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     pid_p = tl.program_id(1)
@@ -53,9 +53,9 @@ def _column_scores_kernel(
         r_ok = row_real(kpm_row, offs_m, Nq, Nk, HAS_KPM)
         q = load_rows(q_base, offs_m, offs_m < Nq, stride_qn, offs_d, d_ok, stride_qd)
         lse2 = tl.load(Lse + bh * Nq + offs_m, mask=r_ok, other=float("inf"))
-        s = tl.dot(q, kt, input_precision=IN_PREC) * qk_scale
+        s = mma(q, kt, IN_PREC, UPCAST) * qk_scale
         vis = r_ok[:, None] & k_ok[None, :] & (offs_n[None, :] <= (Nk - Nq + offs_m)[:, None])
-        p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
+        p = tl.math.exp2(tl.where(vis, s, float("-inf")) - lse2[:, None])
         col += tl.sum(p, 0)
     tl.store(ColSum + pid_p * Nk + offs_n, col, mask=offs_n < Nk)
 
@@ -81,5 +81,5 @@ def column_scores(q, k, lse2, scale, kpm_i8, pairs):
         q, k, lse2, pairs, kpm_i8 if has_kpm else pairs, colsum,
         *q.stride(), *k.stride(),
         hq, hq // hkv, nq, nk, dim, scale * LOG2E, configs.len_bucket(nq), configs.len_bucket(nk),
-        HAS_KPM=has_kpm, IN_PREC=configs.in_precision(q.dtype), BLOCK_D=configs.head_block(dim), **meta)
+        HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), BLOCK_D=configs.head_block(dim), **meta)
     return colsum

@@ -45,3 +45,52 @@ def load_rows_t(base, offs_r, r_ok, stride_r, offs_d, d_ok, stride_d):
     """Transposed tile [BLOCK_D, len(offs_r)] (K^T for ``tl.dot(q, kT)``)."""
     return tl.load(base + offs_r[None, :] * stride_r + offs_d[:, None] * stride_d,
                    mask=r_ok[None, :] & d_ok[:, None], other=0.0)
+
+
+@triton.jit
+def mma(a, b, IN_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot(a, b)`` with fp32 accumulation. ``UPCAST`` (interpreter + bfloat16 only): the
+    interpreter keeps bf16 as raw uint16 and cannot multiply it, so operands go to fp32 first
+    (exact products, fp32 sums: what the tensor cores compute)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=IN_PREC)
+
+
+@triton.jit
+def attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                  kpm_row, skip_row, pos_m, offs_d, d_ok, lo, hi, Nk, qk_scale,
+                  BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+                  SKIP: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax in base 2 of a row tile ``q`` over key blocks [lo, hi): updates the
+    running max ``m``, sum ``l`` and fp32 accumulator ``acc`` of ``sum 2^(s - m) v``.
+
+    ``CAUSAL``: apply ``key <= pos_m``. ``SKIP``: also drop the keys whose int8 flag at
+    ``skip_row`` is set (the sinks, for the softmax over non-sink keys) and multiply P V in
+    fp32 (that path serves a cancellation guard, where precision matters more than speed);
+    otherwise P is rounded to V's dtype for the tensor cores, as FlashAttention does.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ok = key_real(kpm_row, offs_n, Nk, HAS_KPM)
+        if SKIP:
+            k_ok = k_ok & (tl.load(skip_row + offs_n, mask=offs_n < Nk, other=0) == 0)
+        kt = load_rows_t(k_base, offs_n, offs_n < Nk, stride_kn, offs_d, d_ok, stride_kd)
+        s = mma(q, kt, IN_PREC, UPCAST) * qk_scale
+        vis = k_ok[None, :]
+        if CAUSAL:
+            vis = vis & (offs_n[None, :] <= pos_m[:, None])
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet: no NaN
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = load_rows(v_base, offs_n, offs_n < Nk, stride_vn, offs_d, d_ok, stride_vd)
+        if SKIP:
+            acc = acc * alpha[:, None] + mma(p, v.to(tl.float32), "ieee", False)
+        else:
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, IN_PREC, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i

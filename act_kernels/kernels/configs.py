@@ -13,6 +13,7 @@ Two regimes:
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import triton
@@ -102,11 +103,20 @@ def interp_meta(kind: str) -> dict:
     return {"BLOCK_M": INTERP_BLOCK, "BLOCK_N": INTERP_BLOCK}
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms() -> int:
+    try:
+        import torch
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    except Exception:  # no CUDA: a typical large GPU
+        return 132
+
+
 def decode_config(batch_heads: int, nk: int, dim: int, split_size=None):
     """(BLOCK_N, split size in keys, number of splits, num_warps) for the decode kernel.
 
-    Flash-decoding: a long context is cut into splits so that about two programs per SM run even
-    for a single sequence; each split is a multiple of BLOCK_N keys.
+    Flash-decoding: a long context is cut into splits (at least 256 keys each) so that about eight
+    programs per SM run even for a single sequence; each split is a multiple of BLOCK_N keys.
     """
     if INTERPRET:
         block_n = INTERP_BLOCK
@@ -114,7 +124,8 @@ def decode_config(batch_heads: int, nk: int, dim: int, split_size=None):
     else:
         block_n = 64 if dim <= 128 else 32
         if split_size is None:
-            target_programs = 2 * 132
+            # about 8 programs (32 warps) per SM in flight to hide memory latency
+            target_programs = 8 * _num_sms()
             splits = max(1, min(triton.cdiv(nk, 256), triton.cdiv(target_programs, batch_heads)))
             split = triton.cdiv(nk, splits)
         else:
@@ -125,7 +136,10 @@ def decode_config(batch_heads: int, nk: int, dim: int, split_size=None):
     return block_n, split, num_splits, num_warps
 
 
-def in_precision(dtype) -> str:
-    """fp32 inputs use true fp32 dots (no TF32), like torch's default matmul."""
+def dot_flags(dtype) -> dict:
+    """Meta-parameters of ``common.mma``: fp32 inputs use true fp32 dots (no TF32), like torch's
+    default matmul; bf16 under the interpreter is upcast (see ``common.mma``)."""
     import torch
-    return "ieee" if dtype == torch.float32 else "tf32"
+    upcast = INTERPRET and dtype == torch.bfloat16
+    return {"IN_PREC": "ieee" if (dtype == torch.float32 or upcast) else "tf32",
+            "UPCAST": upcast}

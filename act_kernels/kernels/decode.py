@@ -20,8 +20,9 @@ still holds every final sink). The epilogue program of each (b, h) merges the pa
 plain output ``u`` and ``lse2``, keeps the candidates with ``P = exp2(s - lse2) > tau``, gathers
 their V rows for ``w = sum P_j v_j`` and ``m = sum P_j``, and applies
 ``o = beta w + (1 - beta m) / (1 - m) (u - w)``. When ``1 - m < STABLE_REST`` (cancellation in
-``u - w``) that row makes one direct pass over K/V summing the non-sink part instead, with the
-same logit code and the same ``P > tau`` test, so it picks exactly the same sinks.
+``u - w``) that row makes one direct pass over K/V with a softmax over the non-sink keys instead
+(exact even when ``1 - m`` is subnormal), with the same logit code and the same ``P > tau`` test,
+so it picks exactly the same sinks.
 
 With ``TRACK=False`` (no calibrated head, or the general path's plain pass) the same kernels give
 the plain output; the plain arithmetic does not depend on ``TRACK``, so uncalibrated heads are
@@ -55,6 +56,20 @@ def _logits(q, k_base, offs_n, n_ok, stride_kn, offs_d, d_ok, stride_kd, qk_scal
     """Base-2 logits [BLOCK_N] of the single query row ``q`` (fp32 [BLOCK_D]) against a K block."""
     k = load_rows(k_base, offs_n, n_ok, stride_kn, offs_d, d_ok, stride_kd).to(tl.float32)
     return tl.sum(q[None, :] * k, 1) * qk_scale
+
+
+@triton.jit
+def _online_update(m_i, l_i, acc, s, v):
+    """One block of a one-row online softmax in base 2: logits ``s`` [BLOCK_N] (-inf = masked),
+    values ``v`` [BLOCK_N, BLOCK_D] fp32. Returns the new (max, sum, acc) and the reference max
+    the sum is relative to (0 while no key was seen)."""
+    m_new = tl.maximum(m_i, tl.max(s, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe)
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 0)
+    acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+    return m_new, l_i, acc, m_safe
 
 
 @triton.jit
@@ -97,15 +112,9 @@ def _decode_split_kernel(
         k_ok = key_real(kpm_row, offs_n, n_hi, HAS_KPM) & q_real
         s = _logits(q, k_base, offs_n, offs_n < n_hi, stride_kn, offs_d, d_ok, stride_kd, qk_scale)
         s = tl.where(k_ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe)
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 0)
         v = load_rows(v_base, offs_n, offs_n < n_hi, stride_vn, offs_d, d_ok,
                       stride_vd).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-        m_i = m_new
+        m_i, l_i, acc, m_safe = _online_update(m_i, l_i, acc, s, v)
         if TRACK:
             # keys whose probability under the softmax so far exceeds tau (minus a tiny margin)
             thresh = m_safe + tl.math.log2(l_i) + log2_tau
@@ -194,10 +203,12 @@ def _decode_epilogue_kernel(
                 vr = load_rows(v_base, ci, keep, stride_vn, offs_d, d_ok,
                                stride_vd).to(tl.float32)
                 w += tl.sum(p[:, None] * vr, 0)
+            # non-sink average a = sum_{j not in S} P_j v_j / (1 - m) and rest = 1 - m
             rest = 1.0 - mass
-            r = u - w
+            avg = (u - w) / tl.where(rest > 0, rest, 1.0)
             if (mass > 0) & (rest < stable_rest):
-                # cancellation guard: sum the non-sink part directly (same logits, same test)
+                # cancellation guard: a softmax over the non-sink keys (same logits, same P > tau
+                # test as the candidates), exact even when 1 - m is subnormal
                 kpm_row = Kpm + b * Nk
                 first = 0
                 if HAS_KPM:
@@ -205,23 +216,24 @@ def _decode_epilogue_kernel(
                 q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=d_ok,
                             other=0.0).to(tl.float32)
                 k_base = K + b * stride_kb + kvh * stride_kh
-                rest = tl.full([], 0.0, dtype=tl.float32)
-                r = tl.zeros([BLOCK_D], dtype=tl.float32)
+                m_ns = tl.full([], float("-inf"), dtype=tl.float32)
+                l_ns = tl.full([], 0.0, dtype=tl.float32)
+                acc_ns = tl.zeros([BLOCK_D], dtype=tl.float32)
                 for start_n in range((first // BLOCK_N) * BLOCK_N, Nk, BLOCK_N):
                     offs_n = start_n + tl.arange(0, BLOCK_N)
                     k_ok = key_real(kpm_row, offs_n, Nk, HAS_KPM)
                     s = _logits(q, k_base, offs_n, offs_n < Nk, stride_kn, offs_d, d_ok,
                                 stride_kd, qk_scale)
-                    p = tl.where(k_ok, tl.math.exp2(s - lse2), 0.0)
-                    non_sink = k_ok & ((p <= tau) | (offs_n == first))
-                    p = tl.where(non_sink, p, 0.0)
-                    rest += tl.sum(p, 0)
+                    sink = (tl.math.exp2(s - lse2) > tau) & (offs_n != first)
+                    s = tl.where(k_ok & (sink == 0), s, float("-inf"))
                     vr = load_rows(v_base, offs_n, offs_n < Nk, stride_vn, offs_d, d_ok,
                                    stride_vd).to(tl.float32)
-                    r += tl.sum(p[:, None] * vr, 0)
+                    m_ns, l_ns, acc_ns, _ = _online_update(m_ns, l_ns, acc_ns, s, vr)
+                l_safe = tl.where(l_ns > 0, l_ns, 1.0)
+                rest = tl.where(l_ns > 0, tl.math.exp2(m_ns + tl.math.log2(l_safe) - lse2), 0.0)
+                avg = acc_ns / l_safe
             change = (mass > 0) & (rest > 0)
-            gain = (1.0 - beta * mass) / tl.where(change, rest, 1.0)
-            o = tl.where(change, beta * w + gain * r, u)
+            o = tl.where(change, beta * w + (1.0 - beta * mass) * avg, u)
         tl.store(Mass + bh, mass)
 
     tl.store(Lse + bh, lse2)

@@ -9,7 +9,7 @@ sum ``l``, fp32 accumulator), and writes
 * ``u32``  [n_slots, Nq, D] fp32, the un-rounded output, only for heads that will be calibrated
   (``u_slot[b*Hq + h] >= 0``): the calibration identity needs ``u`` without the bf16/fp16 rounding.
 
-Key blocks are visited in two stages, sharing one loop body (``_attend``): blocks every row of the
+Key blocks are visited in two stages, sharing one loop body (``common.attend_blocks``): blocks every row of the
 tile sees in full (no causal mask), then the blocks on the diagonal (causal + tail masks). Blocks
 past the diagonal and blocks entirely before the first real key (left padding) are skipped.
 GQA: query head ``h`` reads kv head ``h // group`` through its strides, nothing is copied.
@@ -19,33 +19,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LOG2E, key_real, load_rows, load_rows_t, row_real
-
-
-@triton.jit
-def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            kpm_row, pos_m, offs_d, d_ok, lo, hi, Nk, qk_scale,
-            BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-            IN_PREC: tl.constexpr):
-    """Online-softmax update of (acc, l, m) over key blocks [lo, hi)."""
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ok = key_real(kpm_row, offs_n, Nk, HAS_KPM)
-        kt = load_rows_t(k_base, offs_n, offs_n < Nk, stride_kn, offs_d, d_ok, stride_kd)
-        s = tl.dot(q, kt, input_precision=IN_PREC) * qk_scale
-        vis = k_ok[None, :]
-        if CAUSAL:
-            vis = vis & (offs_n[None, :] <= pos_m[:, None])
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet: no NaN
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_rows(v_base, offs_n, offs_n < Nk, stride_vn, offs_d, d_ok, stride_vd)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=IN_PREC)
-        m_i = m_new
-    return acc, l_i, m_i
+from .common import LOG2E, attend_blocks, load_rows, row_real
 
 
 @configs.maybe_autotune("forward", key=["nq_key", "nk_key", "BLOCK_D"])
@@ -57,7 +31,7 @@ def _flash_forward_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_on, stride_od,
         Hq, group, Nq, Nk, D, qk_scale, nq_key, nk_key,
-        HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr,
+        HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -85,13 +59,13 @@ def _flash_forward_kernel(
     hi = tl.minimum(Nk, Nk - Nq + start_m + BLOCK_M)        # one past the last row's position
     mid = tl.maximum(lo, tl.minimum(hi, ((Nk - Nq + start_m + 1) // BLOCK_N) * BLOCK_N))
     # stage 1: blocks every row of the tile sees entirely (only padding can mask a key)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                            stride_vd, kpm_row, pos_m, offs_d, d_ok, lo, mid, Nk, qk_scale,
-                            BLOCK_N, HAS_KPM, False, IN_PREC)
+    acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
+                                  stride_vn, stride_vd, kpm_row, Kpm, pos_m, offs_d, d_ok, lo, mid,
+                                  Nk, qk_scale, BLOCK_N, HAS_KPM, False, False, IN_PREC, UPCAST)
     # stage 2: the diagonal blocks, causal mask on
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
-                            stride_vd, kpm_row, pos_m, offs_d, d_ok, mid, hi, Nk, qk_scale,
-                            BLOCK_N, HAS_KPM, True, IN_PREC)
+    acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
+                                  stride_vn, stride_vd, kpm_row, Kpm, pos_m, offs_d, d_ok, mid, hi,
+                                  Nk, qk_scale, BLOCK_N, HAS_KPM, True, False, IN_PREC, UPCAST)
 
     r_ok = row_real(kpm_row, offs_m, Nq, Nk, HAS_KPM) & (l_i > 0)
     o = acc / tl.where(r_ok, l_i, 1.0)[:, None]
@@ -128,5 +102,5 @@ def flash_forward(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots):
         q, k, v, out, lse2, u32, kpm_arg, first_valid, u_slot,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         hq, hq // hkv, nq, nk, dim, scale * LOG2E, configs.len_bucket(nq), configs.len_bucket(nk),
-        HAS_KPM=has_kpm, IN_PREC=configs.in_precision(q.dtype), BLOCK_D=configs.head_block(dim), **meta)
+        HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), BLOCK_D=configs.head_block(dim), **meta)
     return out, lse2, u32

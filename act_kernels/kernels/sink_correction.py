@@ -14,9 +14,11 @@ non-sink mass keep ``u`` (cast exactly as the plain pass casts it).
 
 Cancellation guard: when ``1 - m_i < STABLE_REST`` the difference ``u - w`` has lost too many
 digits. If a row block holds such a row, the program makes one extra pass over the keys those
-rows see and sums the non-sink part directly (``rest_i = sum_{j not in S} P_ij`` and
-``r_i = sum_{j not in S} P_ij v_j``, sink membership from the dense mask), and uses
-``o = beta w + (1 - beta m) / rest * r`` for the flagged rows. Other blocks never pay for it.
+rows see with an online softmax over the *non-sink* keys only (``common.attend_blocks`` with the
+dense sink mask as skip mask), which gives the non-sink average
+``a_i = sum_{j not in S} P_ij v_j / (1 - m_i)`` at full precision even when ``1 - m_i`` is
+subnormal, and ``1 - m_i = 2^(lse2_nonsink - lse2)`` (0 if it underflows: row unchanged). The
+flagged rows use ``o = beta w + (1 - beta m) a``. Other blocks never pay for the pass.
 
 Pairs with ``slot < 0`` are stats-only (``return_stats`` on an uncalibrated head): only ``m`` is
 written. Reads Q, the sink rows of K and V, lse2, u32; writes ``out`` rows and ``mass`` [P, Nq].
@@ -26,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LOG2E, key_real, load_rows, load_rows_t, row_real
+from .common import LOG2E, attend_blocks, load_rows, load_rows_t, mma, row_real
 
 
 @configs.maybe_autotune("correction", key=["nq_key", "nk_key", "BLOCK_D"])
@@ -38,7 +40,7 @@ def _sink_correction_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_on, stride_od,
         Hq, group, Nq, Nk, D, qk_scale, beta, stable_rest, nq_key, nk_key,
-        HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr,
+        HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -69,47 +71,43 @@ def _sink_correction_kernel(
         s_ok = offs_s < n_sinks
         idx = tl.load(SinkIdx + pid_p * Nk + offs_s, mask=s_ok, other=0)
         kt = load_rows_t(k_base, idx, s_ok, stride_kn, offs_d, d_ok, stride_kd)
-        s = tl.dot(q, kt, input_precision=IN_PREC) * qk_scale
+        s = mma(q, kt, IN_PREC, UPCAST) * qk_scale
         vis = r_ok[:, None] & s_ok[None, :] & (idx[None, :] <= pos_m[:, None])
-        p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
+        p = tl.math.exp2(tl.where(vis, s, float("-inf")) - lse2[:, None])
         mass += tl.sum(p, 1)
         v = load_rows(v_base, idx, s_ok, stride_vn, offs_d, d_ok, stride_vd).to(tl.float32)
-        w = tl.dot(p, v, w, input_precision="ieee")
+        w += mma(p, v, "ieee", False)
     tl.store(Mass + pid_p * Nq + offs_m, mass, mask=offs_m < Nq)
 
     if slot >= 0:
         out_mask = (offs_m < Nq)[:, None] & d_ok[None, :]
         u = tl.load(U32 + (slot * Nq + offs_m[:, None]) * D + offs_d[None, :], mask=out_mask,
                     other=0.0)
+        # non-sink average  a_i = sum_{j not in S} P_ij v_j / (1 - m_i)  and  rest = 1 - m_i
         rest = 1.0 - mass
-        r = u - w
+        avg = (u - w) / tl.where(rest > 0, rest, 1.0)[:, None]
         unstable = r_ok & (mass > 0) & (rest < stable_rest)
         if tl.max(unstable.to(tl.int32), 0) > 0:
-            # direct non-sink sums for this block (only blocks with a flagged row get here)
-            rest_d = tl.zeros([BLOCK_M], dtype=tl.float32)
-            r_d = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            # a softmax over the non-sink keys, for this block only: exact even when 1 - m is
+            # tiny or subnormal (u - w would have cancelled)
+            m_ns = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_ns = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc_ns = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             lo = 0
             if HAS_KPM:
                 lo = (tl.load(FirstValid + b) // BLOCK_N) * BLOCK_N
             hi = tl.minimum(Nk, Nk - Nq + start_m + BLOCK_M)
-            for start_n in range(lo, hi, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                k_ok = key_real(kpm_row, offs_n, Nk, HAS_KPM)
-                not_sink = tl.load(SinkMask + pid_p * Nk + offs_n, mask=offs_n < Nk, other=0) == 0
-                kt = load_rows_t(k_base, offs_n, offs_n < Nk, stride_kn, offs_d, d_ok, stride_kd)
-                s = tl.dot(q, kt, input_precision=IN_PREC) * qk_scale
-                vis = (r_ok[:, None] & (k_ok & not_sink)[None, :]
-                       & (offs_n[None, :] <= pos_m[:, None]))
-                p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
-                rest_d += tl.sum(p, 1)
-                v = load_rows(v_base, offs_n, offs_n < Nk, stride_vn, offs_d, d_ok,
-                              stride_vd).to(tl.float32)
-                r_d = tl.dot(p, v, r_d, input_precision="ieee")
+            acc_ns, l_ns, m_ns = attend_blocks(
+                acc_ns, l_ns, m_ns, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                kpm_row, SinkMask + pid_p * Nk, pos_m, offs_d, d_ok, lo, hi, Nk, qk_scale,
+                BLOCK_N, HAS_KPM, True, True, IN_PREC, UPCAST)
+            has = l_ns > 0
+            l_safe = tl.where(has, l_ns, 1.0)
+            rest_d = tl.where(has, tl.math.exp2(m_ns + tl.math.log2(l_safe) - lse2), 0.0)
             rest = tl.where(unstable, rest_d, rest)
-            r = tl.where(unstable[:, None], r_d, r)
+            avg = tl.where(unstable[:, None], acc_ns / l_safe[:, None], avg)
         change = r_ok & (mass > 0) & (rest > 0)
-        gain = (1.0 - beta * mass) / tl.where(change, rest, 1.0)
-        o = tl.where(change[:, None], beta * w + gain[:, None] * r, u)
+        o = tl.where(change[:, None], beta * w + (1.0 - beta * mass)[:, None] * avg, u)
         tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
                  + offs_d[None, :] * stride_od, o.to(Out.dtype.element_ty), mask=out_mask)
 
@@ -151,6 +149,6 @@ def sink_correction(q, k, v, out, lse2, u32, pairs, slots, sinks, beta, scale, k
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         hq, hq // hkv, nq, nk, dim, scale * LOG2E, float(beta), float(stable_rest),
         configs.len_bucket(nq), configs.len_bucket(nk),
-        HAS_KPM=has_kpm, IN_PREC=configs.in_precision(q.dtype),
+        HAS_KPM=has_kpm, **configs.dot_flags(q.dtype),
         BLOCK_D=configs.head_block(dim), **meta)
     return mass
