@@ -91,32 +91,36 @@ def _profile_of(config):
 def _layer_settings(module, config, device) -> Tuple[Optional[torch.Tensor], float, float]:
     """``(heads, beta, tau)`` for this attention module: heads a bool tensor or ``None``."""
     layer = getattr(module, "layer_idx", None)
-    raw, profile = _profile_of(config)
-    beta = profile.beta if profile is not None else 0.4
-    tau = profile.tau if profile is not None else 0.1
-
     stack = _OVERRIDES.get(id(config))
     if stack:
         override = stack[-1]
+        _, profile = _profile_of(config)
+        beta = override.beta if override.beta is not None else (
+            profile.beta if profile is not None else 0.4)
+        tau = override.tau if override.tau is not None else (
+            profile.tau if profile is not None else 0.1)
         heads = None if layer is None else override.layer_heads(int(layer), device)
-        return (heads, beta if override.beta is None else override.beta,
-                tau if override.tau is None else override.tau)
+        return heads, beta, tau
 
-    if profile is None or layer is None:
-        return None, beta, tau
-    # Per-module cache of the layer's head mask, valid for this profile dict on this device.
-    cache = module.__dict__.get("_act_heads_cache")
+    raw = getattr(config, "act_profile", None)
+    # Per-module cache of (heads mask, beta, tau), valid for this profile dict on this device:
+    # the steady state is one dict lookup and two identity checks per call.
+    cache = module.__dict__.get("_act_settings_cache")
     if cache is not None and cache[0] is raw and cache[1] == device:
-        return cache[2], beta, tau
-    indices = profile.heads.get(int(layer))
-    heads = None
-    if indices:
-        num_heads = _num_query_heads(module, config)
-        heads = torch.zeros(num_heads, dtype=torch.bool)
-        heads[torch.tensor(indices, dtype=torch.long)] = True
-        heads = heads.to(device)
-    module.__dict__["_act_heads_cache"] = (raw, device, heads)
-    return heads, beta, tau
+        return cache[2]
+    _, profile = _profile_of(config)
+    if profile is None:
+        settings = (None, 0.4, 0.1)
+    else:
+        indices = profile.heads.get(int(layer)) if layer is not None else None
+        heads = None
+        if indices:
+            heads = torch.zeros(_num_query_heads(module, config), dtype=torch.bool)
+            heads[torch.tensor(indices, dtype=torch.long)] = True
+            heads = heads.to(device)
+        settings = (heads, profile.beta, profile.tau)
+    module.__dict__["_act_settings_cache"] = (raw, device, settings)
+    return settings
 
 
 def _num_query_heads(module, config) -> int:
@@ -198,14 +202,21 @@ def _check_mask(mask: torch.Tensor, batch: int, q_len: int, kv_len: int):
     device = allowed.device
 
     seen = allowed.any(dim=1)                                   # [B, Lk]: key seen by some row
-    if not bool(seen.any()):
+    row_any = allowed.any(dim=-1)                               # [B, Lq]
+    if not bool(row_any.any()):
         _refuse("no query may attend to any key")
+    # Query row i sits at position base + i and sees no key after it: base >= last_seen_i - i,
+    # with equality for every real row (it sees itself). Keys past base + Lq are a static
+    # cache's unfilled slots.
+    last_seen = (kv_len - 1) - allowed.flip(-1).to(torch.uint8).argmax(dim=-1)   # [B, Lq]
+    offsets = last_seen - torch.arange(q_len, device=device)
+    base = max(int(torch.where(row_any, offsets, -1).amax()), 0)
+    keys_used = base + q_len
+    if keys_used > kv_len:
+        _refuse(f"query row {q_len - 1} sees no key at its own position")
     cols = torch.arange(kv_len, device=device)
-    last_seen = torch.where(seen, cols, -1).amax()              # the last query's position
-    keys_used = int(last_seen) + 1
-    if keys_used < q_len:
-        _refuse(f"the {q_len} queries cannot be the last positions of the {keys_used} keys "
-                "they see")
+    if keys_used < kv_len and bool(allowed[:, :, keys_used:].any()):
+        _refuse("a query sees a key after its own position")
     kpm = seen[:, :keys_used]                                   # [B, Nk] True = real token
     rows = torch.arange(keys_used - q_len, keys_used, device=device)
     causal = cols[None, :keys_used] <= rows[:, None]            # [Lq, Nk] bottom-right

@@ -151,7 +151,7 @@ def prepare_tokenizer(tokenizer):
 
 def load_model(name_or_path: Optional[str] = None, *, dtype: torch.dtype = torch.float32,
                attn_implementation: str = "sdpa",
-               profile: Union[None, str, os.PathLike, "ACTProfile", dict] = None,  # noqa: F821
+               profile: Union[None, str, os.PathLike, dict, object] = None,
                ) -> Tuple[torch.nn.Module, object]:
     """Load ``(model, tokenizer)``, the model in eval mode.
 
