@@ -22,8 +22,9 @@ slots. Every other mask (sliding windows that bite, chunked or bidirectional att
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -278,8 +279,15 @@ def _make_attention_forward(name: str):
                 probs = torch.nn.functional.pad(probs, (0, kv_len - keys_used))
             return out.transpose(1, 2).contiguous(), probs.to(query.dtype)
 
-        out = _op.act_attention(query, key, value, heads=heads, beta=beta, tau=tau,
-                                scale=scaling, key_padding_mask=kpm, backend=backend)
+        if _RECORDERS:
+            out, stats = _op.act_attention(query, key, value, heads=heads, beta=beta, tau=tau,
+                                           scale=scaling, key_padding_mask=kpm, backend=backend,
+                                           return_stats=True)
+            for recorder in _RECORDERS:
+                recorder(module, stats, query, key, value, kpm)
+        else:
+            out = _op.act_attention(query, key, value, heads=heads, beta=beta, tau=tau,
+                                    scale=scaling, key_padding_mask=kpm, backend=backend)
         return out.transpose(1, 2).contiguous(), None
 
     act_attention_forward.__name__ = f"{name}_attention_forward"
@@ -289,6 +297,23 @@ def _make_attention_forward(name: str):
 
 act_torch_attention_forward = _make_attention_forward("act_torch")
 act_triton_attention_forward = _make_attention_forward("act_triton")
+
+
+# Callbacks ``recorder(module, stats, query, key, value, key_padding_mask)`` run after every ACT
+# attention call while registered (see ``recording``); the op then also returns its statistics.
+_RECORDERS: List[Callable] = []
+
+
+@contextlib.contextmanager
+def recording(recorder: Callable):
+    """Within the block, every ``act_torch`` / ``act_triton`` attention call computes the op's
+    :class:`~act_kernels.op.ACTStats` (every head) and hands them, with the layer module and its
+    post-RoPE ``query`` / ``key`` / ``value`` and key-padding mask, to ``recorder``."""
+    _RECORDERS.append(recorder)
+    try:
+        yield recorder
+    finally:
+        _RECORDERS.remove(recorder)
 
 
 def attn_implementation_for(backend: str = "auto", device=None) -> str:
