@@ -244,57 +244,70 @@ def sink_correction(out, q, k, v, neg_lse, b_idx, h_idx, sinks, calibrated, beta
 # decode: one row per head, all heads at once
 # --------------------------------------------------------------------------------------------
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _decode(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
+    """One query row per head: ``P`` is as small as the output, so it is calibrated directly.
+
+    Kept to few tensor ops: at decode sizes their dispatch cost, not arithmetic, is the bill.
+    """
     bsz, hq, _, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     group = hq // hkv
     work = _work_dtype(q.dtype)
     # [B, Hkv, group, Nk]: the query heads of a group read their kv head once, unrepeated.
-    q_scaled = q.reshape(bsz, hkv, group, dim).to(work) * scale
-    logits = torch.matmul(q_scaled, k.to(work).transpose(-1, -2))
+    logits = torch.matmul(_as(q, work).reshape(bsz, hkv, group, dim) * scale,
+                          _as(k, work).transpose(-1, -2))
     alive = None
     if key_padding_mask is not None:
         alive = key_padding_mask[:, -1]                       # is the query itself real?
         hidden = ~key_padding_mask | ~alive[:, None]
         logits.masked_fill_(hidden[:, None, None, :], float("-inf"))
         logits.masked_fill_(~alive[:, None, None, None], 0.0)   # a dead row: finite, zeroed below
-    probs = torch.softmax(logits, dim=-1).view(bsz, hq, nk)
     logits = logits.view(bsz, hq, nk)
+    probs = torch.softmax(logits, dim=-1)
 
     stats = None
-    if return_stats:
-        rows = torch.ones(bsz, hq, dtype=torch.bool, device=q.device)
-    else:
-        rows = heads
-    if rows is not None:
-        # Only the rows that need it: their sinks (P > tau, first valid key excepted), m, 1 - m.
-        sel = rows.nonzero(as_tuple=True)
-        p_rows = probs[sel]                                   # [R, Nk]
-        first = first_valid_index(key_padding_mask, bsz, q.device)[sel[0]]
-        sinks = p_rows > tau
-        sinks[torch.arange(len(first), device=q.device), first] = False
-        if alive is not None:
-            sinks &= alive[sel[0], None]
-        sink_p = p_rows * sinks
-        mass = sink_p.sum(-1, keepdim=True)
-        rest = (p_rows - sink_p).sum(-1, keepdim=True)       # 1 - m, summed directly
-        if heads is not None:
-            change = heads[sel][:, None] & (mass > 0) & (rest > 0)
-            # P' = beta P on the sinks and (1 - beta m) P / (1 - m) off them, where P / (1 - m) is
-            # the softmax over the non-sink keys (exact even when 1 - m is subnormal).
-            share = torch.softmax(logits[sel].masked_fill(sinks, float("-inf")), dim=-1)
-            moved = torch.where(sinks, beta * p_rows, share * (1.0 - beta * mass))
-            probs[sel] = torch.where(change, moved, p_rows)
+    if heads is not None or return_stats:
+        # Sinks of the single row: P > tau, first valid key excepted (padded keys have P = 0).
+        sinks = probs > tau
+        if key_padding_mask is None:
+            sinks[:, :, 0] = False
+        else:
+            first = first_valid_index(key_padding_mask, bsz, q.device)
+            sinks.scatter_(2, first[:, None, None].expand(bsz, hq, 1), False)
+            sinks &= alive[:, None, None]
+        mass = (probs * sinks).sum(-1, keepdim=True)          # m, [B, Hq, 1]
         if return_stats:
-            scores = p_rows if alive is None else p_rows * alive[sel[0], None]
-            stats = {"scores": scores.reshape(bsz, hq, nk).float(),
-                     "sinks": sinks.reshape(bsz, hq, nk),
-                     "sink_mass": mass.reshape(bsz, hq, 1).float(),
+            scores = probs if alive is None else probs * alive[:, None, None]
+            stats = {"scores": scores.float(), "sinks": sinks, "sink_mass": mass.float(),
                      "calibrated": _calibrated(heads, bsz, hq, q.device)}
-    out = torch.matmul(probs.view(bsz, hkv, group, nk), v.to(work)).reshape(bsz, hq, 1, dim)
+        if heads is not None:
+            probs = _calibrate_decode_rows(probs, logits, sinks, mass, heads, beta, q.dtype)
+    out = torch.matmul(probs.view(bsz, hkv, group, nk), _as(v, work)).reshape(bsz, hq, 1, dim)
     if alive is not None:
         out = out * alive[:, None, None, None]
     return out.to(q.dtype), stats
+
+
+def _calibrate_decode_rows(probs, logits, sinks, mass, heads, beta, dtype):
+    """``P'`` of single rows: beta P on the sinks, ``(1 - beta m) / (1 - m) P`` off them."""
+    rest = 1.0 - mass
+    change = heads[:, :, None] & (mass > 0) & (rest > 0)
+    on_sink = 1.0 + (beta - 1.0) * change.to(mass.dtype)   # beta where calibrated, else 1
+    off_sink = torch.where(change, (1.0 - beta * mass) / rest, 1.0)
+    new = probs * torch.where(sinks, on_sink, off_sink)   # unchanged rows: P * 1, exactly P
+    if float(torch.where(change, mass, 0.0).max()) > 1.0 - stable_rest(dtype):
+        # 1 - m too small to divide by: the non-sink part is a softmax over the non-sink keys,
+        # exact even when 1 - m is subnormal (or rounds to 0).
+        shaky = change & (rest < stable_rest(dtype))
+        share = torch.softmax(logits.masked_fill(sinks, float("-inf")), dim=-1)
+        exact_rest = (probs * ~sinks).sum(-1, keepdim=True)
+        fixed = torch.where(sinks, beta * probs, share * (1.0 - beta * mass))
+        new = torch.where(shaky, torch.where(exact_rest > 0, fixed, probs), new)
+    return new
 
 
 def _calibrated(heads, bsz, hq, device):
