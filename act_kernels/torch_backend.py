@@ -25,6 +25,11 @@ BLOCK_FLOATS = 1 << 18
 MIN_BLOCK_ROWS = 16
 
 
+# The column pass is matmul-bound: larger blocks (4 MiB, at least 64 rows a head) run faster.
+COLUMN_BLOCK_FLOATS = 1 << 20
+COLUMN_MIN_ROWS = 64
+
+
 def _block_rows(width: int) -> int:
     return max(MIN_BLOCK_ROWS, BLOCK_FLOATS // max(width, 1))
 
@@ -94,17 +99,20 @@ def plain_attention(q, k, v, scale, key_padding_mask):
 # --------------------------------------------------------------------------------------------
 
 def _column_block(q_rows, k_t, neg_lse_rows, first_pos: int, scale: float):
-    """``sum_i P_ij`` over one block of rows: ``[kend]`` for the keys ``0 .. kend - 1``.
+    """``sum_i P_ij`` over one block of rows of ``G`` heads sharing a kv head: ``[G, kend]``.
 
-    ``P_ij = exp(scale q_i.k_j - lse_i)``; row ``i`` sits at ``first_pos + i`` and sees keys up to
-    it. Written as plain tensor code so that ``torch.compile`` fuses mask, exp and the column sum
-    into one sweep over the block after the matmul.
+    ``q_rows [G, R, D]``, ``k_t [D, kend]``, ``neg_lse_rows [G, R]``; ``P_ij = exp(scale q_i.k_j -
+    lse_i)``; row ``i`` sits at ``first_pos + i`` and sees keys up to it. One matmul for the
+    ``G`` heads; plain tensor code so that ``torch.compile`` fuses mask, exp and the column sum
+    into one sweep after it.
     """
-    s = torch.addmm(neg_lse_rows[:, None], q_rows, k_t, alpha=scale)
-    rows = first_pos + torch.arange(q_rows.shape[0], device=q_rows.device)
+    heads, rows, dim = q_rows.shape
+    s = torch.addmm(neg_lse_rows.reshape(-1, 1), q_rows.reshape(heads * rows, dim), k_t,
+                    alpha=scale).view(heads, rows, -1)
+    pos = first_pos + torch.arange(rows, device=q_rows.device)
     cols = torch.arange(k_t.shape[1], device=q_rows.device)
-    s = torch.where(cols[None, :] <= rows[:, None], s, float("-inf"))
-    return torch.exp(s).sum(0)
+    s = torch.where(cols[None, :] <= pos[:, None], s, float("-inf"))
+    return torch.exp(s).sum(1)
 
 
 # Below this many q k^T entries per head the compiled block is not worth its compile time.
@@ -142,24 +150,32 @@ def column_sums(q, k, neg_lse, b_idx, h_idx, scale):
     """``[P, Nk]`` float32: ``sum_i P_ij`` over the rows that see ``j``, for each (b, h) pair.
 
     ``neg_lse`` is ``-lse`` with ``-inf`` on rows that must not count (padded queries), so they
-    add exact zeros. Keys past a block's last row are never computed. Padded keys get garbage
-    sums, which the caller discards (no row sees them, so they have no score).
+    add exact zeros. Pairs reading the same kv head share one matmul per block of rows; keys
+    past a block's last row are never computed. Padded keys get garbage sums, which the caller
+    discards (no row sees them, so they have no score).
     """
     nq = q.shape[2]
     nk = k.shape[2]
     group = q.shape[1] // k.shape[1]
     work = _work_dtype(q.dtype)
-    sums = torch.zeros(len(b_idx), nk, dtype=work, device=q.device)
-    rows = _block_rows(nk)
+    sums = torch.empty(len(b_idx), nk, dtype=work, device=q.device)
     block = _pick_column_block(nq, nk)
+    shared = {}
     for p, (b, h) in enumerate(zip(b_idx.tolist(), h_idx.tolist())):
-        qp = q[b, h].to(work)
-        kt = k[b, h // group].to(work).t()
+        shared.setdefault((b, h // group), []).append((p, h))
+    for (b, kv_head), members in shared.items():
+        pairs = [p for p, _ in members]
+        q_heads = q[b, [h for _, h in members]].to(work)          # [G, Nq, D]
+        kt = k[b, kv_head].to(work).t()
+        nl = neg_lse[pairs]
+        acc = torch.zeros(len(pairs), nk, dtype=work, device=q.device)
+        rows = max(COLUMN_MIN_ROWS, COLUMN_BLOCK_FLOATS // (nk * len(pairs)))
         for r0 in range(0, nq, rows):
             r1 = min(nq, r0 + rows)
             kend = nk - nq + r1
-            sums[p, :kend] += _run_block(block, qp[r0:r1], kt[:, :kend], neg_lse[p, r0:r1],
-                                         nk - nq + r0, scale)
+            acc[:, :kend] += _run_block(block, q_heads[:, r0:r1], kt[:, :kend], nl[:, r0:r1],
+                                        nk - nq + r0, scale)
+        sums[pairs] = acc
     return sums.float()
 
 
