@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_results, extra_peak_bytes, median_time  # noqa: E402
+from common import append_results, exact_rss_mode, extra_peak_bytes, median_time  # noqa: E402
 
 from act_kernels import act_attention  # noqa: E402
 
@@ -37,32 +38,54 @@ def sdpa_best(q, k, v, causal=True):
     return gqa, repeated
 
 
+def prefill_inputs(n):
+    torch.manual_seed(0)
+    return torch.randn(1, HQ, n, D), torch.randn(1, HKV, n, D), torch.randn(1, HKV, n, D)
+
+
+def prefill_calls(q, k, v):
+    n = q.shape[2]
+    gqa, repeated = sdpa_best(q, k, v)
+    calls = {
+        "sdpa gqa": gqa,
+        "sdpa repeat-kv": repeated,
+        "torch, 0 heads": lambda: act_attention(q, k, v, backend="torch"),
+        "torch, 2/9 heads": lambda: act_attention(q, k, v, heads=TWO_HEADS, backend="torch"),
+        "torch, 9/9 heads": lambda: act_attention(q, k, v, heads=list(range(HQ)), backend="torch"),
+    }
+    if n <= EAGER_MAX_N:
+        calls["eager, 9/9 heads"] = lambda: act_attention(q, k, v, heads=list(range(HQ)),
+                                                        backend="eager")
+    return calls
+
+
 def bench_prefill(sizes, repeat):
+    """Times first (every call of one size interleaved, medians), then peak memory."""
     rows = []
     for n in sizes:
-        torch.manual_seed(0)
-        q = torch.randn(1, HQ, n, D)
-        k = torch.randn(1, HKV, n, D)
-        v = torch.randn(1, HKV, n, D)
+        calls = prefill_calls(*prefill_inputs(n))
         reps = repeat if n <= 4096 else max(2, repeat // 2)
-        gqa, repeated = sdpa_best(q, k, v)
-        calls = {
-            "torch, 0 heads": lambda: act_attention(q, k, v, backend="torch"),
-            "torch, 2/9 heads": lambda: act_attention(q, k, v, heads=TWO_HEADS, backend="torch"),
-            "torch, 9/9 heads": lambda: act_attention(q, k, v, heads=list(range(HQ)), backend="torch"),
-        }
-        if n <= EAGER_MAX_N:
-            calls["eager, 9/9 heads"] = lambda: act_attention(q, k, v, heads=list(range(HQ)),
-                                                            backend="eager")
-        t_gqa, t_rep = median_time(gqa, reps), median_time(repeated, reps)
-        sdpa = min(t_gqa, t_rep)
-        row = {"N": n, "sdpa_s": sdpa, "sdpa_call": "gqa" if t_gqa <= t_rep else "repeat-kv",
-               "sdpa_mem": extra_peak_bytes(gqa if t_gqa <= t_rep else repeated)}
-        for name, fn in calls.items():
-            row[name] = median_time(fn, reps if not name.startswith("eager") else 2)
-            row[name + " mem"] = extra_peak_bytes(fn)
+        for fn in calls.values():       # warm-up (compiles the column block once)
+            fn()
+        times = {name: [] for name in calls}
+        for _ in range(reps):
+            for name, fn in calls.items():
+                if name.startswith("eager") and len(times[name]) >= 2:
+                    continue
+                times[name].append(median_time(fn, 1, warmup=0))
+        row = {"N": n}
+        row.update({name: statistics.median(t) for name, t in times.items()})
+        row["sdpa_s"] = min(row["sdpa gqa"], row["sdpa repeat-kv"])
+        row["sdpa_call"] = "gqa" if row["sdpa gqa"] <= row["sdpa repeat-kv"] else "repeat-kv"
         rows.append(row)
         print(row, flush=True)
+    exact_rss_mode()
+    for row in rows:
+        calls = prefill_calls(*prefill_inputs(row["N"]))
+        for name, fn in calls.items():
+            row[name + " mem"] = extra_peak_bytes(fn)
+        row["sdpa_mem"] = row[f"sdpa {row['sdpa_call']} mem"]
+        print({k: v for k, v in row.items() if k.endswith("mem")}, flush=True)
     return rows
 
 
@@ -117,7 +140,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes, no RESULTS.md entry")
     parser.add_argument("--sizes", type=str, default=None, help="comma-separated prefill N")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = ([int(x) for x in args.sizes.split(",")] if args.sizes else
              [512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192, 16384])
     decode_sizes = [1024, 8192] if args.quick else [1024, 8192, 32768]

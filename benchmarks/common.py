@@ -45,6 +45,20 @@ def median_time(fn, repeat: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def exact_rss_mode() -> None:
+    """From now on, have glibc map every block >= 64 KiB on its own and return it on free, so
+    that sampled RSS measures what a call really allocates (not memory recycled from earlier
+    calls). Slows allocation down: call it after the timings, before the memory measurements."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 65536)
+    libc.mallopt(m_trim_threshold, 0)
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
