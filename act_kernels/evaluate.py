@@ -1,0 +1,230 @@
+"""``act eval``: the uncalibrated model vs an ACT profile on held-out evaluation splits.
+
+The evaluation split of each task is disjoint from the calibration data of the search that made
+the profile: it is drawn with the same seed and skips the first ``n`` calibration examples of
+that task, ``n`` being recorded in the profile's provenance (see
+:func:`act_kernels.search.data.evaluation_examples`). The ids used are written to ``eval.json``.
+
+Per task and on average over tasks: accuracy without and with ACT, the difference, and a paired
+bootstrap 95% interval of the difference (resampling the examples of each task; the average
+resamples every task independently). Outputs: ``eval.md``, ``eval.json``, ``eval.csv`` and the
+checkpoint ``eval_checkpoint.jsonl`` (an interrupted evaluation resumes task by task).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .search.core import Checkpoint
+from .search.data import encode_examples, evaluation_examples, fingerprint, parse_tasks
+from .search.scoring import Dist, Results, Scorer
+
+CHECKPOINT = "eval_checkpoint.jsonl"
+
+
+@dataclass
+class EvalConfig:
+    tasks: Sequence[str] = ("sst2", "arc_easy")
+    samples: int = 500                     # per task (fewer when the split is smaller)
+    seed: Optional[int] = None             # None: the profile's calibration seed (else 0)
+    chat_template: Optional[bool] = None   # None: as in the profile's search
+    max_length: Optional[int] = None
+    data: dict = field(default_factory=dict)
+    batch_size: int = 8
+    bootstrap: int = 2000
+    backend: str = "torch"
+
+
+def _bootstrap(pairs: list[tuple[torch.Tensor, torch.Tensor]], reps: int, seed: int
+               ) -> tuple[float, float]:
+    """95% interval of mean_over_tasks(mean(act) - mean(base)), resampling within tasks."""
+    if reps <= 0 or not pairs:
+        return float("nan"), float("nan")
+    gen = torch.Generator().manual_seed(seed)
+    total = torch.zeros(reps, dtype=torch.float64)
+    for base, act in pairs:
+        diff = (act - base).double()
+        idx = torch.randint(len(diff), (reps, len(diff)), generator=gen)
+        total += diff[idx].mean(-1)
+    total /= len(pairs)
+    lo, hi = torch.quantile(total, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def run_eval(model, tokenizer, profile, cfg: EvalConfig, out: str | os.PathLike, *,
+             dist: Optional[Dist] = None, log=None) -> dict:
+    """Evaluate; writes ``out``'s files on rank 0 and returns the report dict."""
+    from tqdm.auto import tqdm
+
+    from .profile import as_profile
+    from .search.runner import LayerRunner
+
+    dist = dist or Dist()
+    profile = as_profile(profile)
+    profile.validate_for_model(model)
+    prov = profile.provenance or {}
+    seed = cfg.seed if cfg.seed is not None else int(prov.get("seed", 0))
+    chat = cfg.chat_template if cfg.chat_template is not None else bool(prov.get("chat_template",
+                                                                                  False))
+    max_length = cfg.max_length if cfg.max_length is not None else prov.get("max_length")
+    calib = dict(prov.get("calibration", {}))
+    tasks = parse_tasks(cfg.tasks)
+    scorer = Scorer(model, tokenizer, beta=profile.beta, tau=profile.tau, backend=cfg.backend,
+                    batch_size=cfg.batch_size, dist=dist)
+    out = Path(out)
+
+    per_task = {}
+    for task in tasks:
+        splits = evaluation_examples(task, cfg.samples, seed, int(calib.get(task, 0)), cfg.data)
+        if not splits.eval:
+            raise ValueError(f"act eval: task {task} has no evaluation examples left")
+        per_task[task] = (splits, encode_examples(task, splits.eval, tokenizer, chat, max_length))
+    header = {"kind": "header", "config": {
+        "tasks": tasks, "seed": seed, "chat_template": chat, "max_length": max_length,
+        "profile": profile.to_dict(), "bootstrap": cfg.bootstrap,
+        "data": {t: fingerprint(s) for t, (_, s) in per_task.items()}}}
+    ckpt = Checkpoint(out / CHECKPOINT, header, dist.main)
+
+    todo = sum(len(s) for t, (_, s) in per_task.items() for mode in ("base", "act")
+               if ckpt.find("eval", task=t, mode=mode) is None)
+    bar = tqdm(total=todo, desc="eval", unit="sample", file=sys.stderr, disable=not dist.main,
+               dynamic_ncols=True)
+    results = {}
+    for task, (splits, samples) in per_task.items():
+        for mode, heads in (("base", None), ("act", profile.heads)):
+            rec = ckpt.find("eval", task=task, mode=mode)
+            if rec is None:
+                res = scorer.plain(len(samples), samples, heads, progress=bar.update)
+                rec = {"kind": "eval", "task": task, "mode": mode, **res.to_record()}
+                ckpt.add(rec)
+            results[(task, mode)] = Results.from_record(rec)
+    bar.close()
+
+    report = {"profile": {"heads": {str(k): v for k, v in profile.heads.items()},
+                          "beta": profile.beta, "tau": profile.tau,
+                          "model_name": profile.model_name},
+              "seed": seed, "chat_template": chat, "bootstrap": cfg.bootstrap, "tasks": {}}
+    pairs = []
+    for k, (task, (splits, samples)) in enumerate(per_task.items()):
+        base, act = results[(task, "base")].correct, results[(task, "act")].correct
+        lo, hi = _bootstrap([(base, act)], cfg.bootstrap, seed * 1000 + k)
+        pairs.append((base, act))
+        report["tasks"][task] = {
+            "n": len(samples), "base": float(base.mean()), "act": float(act.mean()),
+            "delta": float(act.mean() - base.mean()), "ci95": [lo, hi],
+            "base_margin": float(results[(task, "base")].margin.mean()),
+            "act_margin": float(results[(task, "act")].margin.mean()),
+            "calibration_skipped": int(calib.get(task, 0)), "eval_split": splits.eval_split,
+            "ids": [s.id for s in samples]}
+    lo, hi = _bootstrap(pairs, cfg.bootstrap, seed * 1000 + 999)
+    t = report["tasks"].values()
+    report["average"] = {"n": sum(r["n"] for r in t),
+                         "base": sum(r["base"] for r in t) / len(tasks),
+                         "act": sum(r["act"] for r in t) / len(tasks),
+                         "delta": sum(r["delta"] for r in t) / len(tasks), "ci95": [lo, hi]}
+    report["table"] = format_table(report)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "eval.md").write_text(_markdown(report, profile))
+        (out / "eval.csv").write_text(_csv(report))
+    dist.barrier()
+    return report
+
+
+def _rows(report: dict):
+    for task, r in report["tasks"].items():
+        yield task, r
+    yield "average", report["average"]
+
+
+def format_table(report: dict) -> str:
+    """The plain-text table printed by ``act eval`` / ``act demo``."""
+    head = f"{'task':<16}{'n':>6}{'uncalibrated':>14}{'ACT':>8}{'delta':>9}   95% CI (delta)"
+    lines = [head, "-" * len(head)]
+    for task, r in _rows(report):
+        lo, hi = r["ci95"]
+        lines.append(f"{task:<16}{r['n']:>6}{100 * r['base']:>13.1f}%{100 * r['act']:>7.1f}%"
+                     f"{100 * r['delta']:>+8.1f}   [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+    return "\n".join(lines)
+
+
+def _markdown(report: dict, profile) -> str:
+    heads = ", ".join(f"{l}:{h}" for l, hs in profile.heads.items() for h in hs) or "none"
+    lines = ["# ACT evaluation", "",
+             f"- profile: {profile.num_calibrated()} heads ({heads}); beta {profile.beta}, "
+             f"tau {profile.tau}",
+             f"- evaluation splits: seed {report['seed']}, disjoint from the profile's "
+             "calibration examples (ids in eval.json)",
+             f"- 95% CI: paired bootstrap of the accuracy difference ({report['bootstrap']} "
+             "resamples; the average resamples each task)", "",
+             "| task | n | uncalibrated | ACT | Δ | 95% CI of Δ |", "|---|---:|---:|---:|---:|---|"]
+    for task, r in _rows(report):
+        lo, hi = r["ci95"]
+        lines.append(f"| {task} | {r['n']} | {100 * r['base']:.1f} | {100 * r['act']:.1f} | "
+                     f"{100 * r['delta']:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(report: dict) -> str:
+    lines = ["task,n,base_acc,act_acc,delta,ci95_low,ci95_high"]
+    for task, r in _rows(report):
+        lines.append(f"{task},{r['n']},{r['base']:.6f},{r['act']:.6f},{r['delta']:.6f},"
+                     f"{r['ci95'][0]:.6f},{r['ci95'][1]:.6f}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .search.common import add_common_arguments
+
+    parser.add_argument("--profile", required=True, help="profile.json written by act search")
+    parser.add_argument("--tasks", default="sst2,arc_easy", help="comma-separated tasks")
+    parser.add_argument("--samples", type=int, default=500,
+                        help="evaluation samples per task (default 500; fewer if the split "
+                             "is smaller)")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--max-length", type=int, default=None)
+    add_common_arguments(parser, out_default=None)
+    parser.set_defaults(seed=None)
+
+
+def run(args) -> int:
+    from .profile import ACTProfile
+    from .search.common import load_for_args, parse_data, resolve_backend
+
+    if not os.path.isfile(args.profile):
+        raise SystemExit(f"act eval: no profile file {args.profile!r}")
+    profile = ACTProfile.load(args.profile)
+    try:
+        parse_tasks(args.tasks)
+    except KeyError as exc:
+        raise SystemExit(f"act eval: {exc.args[0]}")
+    dist = Dist()
+    try:
+        if args.model is None and profile.model_name not in (None, "SmolLM2-135M-Instruct"):
+            args.model = profile.model_name
+        model, tokenizer = load_for_args(args, dist.device())
+        cfg = EvalConfig(tasks=parse_tasks(args.tasks), samples=args.samples, seed=args.seed,
+                         chat_template=True if args.chat_template else None,
+                         max_length=args.max_length, data=parse_data(args.data),
+                         batch_size=args.batch_size, bootstrap=args.bootstrap,
+                         backend=resolve_backend(args.backend, next(model.parameters()).device))
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.profile)), "eval")
+        report = run_eval(model, tokenizer, profile, cfg, out, dist=dist)
+        if dist.main:
+            print(report["table"])
+            print(f"report: {out}/eval.md (and eval.json, eval.csv)")
+        return 0
+    finally:
+        dist.close()

@@ -1,0 +1,100 @@
+"""The offline head search of ACT (``act search``): see :mod:`act_kernels.search.core`.
+
+Fast by construction (:mod:`act_kernels.search.scoring`): hidden states entering a layer are
+computed once per sample and reused by every candidate of that layer, a batch row is one
+(sample, candidate head) pair, only the last position's logits are computed, and a head with no
+sink on a sample is not run at all (calibration would leave it unchanged).
+"""
+from __future__ import annotations
+
+import argparse
+
+from .core import SEARCH_RULE, SearchConfig, default_layers, parse_index_list, run_search
+from .data import Sample, parse_tasks
+from .scoring import Dist, Results, Scorer, metrics, naive_candidates
+
+__all__ = ["SEARCH_RULE", "SearchConfig", "run_search", "default_layers", "parse_index_list",
+           "Scorer", "Results", "Dist", "metrics", "naive_candidates", "Sample", "parse_tasks",
+           "add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .common import add_common_arguments
+
+    parser.add_argument("--tasks", default="sst2,arc_easy",
+                        help="comma-separated tasks of the mixed calibration set")
+    parser.add_argument("--samples", type=int, default=300,
+                        help="calibration samples in all, shared evenly by the tasks")
+    parser.add_argument("--layers", default=None,
+                        help="layers to search: 'A:B' (inclusive), 'A,B,C' or 'all' "
+                             "(default: 2 .. L-2)")
+    parser.add_argument("--heads", default=None, help="query heads to search (default: all)")
+    parser.add_argument("--beta", type=float, default=0.4, help="ACT beta (default 0.4)")
+    parser.add_argument("--tau", type=float, default=0.1, help="ACT tau (default 0.1)")
+    parser.add_argument("--val-fraction", type=float, default=1 / 3,
+                        help="part of the calibration data kept to validate the greedy "
+                             "combination (default 1/3)")
+    parser.add_argument("--max-greedy", type=int, default=32,
+                        help="at most this many individually good heads are tried (default 32)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="truncate prompts on the left to this many tokens")
+    parser.add_argument("--max-rows", type=int, default=64,
+                        help="(sample, head) rows per forward in the search (default 64)")
+    parser.add_argument("--no-skip", action="store_true",
+                        help="run candidates even on samples where their head has no sink")
+    add_common_arguments(parser, out_default="act_runs/search")
+
+
+def config_from_args(args, num_layers: int, num_heads: int) -> SearchConfig:
+    from .common import parse_data
+
+    if args.samples < 2:
+        raise SystemExit("--samples must be at least 2")
+    if not 0 <= args.val_fraction < 1:
+        raise SystemExit("--val-fraction must be in [0, 1)")
+    return SearchConfig(
+        tasks=parse_tasks(args.tasks), samples=args.samples,
+        layers=parse_index_list(args.layers, num_layers, "layer"),
+        heads=parse_index_list(args.heads, num_heads, "head"),
+        beta=args.beta, tau=args.tau, seed=args.seed, val_fraction=args.val_fraction,
+        max_greedy=args.max_greedy, chat_template=args.chat_template,
+        max_length=args.max_length, model_name=args.model or "SmolLM2-135M-Instruct",
+        data=parse_data(args.data), batch_size=args.batch_size, max_rows=args.max_rows,
+        skip_sinkless=not args.no_skip)
+
+
+def run(args) -> int:
+    import time
+
+    from .common import eprint, load_for_args, resolve_backend
+
+    try:
+        parse_tasks(args.tasks)
+    except KeyError as exc:
+        raise SystemExit(f"act search: {exc.args[0]}")
+    dist = Dist()
+    try:
+        start = time.time()
+        model, tokenizer = load_for_args(args, dist.device())
+        runner_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+            else model.config
+        try:
+            cfg = config_from_args(args, runner_cfg.num_hidden_layers,
+                                   runner_cfg.num_attention_heads)
+        except (ValueError, KeyError) as exc:
+            raise SystemExit(f"act search: {exc}")
+        cfg.backend = resolve_backend(args.backend, next(model.parameters()).device)
+        summary = run_search(model, tokenizer, cfg, args.out, dist=dist)
+        if dist.main:
+            prof = summary["profile"]
+            fin, base = summary["final"], summary["baseline"]
+            eprint(f"act search: {len(summary['rows'])} candidates, {len(summary['good'])} "
+                   f"individually good, {prof.num_calibrated()} kept "
+                   f"({time.time() - start:.0f} s)")
+            if fin["val"]["n"]:
+                eprint(f"validation accuracy {100 * base['val']['acc']:.1f} -> "
+                       f"{100 * fin['val']['acc']:.1f}")
+            print(f"profile: {args.out}/profile.json\nreport:  {args.out}/summary.md")
+        return 0
+    finally:
+        dist.close()

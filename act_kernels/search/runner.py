@@ -1,0 +1,226 @@
+"""Run a decoder-only model layer by layer, so that hidden states can be reused.
+
+The head search calibrates one head at a time. A head of layer ``l`` changes nothing before
+layer ``l``, so the hidden states entering layer ``l`` are computed once per sample and every
+candidate of layer ``l`` (and later) starts from them. :class:`LayerRunner` exposes exactly
+the pieces of the model's own forward that this needs:
+
+* :meth:`LayerRunner.context`: token embeddings, position ids counted over real tokens (left
+  padding), rotary embeddings and the attention mask built by Transformers' own mask builder for
+  the model's current attention implementation;
+* :meth:`LayerRunner.run_layers`: decoder layers ``start .. stop - 1``;
+* :meth:`LayerRunner.last_logits`: final norm and ``lm_head`` on the LAST position only.
+
+It supports the Llama-style layout of Transformers (``model.model.embed_tokens / layers / norm
+/ rotary_emb`` and ``model.lm_head``: Llama, SmolLM, Mistral, Qwen2/3, OLMo, ...);
+:meth:`LayerRunner.check` compares it with the model's own forward once, so an unsupported
+architecture fails loudly instead of giving wrong scores.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from ..profile import head_override
+
+
+@dataclass
+class Context:
+    """Per-batch inputs shared by every decoder layer (rows may be repeated with :meth:`take`)."""
+
+    mask: Optional[torch.Tensor]          # what the mask builder returned ([B, 1, T, T] or None)
+    cos: torch.Tensor                     # rotary embeddings [B, T, D]
+    sin: torch.Tensor
+    position_ids: torch.Tensor            # [B, T]
+
+    @property
+    def batch(self) -> int:
+        return self.position_ids.shape[0]
+
+    def take(self, rows: torch.Tensor) -> "Context":
+        """The context of batch rows ``rows`` (a long tensor; repeats allowed)."""
+        mask = self.mask
+        if isinstance(mask, torch.Tensor) and mask.shape[0] != 1:
+            mask = mask.index_select(0, rows)
+        return Context(mask, self.cos.index_select(0, rows), self.sin.index_select(0, rows),
+                       self.position_ids.index_select(0, rows))
+
+
+class LayerRunner:
+    """Layer-by-layer forward of a Transformers causal LM (see the module docstring)."""
+
+    def __init__(self, model):
+        self.model = model
+        base = getattr(model, "model", None)
+        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+        if base is None or not all(hasattr(base, a) for a in needed):
+            raise ValueError(
+                f"act search: {type(model).__name__} does not have the Llama-style layout "
+                "(model.model.embed_tokens / layers / norm / rotary_emb) the layer-by-layer "
+                "search needs")
+        self.base = base
+        self.layers = base.layers
+        self.lm_head = model.get_output_embeddings()
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+            else model.config
+        self.config = config
+        self.num_layers = len(self.layers)
+        self.num_heads = int(config.num_attention_heads)
+        types = getattr(config, "layer_types", None)
+        if types and any(t != "full_attention" for t in types):
+            raise ValueError("act search: models with sliding-window or other non-full attention "
+                             f"layers are not supported (layer_types: {sorted(set(types))})")
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.embed_tokens.weight.device
+
+    # ------------------------------------------------------------------ pieces
+    def context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Context]:
+        """``(embeddings [B, T, H], Context)`` of a left-padded batch."""
+        from transformers.masking_utils import create_causal_mask
+
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.base.embed_tokens(input_ids)
+        mask = create_causal_mask(config=self.base.config, inputs_embeds=hidden,
+                                  attention_mask=attention_mask, past_key_values=None,
+                                  position_ids=position_ids)
+        cos, sin = self.base.rotary_emb(hidden, position_ids=position_ids)
+        return hidden, Context(mask, cos, sin, position_ids)
+
+    def run_layers(self, hidden: torch.Tensor, ctx: Context, start: int, stop: int
+                   ) -> torch.Tensor:
+        """Decoder layers ``start .. stop - 1`` applied to ``hidden``."""
+        for idx in range(start, stop):
+            out = self.layers[idx](hidden, attention_mask=ctx.mask, position_ids=ctx.position_ids,
+                                   past_key_values=None, use_cache=False,
+                                   position_embeddings=(ctx.cos, ctx.sin))
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, V]`` of the last position (float32)."""
+        return self.lm_head(self.base.norm(hidden[:, -1:]))[:, 0].float()
+
+    def forward_last(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        hidden, ctx = self.context(input_ids, attention_mask, position_ids)
+        return self.last_logits(self.run_layers(hidden, ctx, 0, self.num_layers))
+
+    # ------------------------------------------------------------------ self-check
+    @torch.no_grad()
+    def check(self, input_ids, attention_mask, atol: float = 1e-3) -> None:
+        """Compare with ``model(...)`` on one batch; ``ValueError`` when they disagree."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        ours = self.forward_last(input_ids, attention_mask, position_ids)
+        theirs = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids).logits[:, -1].float()
+        err = (ours - theirs).abs().max().item()
+        if not err <= atol * max(1.0, theirs.abs().max().item()):
+            raise ValueError(f"act search: the layer-by-layer forward differs from the model's "
+                             f"own forward by {err:.3g} on {type(self.model).__name__}; this "
+                             "architecture is not supported by the fast search")
+
+
+@contextlib.contextmanager
+def act_mode(model, heads: Optional[Mapping[int, torch.Tensor]] = None, *, beta: float,
+             tau: float, backend: str = "torch") -> Iterator[None]:
+    """ACT attention on every layer (plain where ``heads`` selects nothing), via
+    :func:`~act_kernels.profile.head_override`."""
+    with head_override(model, dict(heads or {}), beta=beta, tau=tau, backend=backend):
+        yield
+
+
+def one_hot_heads(heads: Sequence[int], num_heads: int, device=None) -> torch.Tensor:
+    """Bool ``[len(heads), num_heads]``: row ``r`` selects head ``heads[r]``."""
+    mask = torch.zeros(len(heads), num_heads, dtype=torch.bool)
+    if len(heads):
+        mask[torch.arange(len(heads)), torch.as_tensor(list(heads), dtype=torch.long)] = True
+    return mask if device is None else mask.to(device)
+
+
+def profile_masks(heads: Mapping[int, Sequence[int]], num_heads: int, device=None
+                  ) -> dict[int, torch.Tensor]:
+    """``{layer: bool [Hq]}`` of a ``{layer: [heads]}`` mapping (empty layers dropped)."""
+    out = {}
+    for layer, idx in heads.items():
+        if idx:
+            m = torch.zeros(num_heads, dtype=torch.bool)
+            m[torch.as_tensor(sorted(idx), dtype=torch.long)] = True
+            out[int(layer)] = m if device is None else m.to(device)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sink probe: which (row, head) pairs of a layer have sinks at all
+# ---------------------------------------------------------------------------------------------
+# A head whose calibration finds no sink (no key but the first with a mean attention > tau)
+# leaves every row unchanged (ACT_SPEC.md, step 4), so its candidate equals the uncalibrated
+# model on that sample and need not be run. The probe records, while a layer runs plainly,
+# ``ACTStats.sinks.any(-1)`` ([B, Hq]) of that layer.
+
+_PROBE_NAME = "act_search_probe"
+_probes: dict[int, dict] = {}
+_registered = False
+
+
+def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                   is_causal=None, **kwargs):
+    from .. import integration
+    from ..op import act_attention
+
+    rec = _probes.get(id(getattr(module, "config", None)))
+    impl = (rec or {}).get("impl", "act_torch")
+    plain = integration.act_triton_attention_forward if impl == "act_triton" \
+        else integration.act_torch_attention_forward
+    out = plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                is_causal=is_causal, **kwargs)
+    if rec is not None:
+        bsz, _, q_len, _ = query.shape
+        kv_len = key.shape[2]
+        kpm, used = integration.mask_to_key_padding(attention_mask, bsz, q_len, kv_len)
+        _, stats = act_attention(query, key[:, :, :used], value[:, :, :used], heads=None,
+                                 beta=rec["beta"], tau=rec["tau"], scale=scaling,
+                                 key_padding_mask=kpm, backend=rec["backend"],
+                                 return_stats=True)
+        rec["sinks"] = stats.sinks.any(-1)
+    return out
+
+
+def _register_probe() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(_PROBE_NAME, _probe_forward)
+    AttentionMaskInterface.register(_PROBE_NAME, sdpa_mask)
+    _registered = True
+
+
+def run_layer_with_probe(runner: LayerRunner, layer: int, hidden: torch.Tensor, ctx: Context,
+                         *, beta: float, tau: float, backend: str = "torch"
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run decoder layer ``layer`` plainly (inside an ACT block such as :func:`act_mode`) and
+    return ``(hidden_out, has_sinks bool [B, Hq])``."""
+    _register_probe()
+    module = runner.layers[layer].self_attn
+    config = module.config
+    previous = config._attn_implementation
+    rec = {"impl": previous, "beta": beta, "tau": tau, "backend": backend, "sinks": None}
+    _probes[id(config)] = rec
+    config._attn_implementation = _PROBE_NAME
+    try:
+        out = runner.run_layers(hidden, ctx, layer, layer + 1)
+    finally:
+        config._attn_implementation = previous
+        _probes.pop(id(config), None)
+    if rec["sinks"] is None:
+        raise RuntimeError("act search: the sink probe did not run (the model does not call "
+                           "Transformers' attention interface)")
+    return out, rec["sinks"]

