@@ -295,7 +295,7 @@ def _decode(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
             first = first_valid_index(key_padding_mask, bsz, q.device)
             sinks.scatter_(2, first[:, None, None].expand(bsz, hq, 1), False)
             sinks &= alive[:, None, None]
-        mass = (probs * sinks).sum(-1, keepdim=True)          # m, [B, Hq, 1]
+        mass = torch.where(sinks, probs, 0.0).sum(-1, keepdim=True)   # m, [B, Hq, 1]
         if return_stats:
             scores = probs if alive is None else probs * alive[:, None, None]
             stats = {"scores": scores.float(), "sinks": sinks, "sink_mass": mass.float(),
@@ -312,15 +312,17 @@ def _calibrate_decode_rows(probs, logits, sinks, mass, heads, beta, dtype):
     """``P'`` of single rows: beta P on the sinks, ``(1 - beta m) / (1 - m) P`` off them."""
     rest = 1.0 - mass
     change = heads[:, :, None] & (mass > 0) & (rest > 0)
-    on_sink = 1.0 + (beta - 1.0) * change.to(mass.dtype)   # beta where calibrated, else 1
-    off_sink = torch.where(change, (1.0 - beta * mass) / rest, 1.0)
-    new = probs * torch.where(sinks, on_sink, off_sink)   # unchanged rows: P * 1, exactly P
-    if float(torch.where(change, mass, 0.0).max()) > 1.0 - stable_rest(dtype):
+    keep = change.to(mass.dtype)
+    on_sink = 1.0 + (beta - 1.0) * keep                      # beta where calibrated, else 1
+    off_sink = 1.0 + ((1.0 - beta * mass) / rest.clamp(min=1e-30) - 1.0) * keep
+    new = probs * torch.where(sinks, on_sink, off_sink)     # unchanged rows: P * 1, exactly P
+    worst = float((mass * keep).max())
+    if worst > 1.0 - stable_rest(dtype):
         # 1 - m too small to divide by: the non-sink part is a softmax over the non-sink keys,
         # exact even when 1 - m is subnormal (or rounds to 0).
         shaky = change & (rest < stable_rest(dtype))
         share = torch.softmax(logits.masked_fill(sinks, float("-inf")), dim=-1)
-        exact_rest = (probs * ~sinks).sum(-1, keepdim=True)
+        exact_rest = torch.where(sinks, 0.0, probs).sum(-1, keepdim=True)
         fixed = torch.where(sinks, beta * probs, share * (1.0 - beta * mass))
         new = torch.where(shaky, torch.where(exact_rest > 0, fixed, probs), new)
     return new
