@@ -40,6 +40,8 @@ class EvalConfig:
     batch_size: int = 8
     bootstrap: int = 2000
     backend: str = "torch"
+    loglik: bool = False                   # score options by log-likelihood, not next token
+    normalize: Optional[str] = None        # loglik only: None, "token" or "char"
 
 
 def _bootstrap(pairs: list[tuple[torch.Tensor, torch.Tensor]], reps: int, seed: int
@@ -89,6 +91,8 @@ def run_eval(model, tokenizer, profile, cfg: EvalConfig, out: str | os.PathLike,
     header = {"kind": "header", "config": {
         "tasks": tasks, "seed": seed, "chat_template": chat, "max_length": max_length,
         "profile": profile.to_dict(), "bootstrap": cfg.bootstrap,
+        "scoring": "loglik" + (f"/{cfg.normalize}" if cfg.normalize else "") if cfg.loglik
+        else "next-token",
         "data": {t: fingerprint(s) for t, (_, s) in per_task.items()}}}
     ckpt = Checkpoint(out / CHECKPOINT, header, dist.main)
 
@@ -100,8 +104,13 @@ def run_eval(model, tokenizer, profile, cfg: EvalConfig, out: str | os.PathLike,
     for task, (splits, samples) in per_task.items():
         for mode, heads in (("base", None), ("act", profile.heads)):
             rec = ckpt.find("eval", task=task, mode=mode)
-            if rec is None:
+            if rec is None and cfg.loglik:
+                res = _loglik_results(model, tokenizer, task, splits.eval, profile, heads, cfg,
+                                      chat, max_length)
+                bar.update(len(samples))
+            elif rec is None:
                 res = scorer.plain(len(samples), samples, heads, progress=bar.update)
+            if rec is None:
                 rec = {"kind": "eval", "task": task, "mode": mode, **res.to_record()}
                 ckpt.add(rec)
             results[(task, mode)] = Results.from_record(rec)
@@ -137,6 +146,31 @@ def run_eval(model, tokenizer, profile, cfg: EvalConfig, out: str | os.PathLike,
         (out / "eval.csv").write_text(_csv(report))
     dist.barrier()
     return report
+
+
+def _loglik_results(model, tokenizer, task, examples, profile, heads, cfg, chat, max_length):
+    """The log-likelihood variant: each option's continuation log-prob through the model with
+    the profile applied (``heads`` None: uncalibrated), highest wins."""
+    from .profile import ACTProfile, apply_profile, get_profile, remove_profile
+    from .tasks import evaluate_loglik, get_task
+
+    previous = get_profile(model)
+    previous_impl = model.config._attn_implementation
+    chosen = profile if heads else ACTProfile(heads={}, beta=profile.beta, tau=profile.tau)
+    apply_profile(model, chosen, backend=cfg.backend)
+    try:
+        scored = evaluate_loglik(model, tokenizer, get_task(task), examples, chat_template=chat,
+                                 normalize=cfg.normalize, batch_size=cfg.batch_size,
+                                 max_length=max_length)
+    finally:
+        if previous is not None:
+            apply_profile(model, previous, backend=cfg.backend)
+        else:
+            remove_profile(model, previous_impl)
+    res = Results.empty(len(examples))
+    res.put(torch.arange(len(examples)), {"correct": scored["correct"], "pred": scored["pred"],
+                                          "gold_logprob_margin": scored["gold_logprob_margin"]})
+    return res
 
 
 def _rows(report: dict):
@@ -195,6 +229,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "is smaller)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--loglik", action="store_true",
+                        help="score each option by its continuation log-likelihood instead of "
+                             "the reference's next-token protocol")
+    parser.add_argument("--normalize", choices=("token", "char"), default=None,
+                        help="with --loglik: length-normalise the option log-likelihoods")
     add_common_arguments(parser, out_default=None)
     parser.set_defaults(seed=None)
 
@@ -219,6 +258,7 @@ def run(args) -> int:
                          chat_template=True if args.chat_template else None,
                          max_length=args.max_length, data=parse_data(args.data),
                          batch_size=args.batch_size, bootstrap=args.bootstrap,
+                         loglik=args.loglik, normalize=args.normalize,
                          backend=resolve_backend(args.backend, next(model.parameters()).device))
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.profile)), "eval")
         report = run_eval(model, tokenizer, profile, cfg, out, dist=dist)

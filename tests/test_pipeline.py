@@ -188,6 +188,20 @@ def test_search_eval_resume(setup, tmp_path, monkeypatch):
     again = run_eval(model, tok, profile, ecfg, ev)
     assert again["tasks"] == report["tasks"]
 
+    # the log-likelihood variant: same splits, its own scores, the model left as it was
+    impl = model.config._attn_implementation
+    ll_cfg = EvalConfig(tasks=["arc_easy"], samples=6, data=setup["data"], batch_size=4,
+                        bootstrap=200, loglik=True, normalize="token")
+    ll = run_eval(model, tok, profile, ll_cfg, tmp_path / "eval_ll")
+    assert ll["tasks"]["arc_easy"]["ids"] == report["tasks"]["arc_easy"]["ids"]
+    assert 0.0 <= ll["tasks"]["arc_easy"]["base"] <= 1.0
+    assert model.config._attn_implementation == impl
+    from act_kernels.tasks import evaluate_loglik, get_task, load_examples
+    by_id = {e.id: e for e in load_examples("arc_easy", path=setup["data"]["arc_easy"])}
+    examples = [by_id[i] for i in ll["tasks"]["arc_easy"]["ids"]]
+    direct = evaluate_loglik(model, tok, get_task("arc_easy"), examples, normalize="token")
+    assert ll["tasks"]["arc_easy"]["base"] == pytest.approx(direct["correct"].float().mean().item())
+
 
 def _run(cmd, cwd, env_extra=None, timeout=240):
     env = dict(os.environ)
