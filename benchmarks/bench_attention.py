@@ -107,7 +107,7 @@ def bench_decode(sizes, repeat):
 
 
 def to_markdown(prefill, decode) -> str:
-    gib = 1 << 30
+    mib = 1 << 20
     full_maps = lambda n: HQ * n * n * 4  # noqa: E731  (the fp32 maps of all heads)
     lines = ["### Prefill (B=1, Hq=9, Hkv=3, D=64, fp32, causal): time as a ratio of SDPA",
              "",
@@ -121,8 +121,8 @@ def to_markdown(prefill, decode) -> str:
         lines.append(
             f"| {r['N']} | {s:.4f} ({r['sdpa_call']}) | {r['torch, 0 heads'] / s:.2f}x | "
             f"{r['torch, 2/9 heads'] / s:.2f}x | {r['torch, 9/9 heads'] / s:.2f}x | {eager} | "
-            f"{mem / gib:.3f} GiB | {100 * mem / full_maps(r['N']):.2f}% | "
-            f"{r['sdpa_mem'] / gib:.3f} GiB |")
+            f"{mem / mib:.1f} MiB | {100 * mem / full_maps(r['N']):.2f}% | "
+            f"{r['sdpa_mem'] / mib:.1f} MiB |")
     speedups = [f"N={r['N']}: {r['eager, 9/9 heads'] / r['torch, 9/9 heads']:.1f}x"
                 for r in prefill if "eager, 9/9 heads" in r]
     lines += ["", "torch backend (9/9 heads) vs the eager reference: " + ", ".join(speedups), "",
