@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -66,7 +66,6 @@ def run_eval(model, tokenizer, profile, cfg: EvalConfig, out: str | os.PathLike,
     from tqdm.auto import tqdm
 
     from .profile import as_profile
-    from .search.runner import LayerRunner
 
     dist = dist or Dist()
     profile = as_profile(profile)

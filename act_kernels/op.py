@@ -11,7 +11,6 @@ with ``heads`` either ``None`` (nothing calibrated) or a bool tensor ``[B, Hq]``
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from numbers import Integral, Real

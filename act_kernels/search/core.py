@@ -12,9 +12,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
-
-import torch
+from typing import Optional, Sequence
 
 from .data import (Sample, calibration_examples, encode_examples, fingerprint, parse_tasks,
                    split_score_val)
