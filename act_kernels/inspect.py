@@ -903,29 +903,9 @@ def _ranges(values: Sequence[int]) -> str:
 
 def parse_layers(spec: Optional[str], num_layers: int) -> Optional[List[int]]:
     """``None`` / ``"all"`` -> all; ``"2:28"`` (inclusive), ``"3,5,-1"`` -> sorted indices."""
-    if spec is None or spec.strip().lower() in ("", "all"):
-        return None
-    out = set()
-    for item in spec.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if ":" in item:
-            a, b = item.split(":", 1)
-            lo = int(a) if a.strip() else 0
-            hi = int(b) if b.strip() else num_layers - 1
-            lo, hi = (lo + num_layers if lo < 0 else lo), (hi + num_layers if hi < 0 else hi)
-            values = range(lo, hi + 1)
-        else:
-            v = int(item)
-            values = [v + num_layers if v < 0 else v]
-        for v in values:
-            if not 0 <= v < num_layers:
-                raise ValueError(f"layer {v} is out of range: the model has {num_layers} layers")
-            out.add(v)
-    if not out:
-        raise ValueError(f"no layer selected by {spec!r}")
-    return sorted(out)
+    from .search.core import parse_index_list
+
+    return parse_index_list(spec, num_layers, "layer")
 
 
 def parse_heads(spec: Optional[str], num_layers: int, num_heads: int
