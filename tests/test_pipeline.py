@@ -105,9 +105,18 @@ def _files(out: Path) -> dict:
     return {n: (out / n).read_text() for n in ("profile.json", "heads.csv", "summary.md")}
 
 
-def test_fast_scores_equal_naive(setup):
-    from act_kernels.search import Results, Scorer, naive_candidates
+def test_fast_scores_equal_naive(setup, monkeypatch):
+    from act_kernels.search import Results, Scorer, naive_candidates, scoring
     from act_kernels.search.data import calibration_examples, encode_examples
+
+    starts = []       # the prefix widths of every prefix-reuse pass
+
+    class CountingPrefixKV(scoring.RowPrefixKV):
+        def __init__(self, sources, width):
+            super().__init__(sources, width)
+            starts.append(width)
+
+    monkeypatch.setattr(scoring, "RowPrefixKV", CountingPrefixKV)
 
     model, tok = setup["model"], setup["tok"]
     per_task = calibration_examples(["sst2", "arc_easy"], 10, 0, setup["data"])
@@ -116,14 +125,17 @@ def test_fast_scores_equal_naive(setup):
         samples += encode_examples(task, exs, tok, False, None, start=len(samples))
     n = len(samples)
     todo = {1: [0, 1, 2, 3], 3: [0, 2]}
-    for skip in (True, False):
-        scorer = Scorer(model, tok, tau=TAU, batch_size=3, max_rows=5, skip_sinkless=skip)
+    naive = naive_candidates(model, tok, n, samples, todo, tau=TAU)
+    for skip, reuse in ((True, True), (False, True), (True, False)):
+        scorer = Scorer(model, tok, tau=TAU, batch_size=3, max_rows=5, skip_sinkless=skip,
+                        reuse_prefix=reuse)
         scorer.check(samples)
+        assert scorer.reuse_prefix == reuse     # the suffix self-check passed on Llama
+        starts.clear()
         baseline = scorer.plain(n, samples)
         fast = {}
         scorer.candidates(n, samples, baseline, todo,
                           lambda layer, res: fast.update({(layer, h): r for h, r in res.items()}))
-        naive = naive_candidates(model, tok, n, samples, todo, tau=TAU)
         assert set(fast) == set(naive)
         ran = 0
         for key in naive:
@@ -136,6 +148,27 @@ def test_fast_scores_equal_naive(setup):
             assert 0 < ran < total, (ran, total)
         else:
             assert ran == total
+        if reuse:  # ... and some passes really started after the first position
+            assert starts and max(starts) > 1, starts
+        else:
+            assert not starts
+
+
+def test_suffix_pass_equals_full_pass(setup):
+    """Later layers run on a suffix with the prefix's cached keys/values give the full pass's
+    last logits, on a left-padded batch, for starts inside and before the padding."""
+    from act_kernels.search.runner import LayerRunner
+
+    model, tok = setup["model"], setup["tok"]
+    texts = ["a short one", "a rather longer sentence about a film and its plot", "mid length text"]
+    enc = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, enc))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+    runner = LayerRunner(model)
+    for start in (1, 3, width // 2, width - 1):
+        assert runner.check_suffix(ids, mask, start) < 1e-5, start
 
 
 def test_search_eval_resume(setup, tmp_path, monkeypatch):

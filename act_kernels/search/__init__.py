@@ -39,9 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None,
                         help="truncate prompts on the left to this many tokens")
     parser.add_argument("--max-rows", type=int, default=64,
-                        help="(sample, head) rows per forward in the search (default 64)")
+                        help="(sample, head) rows per forward through a candidate's own "
+                             "layer (default 64)")
+    parser.add_argument("--max-tokens", type=int, default=4096,
+                        help="rows x positions per forward through the layers after a "
+                             "candidate's (default 4096)")
     parser.add_argument("--no-skip", action="store_true",
                         help="run candidates even on samples where their head has no sink")
+    parser.add_argument("--no-prefix-reuse", action="store_true",
+                        help="recompute every position after a candidate's layer (by default "
+                             "the positions before its first sink, which calibration leaves "
+                             "unchanged, are served from a cache of the plain pass)")
     add_common_arguments(parser, out_default="act_runs/search")
 
 
@@ -60,7 +68,8 @@ def config_from_args(args, num_layers: int, num_heads: int) -> SearchConfig:
         max_greedy=args.max_greedy, chat_template=args.chat_template,
         max_length=args.max_length, model_name=args.model or "SmolLM2-135M-Instruct",
         data=parse_data(args.data), batch_size=args.batch_size, max_rows=args.max_rows,
-        skip_sinkless=not args.no_skip)
+        max_tokens=args.max_tokens, skip_sinkless=not args.no_skip,
+        reuse_prefix=not args.no_prefix_reuse)
 
 
 def run(args) -> int:

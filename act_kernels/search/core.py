@@ -67,8 +67,10 @@ class SearchConfig:
     data: dict = field(default_factory=dict)    # task -> local JSONL/CSV file
     batch_size: int = 8
     max_rows: int = 64
+    max_tokens: int = 4096
     backend: str = "torch"
     skip_sinkless: bool = True
+    reuse_prefix: bool = True
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -171,8 +173,9 @@ def run_search(model, tokenizer, cfg: SearchConfig, out: str | os.PathLike, *,
     out = Path(out)
     tasks = parse_tasks(cfg.tasks)
     scorer = Scorer(model, tokenizer, beta=cfg.beta, tau=cfg.tau, backend=cfg.backend,
-                    batch_size=cfg.batch_size, max_rows=cfg.max_rows, dist=dist,
-                    skip_sinkless=cfg.skip_sinkless)
+                    batch_size=cfg.batch_size, max_rows=cfg.max_rows,
+                    max_tokens=cfg.max_tokens, dist=dist,
+                    skip_sinkless=cfg.skip_sinkless, reuse_prefix=cfg.reuse_prefix)
     L, H = scorer.num_layers, scorer.num_heads
     layers = list(cfg.layers) if cfg.layers is not None else default_layers(L)
     heads = list(cfg.heads) if cfg.heads is not None else list(range(H))
@@ -201,7 +204,8 @@ def run_search(model, tokenizer, cfg: SearchConfig, out: str | os.PathLike, *,
     scorer.check(samples)
 
     settings = {k: v for k, v in asdict(cfg).items()
-                if k not in ("batch_size", "max_rows", "backend", "data", "skip_sinkless")}
+                if k not in ("batch_size", "max_rows", "max_tokens", "backend", "data",
+                              "skip_sinkless", "reuse_prefix")}
     settings.update(tasks=tasks, layers=layers, heads=heads, num_layers=L, num_heads=H,
                     data_fingerprint=fingerprint(samples))
     ckpt = Checkpoint(out / CHECKPOINT, {"kind": "header", "config": settings}, dist.main)

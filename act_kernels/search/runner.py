@@ -8,7 +8,9 @@ the pieces of the model's own forward that this needs:
 * :meth:`LayerRunner.context`: token embeddings, position ids counted over real tokens (left
   padding), rotary embeddings and the attention mask built by Transformers' own mask builder for
   the model's current attention implementation;
-* :meth:`LayerRunner.run_layers`: decoder layers ``start .. stop - 1``;
+* :meth:`LayerRunner.run_layers`: decoder layers ``start .. stop - 1``, optionally over a suffix
+  of the positions only, with the keys and values of the prefix taken from a cache
+  (:class:`KVRecorder` records them in a full pass, :class:`PrefixKV` serves them);
 * :meth:`LayerRunner.last_logits`: final norm and ``lm_head`` on the LAST position only.
 
 It supports the Llama-style layout of Transformers (``model.model.embed_tokens / layers / norm
@@ -35,6 +37,7 @@ class Context:
     cos: torch.Tensor                     # rotary embeddings [B, T, D]
     sin: torch.Tensor
     position_ids: torch.Tensor            # [B, T]
+    key_mask: torch.Tensor                # bool [B, T]: real (not padding) tokens
 
     @property
     def batch(self) -> int:
@@ -46,7 +49,66 @@ class Context:
         if isinstance(mask, torch.Tensor) and mask.shape[0] != 1:
             mask = mask.index_select(0, rows)
         return Context(mask, self.cos.index_select(0, rows), self.sin.index_select(0, rows),
-                       self.position_ids.index_select(0, rows))
+                       self.position_ids.index_select(0, rows), self.key_mask.index_select(0, rows))
+
+    def suffix(self, start: int) -> "Context":
+        """The context of the queries at positions ``start ..`` seeing every key ``0 .. T-1``:
+        a boolean ``[B, 1, T - start, T]`` mask (causal, bottom-right aligned, key padding)."""
+        total = self.position_ids.shape[1]
+        device = self.key_mask.device
+        rows = torch.arange(start, total, device=device)[:, None]
+        causal = torch.arange(total, device=device)[None, :] <= rows        # [Q, T]
+        mask = (causal[None] & self.key_mask[:, None, :])[:, None]          # [B, 1, Q, T]
+        return Context(mask, self.cos[:, start:], self.sin[:, start:],
+                       self.position_ids[:, start:], self.key_mask)
+
+
+class KVRecorder:
+    """A duck-typed Transformers cache that keeps each layer's (post-RoPE) keys and values of a
+    full pass and hands them back unchanged: ``kv[layer] = (key, value)``, ``[B, Hkv, T, D]``."""
+
+    def __init__(self):
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.kv[int(layer_idx)] = (key_states, value_states)
+        return key_states, value_states
+
+
+class PrefixKV:
+    """A duck-typed Transformers cache for a suffix pass: each layer's keys and values are the
+    recorded ``prefix[layer]`` (positions ``0 .. start-1``) followed by the suffix's own."""
+
+    def __init__(self, prefix: Mapping[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.prefix = prefix
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        key, value = self.prefix[int(layer_idx)]
+        return (torch.cat([key, key_states], dim=2), torch.cat([value, value_states], dim=2))
+
+
+class RowPrefixKV:
+    """Like :class:`PrefixKV` for rows gathered from several recorded batches: row ``r`` takes
+    the first ``start_r`` positions of batch row ``row_r`` of the recording ``kv_r`` (a
+    :attr:`KVRecorder.kv` dict), right-aligned in a prefix of ``width`` positions (zeros in
+    front, which the caller's mask hides). Each layer's prefix is gathered when it is used."""
+
+    def __init__(self, sources: Sequence[tuple[Mapping, int, int]], width: int):
+        self.sources = sources
+        self.width = int(width)
+
+    def _gather(self, layer: int, which: int, like: torch.Tensor) -> torch.Tensor:
+        rows, heads, _, dim = like.shape
+        out = like.new_zeros(rows, heads, self.width, dim)
+        for r, (kv, row, start) in enumerate(self.sources):
+            if start:
+                out[r, :, self.width - start:] = kv[layer][which][row, :, :start]
+        return out
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = int(layer_idx)
+        return (torch.cat([self._gather(layer, 0, key_states), key_states], dim=2),
+                torch.cat([self._gather(layer, 1, value_states), value_states], dim=2))
 
 
 class LayerRunner:
@@ -91,14 +153,18 @@ class LayerRunner:
                                   attention_mask=attention_mask, past_key_values=None,
                                   position_ids=position_ids)
         cos, sin = self.base.rotary_emb(hidden, position_ids=position_ids)
-        return hidden, Context(mask, cos, sin, position_ids)
+        return hidden, Context(mask, cos, sin, position_ids, attention_mask.bool())
 
-    def run_layers(self, hidden: torch.Tensor, ctx: Context, start: int, stop: int
-                   ) -> torch.Tensor:
-        """Decoder layers ``start .. stop - 1`` applied to ``hidden``."""
+    def run_layers(self, hidden: torch.Tensor, ctx: Context, start: int, stop: int,
+                   cache=None) -> torch.Tensor:
+        """Decoder layers ``start .. stop - 1`` applied to ``hidden``.
+
+        ``cache`` is passed to the layers as ``past_key_values``: a :class:`KVRecorder` records
+        the keys and values, a :class:`PrefixKV` prepends a prefix's (``hidden`` and ``ctx`` then
+        cover the suffix only: see :meth:`Context.suffix`)."""
         for idx in range(start, stop):
             out = self.layers[idx](hidden, attention_mask=ctx.mask, position_ids=ctx.position_ids,
-                                   past_key_values=None, use_cache=False,
+                                   past_key_values=cache, use_cache=False,
                                    position_embeddings=(ctx.cos, ctx.sin))
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
@@ -124,6 +190,19 @@ class LayerRunner:
             raise ValueError(f"act search: the layer-by-layer forward differs from the model's "
                              f"own forward by {err:.3g} on {type(self.model).__name__}; this "
                              "architecture is not supported by the fast search")
+
+    @torch.no_grad()
+    def check_suffix(self, input_ids, attention_mask, start: int, atol: float = 1e-3) -> float:
+        """Largest difference between the last logits of a full pass and of a pass over the
+        positions ``start ..`` only, with the prefix's keys and values recorded from the full
+        pass (the prefix reuse of the search relies on it)."""
+        hidden, ctx = self.context(input_ids, attention_mask)
+        recorder = KVRecorder()
+        full = self.last_logits(self.run_layers(hidden, ctx, 0, self.num_layers, recorder))
+        prefix = {l: (k[:, :, :start], v[:, :, :start]) for l, (k, v) in recorder.kv.items()}
+        part = self.last_logits(self.run_layers(hidden[:, start:], ctx.suffix(start), 0,
+                                                self.num_layers, PrefixKV(prefix)))
+        return (full - part).abs().max().item() / max(1.0, full.abs().max().item())
 
 
 @contextlib.contextmanager
@@ -160,8 +239,10 @@ def profile_masks(heads: Mapping[int, Sequence[int]], num_heads: int, device=Non
 # ---------------------------------------------------------------------------------------------
 # A head whose calibration finds no sink (no key but the first with a mean attention > tau)
 # leaves every row unchanged (ACT_SPEC.md, step 4), so its candidate equals the uncalibrated
-# model on that sample and need not be run. The probe records, while a layer runs plainly,
-# ``ACTStats.sinks.any(-1)`` ([B, Hq]) of that layer.
+# model on that sample and need not be run. And a query row before the head's first sink puts no
+# attention on any sink (causal), so calibration leaves it, and every position before the first
+# sink in every later layer, unchanged. The probe records, while a layer runs plainly, the first
+# sink position of every (row, head) of that layer (``T`` where the head has no sink).
 
 _PROBE_NAME = "act_search_probe"
 _probes: dict[int, dict] = {}
@@ -187,7 +268,10 @@ def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scali
                                  beta=rec["beta"], tau=rec["tau"], scale=scaling,
                                  key_padding_mask=kpm, backend=rec["backend"],
                                  return_stats=True)
-        rec["sinks"] = stats.sinks.any(-1)
+        sinks = stats.sinks                                           # [B, Hq, used]
+        position = torch.arange(used, 0, -1, device=sinks.device)      # first True -> largest
+        first = used - (sinks * position).amax(dim=-1)                 # no sink -> used
+        rec["sinks"] = torch.where(sinks.any(-1), first, torch.full_like(first, kv_len))
     return out
 
 
@@ -207,7 +291,8 @@ def run_layer_with_probe(runner: LayerRunner, layer: int, hidden: torch.Tensor, 
                          *, beta: float, tau: float, backend: str = "torch"
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run decoder layer ``layer`` plainly (inside an ACT block such as :func:`act_mode`) and
-    return ``(hidden_out, has_sinks bool [B, Hq])``."""
+    return ``(hidden_out, first_sink long [B, Hq])``: the position of each (row, head)'s first
+    sink, ``T`` (the padded length) where the head has none."""
     _register_probe()
     module = runner.layers[layer].self_attn
     config = module.config
