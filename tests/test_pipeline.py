@@ -282,3 +282,32 @@ def test_cli_parsing_and_errors(setup):
     assert args.command == "search" and args.samples == 10
     with pytest.raises(SystemExit):
         cli.main(["search", "--tasks", "no_such_task", "--model", "/nonexistent"])
+
+
+def test_partition_rows_is_optimal():
+    """The row partition of the suffix passes is the cheapest among all contiguous cuts that
+    respect the token budget (brute force over every cut on small inputs)."""
+    import itertools
+
+    from act_kernels.search.scoring import partition_rows
+
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(40):
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        lengths = sorted(torch.randint(1, 40, (n,), generator=gen).tolist(), reverse=True)
+        budget, call = int(torch.randint(20, 120, (1,), generator=gen)), 1.0 + trial % 7 * 8
+
+        def cost(cuts):
+            total = 0.0
+            for lo, hi in zip(cuts, cuts[1:]):
+                if (hi - lo) * lengths[lo] > budget and hi - lo > 1:
+                    return float("inf")
+                total += call + (hi - lo) * lengths[lo]
+            return total
+
+        best = min(cost((0,) + c + (n,)) for k in range(n)
+                   for c in itertools.combinations(range(1, n), k))
+        got = partition_rows(lengths, budget, call)
+        assert got[0][0] == 0 and got[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
+        assert cost(tuple(lo for lo, _ in got) + (n,)) == best, (lengths, budget, call, got)

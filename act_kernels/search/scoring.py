@@ -245,9 +245,10 @@ class Scorer:
             return
         last = max(todo)
         keep_from = min(todo) + 1
-        states = []
+        groups: list[list[_State]] = []
         with act_mode(self.model, beta=self.beta, tau=self.tau, backend=self.backend):
-            for group, batches in enumerate(self.my_groups(samples)):
+            for batches in self.my_groups(samples):
+                groups.append([])
                 for batch in batches:
                     ids, mask = pad_batch(batch, self.tokenizer, self.device)
                     hidden, ctx = self.runner.context(ids, mask)
@@ -257,33 +258,35 @@ class Scorer:
                         recorder = KVRecorder()
                         self.runner.run_layers(hidden, ctx, 0, self.num_layers, recorder)
                         kv = {l: t for l, t in recorder.kv.items() if l >= keep_from}
-                    states.append(_State(group, batch, ctx, hidden, index, kv))
+                    groups[-1].append(_State(batch, ctx, hidden, index, kv))
             for layer in range(last + 1):
                 heads = todo.get(layer, [])
                 results = {h: Results.empty(n_total) for h in heads}
-                rows: dict[int, list[_Row]] = {}
-                for st in states:
-                    st.kv.pop(layer, None)            # later layers never need it again
-                    if not heads:
-                        st.hidden = self.runner.run_layers(st.hidden, st.ctx, layer, layer + 1)
-                        continue
-                    out, first_sink = run_layer_with_probe(self.runner, layer, st.hidden, st.ctx,
-                                                           beta=self.beta, tau=self.tau,
-                                                           backend=self.backend)
-                    total = st.hidden.shape[1]
-                    first = first_sink.tolist()
-                    mine = [_Row(st, r, h, min(first[r][h], total - 1) if self.reuse_prefix
-                                 else 0)
-                            for r in range(len(st.batch)) for h in heads
-                            if not self.skip_sinkless or first[r][h] < total]
-                    self._run_candidate_layer(layer, st, mine)
-                    st.hidden = out
-                    rows.setdefault(st.group, []).extend(mine)
-                    if progress and len(st.batch) * len(heads) > len(mine):
-                        progress(len(st.batch) * len(heads) - len(mine))
+                for states in groups:
+                    rows: list[_Row] = []
+                    for st in states:
+                        st.kv.pop(layer, None)            # later layers never need it again
+                        if not heads:
+                            st.hidden = self.runner.run_layers(st.hidden, st.ctx, layer,
+                                                               layer + 1)
+                            continue
+                        out, first_sink = run_layer_with_probe(
+                            self.runner, layer, st.hidden, st.ctx, beta=self.beta, tau=self.tau,
+                            backend=self.backend)
+                        total = st.hidden.shape[1]
+                        first = first_sink.tolist()
+                        mine = [_Row(st, r, h, min(first[r][h], total - 1) if self.reuse_prefix
+                                     else 0)
+                                for r in range(len(st.batch)) for h in heads
+                                if not self.skip_sinkless or first[r][h] < total]
+                        self._run_candidate_layer(layer, st, mine)
+                        st.hidden = out
+                        rows += mine
+                        if progress and len(st.batch) * len(heads) > len(mine):
+                            progress(len(st.batch) * len(heads) - len(mine))
+                    if rows:
+                        self._run_suffixes(layer, rows, results, progress)
                 if heads:
-                    for group_rows in rows.values():
-                        self._run_suffixes(layer, group_rows, results, progress)
                     done = {h: r.reduce(self.dist).fill_from(baseline) for h, r in results.items()}
                     on_layer(layer, done)
 
@@ -388,7 +391,6 @@ def partition_rows(lengths: Sequence[int], max_tokens: int, call_cost: float
 class _State:
     """One batch of samples during the candidate pass."""
 
-    group: int                    # rows of one group share forwards (Scorer.my_groups)
     batch: list
     ctx: Context
     hidden: torch.Tensor          # entering the current layer, [B, T, H]
