@@ -10,7 +10,7 @@ the pieces of the model's own forward that this needs:
   the model's current attention implementation;
 * :meth:`LayerRunner.run_layers`: decoder layers ``start .. stop - 1``, optionally over a suffix
   of the positions only, with the keys and values of the prefix taken from a cache
-  (:class:`KVRecorder` records them in a full pass, :class:`PrefixKV` serves them);
+  (:class:`KVRecorder` records them in a full pass, :class:`RowPrefixKV` serves them);
 * :meth:`LayerRunner.last_logits`: final norm and ``lm_head`` on the LAST position only.
 
 It supports the Llama-style layout of Transformers (``model.model.embed_tokens / layers / norm
@@ -75,23 +75,13 @@ class KVRecorder:
         return key_states, value_states
 
 
-class PrefixKV:
-    """A duck-typed Transformers cache for a suffix pass: each layer's keys and values are the
-    recorded ``prefix[layer]`` (positions ``0 .. start-1``) followed by the suffix's own."""
-
-    def __init__(self, prefix: Mapping[int, tuple[torch.Tensor, torch.Tensor]]):
-        self.prefix = prefix
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        key, value = self.prefix[int(layer_idx)]
-        return (torch.cat([key, key_states], dim=2), torch.cat([value, value_states], dim=2))
-
-
 class RowPrefixKV:
-    """Like :class:`PrefixKV` for rows gathered from several recorded batches: row ``r`` takes
-    the first ``start_r`` positions of batch row ``row_r`` of the recording ``kv_r`` (a
-    :attr:`KVRecorder.kv` dict), right-aligned in a prefix of ``width`` positions (zeros in
-    front, which the caller's mask hides). Each layer's prefix is gathered when it is used."""
+    """A duck-typed Transformers cache for a suffix pass: each layer's keys and values are a
+    recorded prefix followed by the suffix's own. Row ``r`` of the pass takes the first
+    ``start_r`` positions of batch row ``row_r`` of the recording ``kv_r`` (a
+    :attr:`KVRecorder.kv` dict; rows may come from different batches), right-aligned in a
+    prefix of ``width`` positions (zeros in front, which the caller's mask hides). Each layer's
+    prefix is gathered when that layer runs."""
 
     def __init__(self, sources: Sequence[tuple[Mapping, int, int]], width: int):
         self.sources = sources
@@ -160,8 +150,8 @@ class LayerRunner:
         """Decoder layers ``start .. stop - 1`` applied to ``hidden``.
 
         ``cache`` is passed to the layers as ``past_key_values``: a :class:`KVRecorder` records
-        the keys and values, a :class:`PrefixKV` prepends a prefix's (``hidden`` and ``ctx`` then
-        cover the suffix only: see :meth:`Context.suffix`)."""
+        the keys and values, a :class:`RowPrefixKV` prepends a prefix's (``hidden`` and ``ctx``
+        then cover the suffix only: see :meth:`Context.suffix`)."""
         for idx in range(start, stop):
             out = self.layers[idx](hidden, attention_mask=ctx.mask, position_ids=ctx.position_ids,
                                    past_key_values=cache, use_cache=False,
@@ -199,9 +189,9 @@ class LayerRunner:
         hidden, ctx = self.context(input_ids, attention_mask)
         recorder = KVRecorder()
         full = self.last_logits(self.run_layers(hidden, ctx, 0, self.num_layers, recorder))
-        prefix = {l: (k[:, :, :start], v[:, :, :start]) for l, (k, v) in recorder.kv.items()}
+        prefix = RowPrefixKV([(recorder.kv, row, start) for row in range(hidden.shape[0])], start)
         part = self.last_logits(self.run_layers(hidden[:, start:], ctx.suffix(start), 0,
-                                                self.num_layers, PrefixKV(prefix)))
+                                                self.num_layers, prefix))
         return (full - part).abs().max().item() / max(1.0, full.abs().max().item())
 
 
