@@ -52,15 +52,19 @@ class Context:
                        self.position_ids.index_select(0, rows), self.key_mask.index_select(0, rows))
 
     def suffix(self, start: int) -> "Context":
-        """The context of the queries at positions ``start ..`` seeing every key ``0 .. T-1``:
-        a boolean ``[B, 1, T - start, T]`` mask (causal, bottom-right aligned, key padding)."""
+        """The context of the queries at positions ``start ..`` seeing every key ``0 .. T-1``
+        (the keys before ``start`` come from a cache)."""
         total = self.position_ids.shape[1]
-        device = self.key_mask.device
-        rows = torch.arange(start, total, device=device)[:, None]
-        causal = torch.arange(total, device=device)[None, :] <= rows        # [Q, T]
-        mask = (causal[None] & self.key_mask[:, None, :])[:, None]          # [B, 1, Q, T]
-        return Context(mask, self.cos[:, start:], self.sin[:, start:],
-                       self.position_ids[:, start:], self.key_mask)
+        return Context(suffix_mask(self.key_mask, total - start), self.cos[:, start:],
+                       self.sin[:, start:], self.position_ids[:, start:], self.key_mask)
+
+
+def suffix_mask(key_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Boolean ``[B, 1, q_len, K]`` mask of the last ``q_len`` of ``K`` positions as queries:
+    causal (bottom-right aligned) and hiding the keys where ``key_mask [B, K]`` is False."""
+    at = torch.arange(key_mask.shape[1], device=key_mask.device)
+    causal = at[None, :] <= at[key_mask.shape[1] - q_len:, None]          # [Q, K]
+    return (causal[None] & key_mask[:, None, :])[:, None]
 
 
 class KVRecorder:
@@ -182,10 +186,10 @@ class LayerRunner:
                              "architecture is not supported by the fast search")
 
     @torch.no_grad()
-    def check_suffix(self, input_ids, attention_mask, start: int, atol: float = 1e-3) -> float:
-        """Largest difference between the last logits of a full pass and of a pass over the
-        positions ``start ..`` only, with the prefix's keys and values recorded from the full
-        pass (the prefix reuse of the search relies on it)."""
+    def check_suffix(self, input_ids, attention_mask, start: int) -> float:
+        """Largest difference (relative to the largest logit) between the last logits of a full
+        pass and of a pass over the positions ``start ..`` only, with the prefix's keys and
+        values recorded from the full pass (the prefix reuse of the search relies on it)."""
         hidden, ctx = self.context(input_ids, attention_mask)
         recorder = KVRecorder()
         full = self.last_logits(self.run_layers(hidden, ctx, 0, self.num_layers, recorder))

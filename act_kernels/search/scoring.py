@@ -12,7 +12,7 @@ import torch
 from ..tasks import score_last_logits
 from .data import Sample, make_batches, pad_batch
 from .runner import (Context, KVRecorder, LayerRunner, RowPrefixKV, act_mode, one_hot_heads,
-                     profile_masks, run_layer_with_probe)
+                     profile_masks, run_layer_with_probe, suffix_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,11 +331,8 @@ class Scorer:
                 keys[k, width_p - r.start:width_p] = c.key_mask[r.row, :r.start]
                 keys[k, width_p + width_q - q:] = c.key_mask[r.row, r.start:]
             if layer + 1 < self.num_layers:
-                at = torch.arange(width_p + width_q, device=hidden.device)
-                causal = at[None, :] <= at[width_p:, None]                      # [Q, P + Q]
-                ctx = Context((causal[None] & keys[:, None, :])[:, None], cos, sin, pos, keys)
-                cache = RowPrefixKV([(r.st.kv, r.row, r.start) for r in chunk], width_p) \
-                    if width_p else None
+                ctx = Context(suffix_mask(keys, width_q), cos, sin, pos, keys)
+                cache = RowPrefixKV([(r.st.kv, r.row, r.start) for r in chunk], width_p)
                 with act_mode(self.model, beta=self.beta, tau=self.tau, backend=self.backend):
                     hidden = self.runner.run_layers(hidden, ctx, layer + 1, self.num_layers,
                                                     cache)
