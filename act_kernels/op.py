@@ -13,12 +13,17 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Optional, Sequence, Union
 
 import torch
 
-BACKENDS = ("auto", "eager", "torch", "triton")
+from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_beta, check_tau,
+                     head_mask, resolve_backend)
+
+__all__ = ["ACTStats", "BACKENDS", "act_attention", "normalize_heads",
+           "normalize_key_padding_mask", "resolve_backend"]
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -73,14 +78,6 @@ def _check_tensors(q, k, v):
                          "last Nq positions of the keys")
 
 
-def _check_float(name, value):
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"act_attention: {name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
 def normalize_heads(heads, bsz: int, hq: int, device) -> Optional[torch.Tensor]:
     """``None`` | bool ``[Hq]`` / ``[B, Hq]`` | head indices  ->  ``None`` or bool ``[B, Hq]``."""
     if heads is None:
@@ -100,25 +97,13 @@ def normalize_heads(heads, bsz: int, hq: int, device) -> Optional[torch.Tensor]:
                 raise TypeError("act_attention: heads must be a bool mask [Hq] / [B, Hq] or "
                                 f"a 1-D list of head indices, got a {heads.dtype} tensor "
                                 f"of shape {tuple(heads.shape)}")
-            indices = [int(i) for i in heads.reshape(-1).tolist()]
+            heads = heads.reshape(-1).tolist()
         elif isinstance(heads, Integral) and not isinstance(heads, bool):
-            indices = [int(heads)]
-        elif isinstance(heads, Sequence) and not isinstance(heads, (str, bytes)):
-            indices = []
-            for i in heads:
-                if isinstance(i, bool) or not isinstance(i, Integral):
-                    raise TypeError(f"act_attention: head indices must be integers, got {i!r}")
-                indices.append(int(i))
-        else:
+            heads = [heads]
+        elif isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence):
             raise TypeError("act_attention: heads must be None, a bool tensor [Hq] or [B, Hq], "
                             f"or a sequence of head indices; got {type(heads).__name__}")
-        bad = [i for i in indices if not 0 <= i < hq]
-        if bad:
-            raise ValueError(f"act_attention: head index {bad[0]} out of range: there are {hq} "
-                             f"query heads (valid indices 0..{hq - 1})")
-        row = torch.zeros(hq, dtype=torch.bool, device=device)
-        if indices:
-            row[torch.tensor(indices, device=device)] = True
+        row = head_mask(heads, hq, who="act_attention", device=device)
         mask = row[None, :].expand(bsz, hq)
     if not bool(mask.any()):
         return None
@@ -149,12 +134,6 @@ def normalize_key_padding_mask(mask, bsz: int, nk: int, device) -> Optional[torc
     return mask.contiguous()
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"act_attention: unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return backend
 
 
 def _backend_fn(name: str):
@@ -178,10 +157,10 @@ _warned_grad = False
 
 def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                   heads: Union[None, torch.Tensor, Sequence[int]] = None,
-                  beta: float = 0.4, tau: float = 0.1, scale: Optional[float] = None,
+                  beta: float = DEFAULT_BETA, tau: float = DEFAULT_TAU, scale: Optional[float] = None,
                   key_padding_mask: Optional[torch.Tensor] = None,
                   backend: str = "auto", return_stats: bool = False):
-    """Causal attention with ACT calibration of the chosen heads (see ``ACT_SPEC.md``).
+    """Causal attention with ACT calibration of the chosen heads (the contract: ``docs/spec.md``).
 
     Args:
         q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` (may be non-contiguous), ``Hq % Hkv == 0``,
@@ -201,19 +180,15 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     _check_tensors(q, k, v)
     bsz, hq, nq, dim = q.shape
     nk = k.shape[2]
-    beta = _check_float("beta", beta)
-    if not 0.0 <= beta <= 1.0:  # also rejects NaN
-        raise ValueError(f"act_attention: beta must be in [0, 1], got {beta}")
-    tau = _check_float("tau", tau)
-    if not tau > 0.0:  # also rejects NaN
-        raise ValueError(f"act_attention: tau must be > 0, got {tau}")
+    beta = check_beta(beta)
+    tau = check_tau(tau)
     if scale is None:
         scale = dim ** -0.5
     else:
-        scale = _check_float("scale", scale)
+        scale = as_real(scale, "scale", "act_attention")
         if not math.isfinite(scale) or scale == 0.0:
             raise ValueError(f"act_attention: scale must be finite and non-zero, got {scale}")
-    head_mask = normalize_heads(heads, bsz, hq, q.device)
+    calibrated = normalize_heads(heads, bsz, hq, q.device)
     kpm = normalize_key_padding_mask(key_padding_mask, bsz, nk, q.device)
     name = resolve_backend(backend, q.device)
     fn = _backend_fn(name)
@@ -226,9 +201,9 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                           stacklevel=2)
             _warned_grad = True
         with torch.no_grad():
-            out, stats = fn(q, k, v, head_mask, beta, tau, scale, kpm, bool(return_stats))
+            out, stats = fn(q, k, v, calibrated, beta, tau, scale, kpm, bool(return_stats))
     else:
-        out, stats = fn(q, k, v, head_mask, beta, tau, scale, kpm, bool(return_stats))
+        out, stats = fn(q, k, v, calibrated, beta, tau, scale, kpm, bool(return_stats))
     if return_stats:
         return out, ACTStats.from_dict(stats)
     return out

@@ -1,8 +1,9 @@
-"""The eager reference: ACT written the way ``ACT_SPEC.md`` states it, one step per block.
+"""The eager reference: ACT written the way ``docs/spec.md`` states it, one step per block.
 
 It materialises the full ``[B, Hq, Nq, Nk]`` probability map, so it is only meant for short
 inputs, for tests, and for ``output_attentions=True``. Every fast backend is checked against it.
-This module imports nothing from the rest of the package on purpose.
+This module imports nothing from the rest of the package on purpose; for the same reason it
+has no defaults for ``beta`` and ``tau`` (their one home is ``act_kernels.params``).
 
 Inputs are already validated and normalised by the caller (``act_kernels.op``):
 ``heads`` is ``None`` or a bool tensor ``[B, Hq]``; ``key_padding_mask`` is ``None`` or a bool
@@ -44,7 +45,7 @@ def calibrate_probs(probs: torch.Tensor, sinks: torch.Tensor, beta: float):
     return torch.where(change, moved, probs), mass
 
 
-def act_attention_reference(q, k, v, *, heads=None, beta=0.4, tau=0.1, scale=None,
+def act_attention_reference(q, k, v, *, beta, tau, heads=None, scale=None,
                             key_padding_mask=None):
     """Return ``(out, probs, stats)``.
 

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_results, machine_line  # noqa: E402
 
 from act_kernels import ACTProfile, apply_profile, load_model  # noqa: E402
-from act_kernels.profile import remove_profile  # noqa: E402
+from act_kernels.hf import remove_profile  # noqa: E402
 from act_kernels.reference import act_attention_reference  # noqa: E402
 
 HOOK_NAME = "act_bench_eager_hook"

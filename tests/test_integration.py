@@ -17,8 +17,7 @@ import torch
 import act_kernels
 import act_kernels.torch_backend as torch_backend
 from act_kernels import ACTProfile, apply_profile, head_override
-from act_kernels.integration import ACTMaskError, mask_to_key_padding
-from act_kernels.profile import get_profile, remove_profile
+from act_kernels.hf import ACTMaskError, get_profile, mask_to_key_padding, remove_profile
 from act_kernels.reference import act_attention_reference, visibility
 
 transformers = pytest.importorskip("transformers")

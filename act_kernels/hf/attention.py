@@ -1,0 +1,115 @@
+"""ACT as a Transformers attention implementation: ``"act_torch"`` and ``"act_triton"``.
+
+Each name is registered with ``transformers.AttentionInterface`` (the attention function below)
+and ``transformers.AttentionMaskInterface`` (Transformers' sdpa mask builder, which gives a
+boolean ``[B, 1, Lq, Lk]`` mask, or ``None`` when plain causal attention needs none; without a
+mask builder Transformers would pass no mask to a custom implementation and left padding would
+be ignored).
+
+One call: check what the op cannot do (refused with a clear error) -> the layer's heads, beta
+and tau from the model's :class:`~act_kernels.hf.state.ACTModelState` -> the mask as a key
+padding mask -> :func:`act_kernels.op.act_attention` (with statistics when recorders listen).
+"""
+from __future__ import annotations
+
+import contextvars
+from typing import Optional, Tuple
+
+import torch
+
+from ..op import act_attention, normalize_heads
+from ..reference import act_attention_reference
+from .masks import mask_to_key_padding, refuse
+from .state import state_of_module
+
+ACT_ATTENTION_BACKENDS = {"act_torch": "torch", "act_triton": "triton"}
+"""Registered attention implementation name -> ``act_attention`` backend."""
+
+_UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "sliding_window_size")
+
+# Recorders of the deprecated model-less ``recording(recorder)`` form: context-local (each
+# thread / task sees its own), immutable tuples; the per-model form lives in the model's state.
+GLOBAL_RECORDERS: contextvars.ContextVar[tuple] = contextvars.ContextVar(
+    "act_kernels_global_recorders", default=())
+
+
+def _refuse_unsupported(name: str, module, dropout: float, is_causal, kwargs) -> None:
+    for arg in _UNSUPPORTED_KWARGS:
+        if kwargs.get(arg) is not None:
+            raise NotImplementedError(f"{name} attention does not support `{arg}`; use "
+                                      "attn_implementation='eager' for this model")
+    if kwargs.get("cache") is not None:
+        raise NotImplementedError(f"{name} attention does not support paged caches")
+    if dropout:
+        raise NotImplementedError(f"{name} attention is inference-only: attention dropout "
+                                  f"{dropout} (call model.eval())")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not causal:
+        refuse("the layer is not causal (bidirectional attention)")
+
+
+def _eager_with_probs(query, key, value, heads, beta, tau, scaling, kpm, kv_len):
+    """``output_attentions=True``: the eager reference, which also returns the calibrated
+    probabilities (padded back to the static cache's length)."""
+    cal = normalize_heads(heads, query.shape[0], query.shape[1], query.device)
+    out, probs, _ = act_attention_reference(query, key, value, heads=cal, beta=beta, tau=tau,
+                                            scale=scaling, key_padding_mask=kpm)
+    if probs.shape[-1] < kv_len:
+        probs = torch.nn.functional.pad(probs, (0, kv_len - probs.shape[-1]))
+    return out, probs.to(query.dtype)
+
+
+def _make_attention_forward(name: str):
+    backend = ACT_ATTENTION_BACKENDS[name]
+
+    def act_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                              value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                              dropout: float = 0.0, scaling: Optional[float] = None,
+                              is_causal: Optional[bool] = None, **kwargs
+                              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        _refuse_unsupported(name, module, dropout, is_causal, kwargs)
+        state = state_of_module(module)
+        heads, beta, tau = state.layer_settings(module, query.device)
+        bsz, _, q_len, _ = query.shape
+        kv_len = key.shape[2]
+        kpm, keys_used = mask_to_key_padding(attention_mask, bsz, q_len, kv_len,
+                                             cache=state.mask_cache)
+        if keys_used < kv_len:        # a static cache's unfilled slots
+            key, value = key[:, :, :keys_used], value[:, :, :keys_used]
+
+        if kwargs.get("output_attentions", False):
+            out, probs = _eager_with_probs(query, key, value, heads, beta, tau, scaling, kpm,
+                                           kv_len)
+            return out.transpose(1, 2).contiguous(), probs
+
+        recorders = state.recorders_for(getattr(module, "layer_idx", None),
+                                        GLOBAL_RECORDERS.get())
+        args = dict(heads=heads, beta=beta, tau=tau, scale=scaling, key_padding_mask=kpm,
+                    backend=backend)
+        if recorders:
+            out, stats = act_attention(query, key, value, return_stats=True, **args)
+            for recorder in recorders:
+                recorder(module, stats, query, key, value, kpm)
+        else:
+            out = act_attention(query, key, value, **args)
+        return out.transpose(1, 2).contiguous(), None
+
+    act_attention_forward.__name__ = f"{name}_attention_forward"
+    act_attention_forward.__qualname__ = act_attention_forward.__name__
+    return act_attention_forward
+
+
+act_torch_attention_forward = _make_attention_forward("act_torch")
+act_triton_attention_forward = _make_attention_forward("act_triton")
+
+
+def register() -> None:
+    """Register ``act_torch`` and ``act_triton`` with Transformers (done on import of
+    :mod:`act_kernels.hf`; registering again is harmless)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    for impl, forward in (("act_torch", act_torch_attention_forward),
+                          ("act_triton", act_triton_attention_forward)):
+        AttentionInterface.register(impl, forward)
+        AttentionMaskInterface.register(impl, sdpa_mask)
