@@ -18,7 +18,8 @@ from .data import (DataNotInstalledError, available_splits, default_split, load_
                    offline_path, read_rows)
 from .registry import CLASSIFICATION_TASKS, MULTIPLE_CHOICE_TASKS, TASKS, get_task
 from .scoring import (accuracy, balanced_accuracy, continuation_logprobs, encode_batch,
-                      encode_loglik, evaluate_last_token, evaluate_loglik, pad_id, prepare_batch,
+                      encode_loglik, evaluate_last_token, evaluate_loglik, left_pad, pad_id,
+                      prepare_batch,
                       score_last_logits, score_option_logprobs)
 from .splits import Splits, load_splits, make_splits
 from .task import (CLASSIFICATION, LETTERS, MULTIPLE_CHOICE, Example, ScoreItem, Task,
@@ -29,7 +30,7 @@ __all__ = [
     "MULTIPLE_CHOICE", "MULTIPLE_CHOICE_TASKS", "ScoreItem", "Splits", "TASKS", "Task",
     "accuracy", "apply_chat", "available_splits", "balanced_accuracy", "continuation_logprobs",
     "default_split", "encode_batch", "encode_loglik", "evaluate_last_token", "evaluate_loglik",
-    "get_task", "letter_token_ids", "load_examples", "load_splits", "make_splits",
+    "get_task", "left_pad", "letter_token_ids", "load_examples", "load_splits", "make_splits",
     "offline_path", "pad_id", "prepare_batch", "read_rows", "score_last_logits",
     "score_option_logprobs",
 ]

@@ -30,7 +30,10 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
-def _left_pad(seqs: Sequence[Sequence[int]], pad: int, device=None) -> dict[str, torch.Tensor]:
+def left_pad(seqs: Sequence[Sequence[int]], pad: int, device=None) -> dict[str, torch.Tensor]:
+    """Token id lists -> one LEFT-padded batch ``{"input_ids", "attention_mask", "position_ids"}``
+    (``[n, L]`` long; position ids count real tokens only, 0 on padding). The one home of left
+    padding in the package."""
     n = len(seqs)
     width = max((len(s) for s in seqs), default=0)
     input_ids = torch.full((n, width), pad, dtype=torch.long)
@@ -62,7 +65,7 @@ def encode_batch(tokenizer, prompts: Sequence[str], *, add_special_tokens: bool 
         if max_length is not None and len(ids) > max_length:
             ids = ids[len(ids) - max_length:]
         seqs.append(ids)
-    out = _left_pad(seqs, pad_id(tokenizer), device)
+    out = left_pad(seqs, pad_id(tokenizer), device)
     if not return_position_ids:
         out.pop("position_ids")
     return out
@@ -192,7 +195,7 @@ def encode_loglik(tokenizer, pairs: Sequence[tuple[str, str]], *, add_special_to
             ids = ids[len(ids) - max_length:]
         seqs.append(ids)
         n_cont.append(len(t_ids))
-    out = _left_pad(seqs, pad_id(tokenizer), device)
+    out = left_pad(seqs, pad_id(tokenizer), device)
     out_n = torch.as_tensor(n_cont, dtype=torch.long)
     out["n_cont"] = out_n.to(device) if device is not None else out_n
     return out
