@@ -13,6 +13,7 @@ padding mask -> :func:`act_kernels.op.act_attention` (with statistics when recor
 from __future__ import annotations
 
 import contextvars
+import types
 from typing import Optional, Tuple
 
 import torch
@@ -22,7 +23,7 @@ from ..reference import act_attention_reference
 from .masks import mask_to_key_padding, refuse
 from .state import state_of_module
 
-ACT_ATTENTION_BACKENDS = {"act_torch": "torch", "act_triton": "triton"}
+ACT_ATTENTION_BACKENDS = types.MappingProxyType({"act_torch": "torch", "act_triton": "triton"})
 """Registered attention implementation name -> ``act_attention`` backend."""
 
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "sliding_window_size")

@@ -1,0 +1,150 @@
+"""The package's layering, read from its source with ``ast`` (no import is executed).
+
+Layers, bottom to top (a module may import modules of its own layer or below, never above):
+
+0. ground: parameters and model facts, the eager reference, the torch backend, the Triton
+   kernels and their backend, sink selection, tasks, profiles, the model loader;
+1. the op (``act_kernels.op``: validate + dispatch);
+2. the Transformers integration (``act_kernels.hf``);
+3. the pipeline: search, evaluation, inspection, their shared runtime, the lm-eval adapter;
+4. the command line (``cli``, ``demo``) and the package's public face (``act_kernels``).
+
+Every module (function-level imports included) is checked; a new module must be placed in a
+layer here, so that its place is a decision and not an accident.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "act_kernels"
+PACKAGE = "act_kernels"
+
+LAYERS = [
+    ("ground", ["params", "modelinfo", "sinks", "reference", "torch_backend", "triton_backend",
+                "kernels", "tasks", "profiles", "model_loader"]),
+    ("op", ["op"]),
+    ("hf", ["hf"]),
+    ("pipeline", ["search", "evaluate", "inspection", "runtime", "lmeval"]),
+    ("cli", ["cli", "demo", ""]),
+]
+OP_LAYER = {"op", "params", "torch_backend", "triton_backend", "reference", "sinks", "kernels"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join([PACKAGE] + parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _resolve(current: str, is_package: bool, node) -> list[str]:
+    """The package modules an import statement names."""
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    else:
+        if node.level:
+            base = current.split(".") if is_package else current.split(".")[:-1]
+            base = base[:len(base) - (node.level - 1)]
+            prefix = ".".join(base + ([node.module] if node.module else []))
+        else:
+            prefix = node.module or ""
+        names = [f"{prefix}.{alias.name}" if f"{prefix}.{alias.name}" in MODULES else prefix
+                 for alias in node.names]
+    found = []
+    for name in names:
+        while name and name not in MODULES:       # "act_kernels.hf.api.x" -> its module
+            name = name.rpartition(".")[0]
+        if name.startswith(PACKAGE):
+            found.append(name)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {}
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        is_package = path.name == "__init__.py"
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                edges.update(_resolve(name, is_package, node))
+        edges.discard(name)
+        graph[name] = edges
+    return graph
+
+
+GRAPH = _graph()
+
+
+def _layer(module: str) -> int:
+    if module.endswith(".__main__"):          # ``python -m`` entry points are command lines
+        return len(LAYERS) - 1
+    top = module.split(".")[1] if "." in module else ""
+    for index, (_, names) in enumerate(LAYERS):
+        if top in names:
+            return index
+    raise AssertionError(f"{module} is in no layer of tests/test_architecture.py: place it")
+
+
+def test_the_graph_is_read():
+    # the walk finds the imports it should (a broken resolver would make the tests below vacuous)
+    assert "act_kernels.op" in GRAPH["act_kernels.hf.attention"]
+    assert "act_kernels.profiles" in GRAPH["act_kernels.hf.state"]
+    assert "act_kernels.params" in GRAPH["act_kernels.op"]
+    assert len(MODULES) > 30
+
+
+def test_no_import_cycle():
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str):
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(GRAPH[node]):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for module in sorted(GRAPH):
+        if module not in state:
+            visit(module)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_go_down_the_layers(module):
+    mine = _layer(module)
+    for target in GRAPH[module]:
+        assert _layer(target) <= mine, (
+            f"{module} ({LAYERS[mine][0]}) imports {target} ({LAYERS[_layer(target)][0]})")
+
+
+def test_op_layer_imports_nothing_above_it():
+    for module, targets in GRAPH.items():
+        if module.split(".")[1:2] and module.split(".")[1] in OP_LAYER:
+            above = [t for t in targets if t.split(".")[1] not in OP_LAYER]
+            assert not above, f"{module} (op layer) imports {above}"
+
+
+def test_reference_imports_nothing_of_the_package():
+    assert GRAPH["act_kernels.reference"] == set()
+
+
+def test_no_module_shadows_the_standard_library():
+    import sys
+
+    shadows = [m for m in MODULES if m.rpartition(".")[2] in sys.stdlib_module_names]
+    assert not shadows, f"modules named like standard-library modules: {shadows}"
