@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LOG2E, key_real, load_rows, load_rows_t, mma, row_real
+from .common import LOG2E, head_prologue, key_real, load_rows, load_rows_t, mma, row_real
 
 LAUNCHES = {"calls": 0, "programs": 0}
 
@@ -31,15 +31,10 @@ def _column_scores_kernel(
         HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
-    pid_p = tl.program_id(1)
-    bh = tl.load(Pairs + pid_p)
-    b = bh // Hq
-    h = bh % Hq
-    kvh = h // group
+    pid_p = tl.program_id(1).to(tl.int64)
+    bh, b, h, kvh, offs_d, d_ok, kpm_row = head_prologue(tl.load(Pairs + pid_p), Hq, group, Kpm,
+                                                         Nk, D, BLOCK_D)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    kpm_row = Kpm + b * Nk
     k_ok = key_real(kpm_row, offs_n, Nk, HAS_KPM)
     kt = load_rows_t(K + b * stride_kb + kvh * stride_kh, offs_n, offs_n < Nk, stride_kn,
                      offs_d, d_ok, stride_kd)

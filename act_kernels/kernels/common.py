@@ -7,12 +7,34 @@ Conventions of every kernel in this package:
   ``log2(sum_j 2^{s2_ij})``; a row that sees no key (a padded query row) gets ``+inf``, which makes
   every recomputed probability of that row exactly 0;
 * query row ``i`` sits at absolute position ``Nk - Nq + i`` and sees keys ``j <= Nk - Nq + i``
-  that are real (key-padding mask), provided the row itself is real.
+  that are real (key-padding mask), provided the row itself is real;
+* addresses: every offset that grows with B, H, N or D is computed in 64 bits. The coordinates
+  from ``head_prologue`` are int64, so ``b * stride_b``, ``bh * Nq``, ``slot * Nq * D`` are
+  64-bit products, and tile loads/stores widen their row and column indices before multiplying
+  by a stride. (Triton types an integer argument as i32 whenever its value fits, and
+  ``tl.program_id`` is i32: ``b * stride_qb`` would wrap past 2**31 elements, e.g. at
+  B=4, H=32, N=128k, D=128.)
 """
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def head_prologue(bh, Hq, group, Kpm, Nk, D, BLOCK_D: tl.constexpr):
+    """The shared start of every program that works on one (batch row, query head).
+
+    ``bh = b * Hq + h`` (a program id or an entry of a pair list). Returns, as int64,
+    ``(bh, b, h, kvh)`` (``kvh = h // group``, the kv head GQA reads), then the head-dim lanes
+    ``offs_d`` and their mask ``d_ok`` (``D`` padded to ``BLOCK_D``), and ``kpm_row``, the
+    key-padding row of batch ``b`` (only read when the kernel has a mask).
+    """
+    b = (bh // Hq).to(tl.int64)            # the divisions in 32 bits (bh < 2**31), then widen
+    h = (bh % Hq).to(tl.int64)
+    kvh = ((bh % Hq) // group).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    return bh.to(tl.int64), b, h, kvh, offs_d, offs_d < D, Kpm + b * Nk
 
 
 @triton.jit
@@ -34,17 +56,33 @@ def row_real(kpm_row, offs_m, Nq, Nk, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
+def tile_offsets(offs_r, stride_r, offs_d, stride_d):
+    """int64 element offsets [len(offs_r), BLOCK_D] of rows ``offs_r`` (row stride ``stride_r``)
+    and lanes ``offs_d`` (stride ``stride_d``); 64-bit so that a row index times a large stride
+    (e.g. a sink index times ``H * D`` in a [B, N, H, D] layout) cannot wrap."""
+    return (offs_r.to(tl.int64)[:, None] * stride_r
+            + offs_d.to(tl.int64)[None, :] * stride_d)
+
+
+@triton.jit
 def load_rows(base, offs_r, r_ok, stride_r, offs_d, d_ok, stride_d):
     """[len(offs_r), BLOCK_D] tile of rows ``offs_r``; masked rows / padded dims read 0."""
-    return tl.load(base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d,
+    return tl.load(base + tile_offsets(offs_r, stride_r, offs_d, stride_d),
                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)
 
 
 @triton.jit
 def load_rows_t(base, offs_r, r_ok, stride_r, offs_d, d_ok, stride_d):
     """Transposed tile [BLOCK_D, len(offs_r)] (K^T for ``tl.dot(q, kT)``)."""
-    return tl.load(base + offs_r[None, :] * stride_r + offs_d[:, None] * stride_d,
-                   mask=r_ok[None, :] & d_ok[:, None], other=0.0)
+    offs = offs_r.to(tl.int64)[None, :] * stride_r + offs_d.to(tl.int64)[:, None] * stride_d
+    return tl.load(base + offs, mask=r_ok[None, :] & d_ok[:, None], other=0.0)
+
+
+@triton.jit
+def store_rows(base, tile, offs_r, r_ok, stride_r, offs_d, d_ok, stride_d):
+    """Store a [len(offs_r), BLOCK_D] tile (cast to the pointee type) at rows ``offs_r``."""
+    tl.store(base + tile_offsets(offs_r, stride_r, offs_d, stride_d),
+             tile.to(base.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit

@@ -34,8 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..sinks import STABLE_REST
 from . import configs
-from .common import LOG2E, key_real, load_rows
+from .common import LOG2E, head_prologue, key_real, load_rows
 
 # slack of the online candidate test, in log2 units (keys with partial P > tau * 2^-MARGIN kept)
 MARGIN = 1e-3
@@ -49,6 +50,12 @@ def candidate_slots(tau: float):
     bound = math.ceil(1.0 / (tau * 2.0 ** -MARGIN)) - 1
     slots = max(2, triton.next_power_of_2(max(bound, 1)))
     return slots if slots <= MAX_CAND else None
+
+
+@triton.jit
+def _load_query(q_base, offs_d, d_ok, stride_qd):
+    """The single query row of a (b, h) program, fp32 [BLOCK_D] (padded lanes 0)."""
+    return tl.load(q_base + offs_d.to(tl.int64) * stride_qd, mask=d_ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -82,15 +89,9 @@ def _decode_split_kernel(
         HAS_KPM: tl.constexpr, TRACK: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAND: tl.constexpr):
     sp = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    kvh = h // group
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    kpm_row = Kpm + b * Nk
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=d_ok,
-                other=0.0).to(tl.float32)
+    bh, b, h, kvh, offs_d, d_ok, kpm_row = head_prologue(tl.program_id(1), Hq, group, Kpm, Nk, D,
+                                                         BLOCK_D)
+    q = _load_query(Q + b * stride_qb + h * stride_qh, offs_d, d_ok, stride_qd)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     first = 0
@@ -156,12 +157,8 @@ def _decode_epilogue_kernel(
         Hq, group, Nk, D, qk_scale, num_splits, beta, tau, stable_rest,
         HAS_KPM: tl.constexpr, TRACK: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, CAND: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
-    bh = tl.program_id(0)
-    b = bh // Hq
-    h = bh % Hq
-    kvh = h // group
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    bh, b, h, kvh, offs_d, d_ok, kpm_row = head_prologue(tl.program_id(0), Hq, group, Kpm, Nk, D,
+                                                         BLOCK_D)
 
     # merge the splits' (max, sum, acc)
     m_all = tl.full([], float("-inf"), dtype=tl.float32)
@@ -209,12 +206,10 @@ def _decode_epilogue_kernel(
             if (mass > 0) & (rest < stable_rest):
                 # cancellation guard: a softmax over the non-sink keys (same logits, same P > tau
                 # test as the candidates), exact even when 1 - m is subnormal
-                kpm_row = Kpm + b * Nk
                 first = 0
                 if HAS_KPM:
                     first = tl.load(FirstValid + b)
-                q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=d_ok,
-                            other=0.0).to(tl.float32)
+                q = _load_query(Q + b * stride_qb + h * stride_qh, offs_d, d_ok, stride_qd)
                 k_base = K + b * stride_kb + kvh * stride_kh
                 m_ns = tl.full([], float("-inf"), dtype=tl.float32)
                 l_ns = tl.full([], 0.0, dtype=tl.float32)
@@ -237,20 +232,24 @@ def _decode_epilogue_kernel(
         tl.store(Mass + bh, mass)
 
     tl.store(Lse + bh, lse2)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_d * stride_od,
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_d.to(tl.int64) * stride_od,
              o.to(Out.dtype.element_ty), mask=d_ok)
-    slot = tl.load(USlot + bh)
+    slot = tl.load(USlot + bh).to(tl.int64)
     if slot >= 0:
         tl.store(U32 + slot * D + offs_d, u, mask=d_ok)
 
 
 def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calibrated=None,
-                     beta=0.0, tau=1.0, stable_rest=0.05, split_size=None):
+                     beta=0.0, tau=1.0, stable_rest=None, split_size=None):
     """One-query attention. Returns ``(out, lse2 [B*Hq, 1], u32, mass [B*Hq])``.
 
     ``calibrated``: None (plain only) or int8 [B*Hq]; then ``tau`` must satisfy
     ``candidate_slots(tau) is not None`` and the calibrated heads are corrected in the epilogue.
+    ``stable_rest`` (default ``sinks.STABLE_REST``): non-sink mass below which a calibrated row
+    is recomputed directly (see the module docstring).
     """
+    if stable_rest is None:
+        stable_rest = STABLE_REST
     bsz, hq, nq, dim = q.shape
     assert nq == 1
     hkv, nk = k.shape[1], k.shape[2]

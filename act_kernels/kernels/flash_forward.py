@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LOG2E, attend_blocks, load_rows, row_real
+from .common import LOG2E, attend_blocks, head_prologue, load_rows, row_real, store_rows
 
 
 @configs.maybe_autotune("forward", key=["nq_key", "nk_key", "BLOCK_D"])
@@ -34,14 +34,9 @@ def _flash_forward_kernel(
         HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    kvh = h // group
+    bh, b, h, kvh, offs_d, d_ok, kpm_row = head_prologue(tl.program_id(1), Hq, group, Kpm, Nk, D,
+                                                         BLOCK_D)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    kpm_row = Kpm + b * Nk
     pos_m = (Nk - Nq) + offs_m
 
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_m < Nq, stride_qn,
@@ -72,12 +67,11 @@ def _flash_forward_kernel(
     o = tl.where(r_ok[:, None], o, 0.0)
     lse2 = tl.where(r_ok, m_i + tl.math.log2(tl.where(r_ok, l_i, 1.0)), float("inf"))
     tl.store(Lse + bh * Nq + offs_m, lse2, mask=offs_m < Nq)
-    out_mask = (offs_m < Nq)[:, None] & d_ok[None, :]
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
-             + offs_d[None, :] * stride_od, o.to(Out.dtype.element_ty), mask=out_mask)
-    slot = tl.load(USlot + bh)
+    store_rows(Out + b * stride_ob + h * stride_oh, o, offs_m, offs_m < Nq, stride_on,
+               offs_d, d_ok, stride_od)
+    slot = tl.load(USlot + bh).to(tl.int64)
     if slot >= 0:
-        tl.store(U32 + (slot * Nq + offs_m[:, None]) * D + offs_d[None, :], o, mask=out_mask)
+        store_rows(U32 + slot * Nq * D, o, offs_m, offs_m < Nq, D, offs_d, d_ok, 1)
 
 
 def flash_forward(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots):

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LOG2E, attend_blocks, load_rows, load_rows_t, mma, row_real
+from .common import (LOG2E, attend_blocks, head_prologue, load_rows, load_rows_t, mma, row_real,
+                     store_rows)
 
 
 @configs.maybe_autotune("correction", key=["nq_key", "nk_key", "BLOCK_D"])
@@ -44,17 +45,12 @@ def _sink_correction_kernel(
         BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
-    pid_p = tl.program_id(1)
-    bh = tl.load(Pairs + pid_p)
-    slot = tl.load(Slots + pid_p)
+    pid_p = tl.program_id(1).to(tl.int64)
+    bh, b, h, kvh, offs_d, d_ok, kpm_row = head_prologue(tl.load(Pairs + pid_p), Hq, group, Kpm,
+                                                         Nk, D, BLOCK_D)
+    slot = tl.load(Slots + pid_p).to(tl.int64)
     n_sinks = tl.load(NSinks + pid_p)
-    b = bh // Hq
-    h = bh % Hq
-    kvh = h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    kpm_row = Kpm + b * Nk
     pos_m = (Nk - Nq) + offs_m
     r_ok = row_real(kpm_row, offs_m, Nq, Nk, HAS_KPM)
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_m < Nq, stride_qn,
@@ -80,9 +76,7 @@ def _sink_correction_kernel(
     tl.store(Mass + pid_p * Nq + offs_m, mass, mask=offs_m < Nq)
 
     if slot >= 0:
-        out_mask = (offs_m < Nq)[:, None] & d_ok[None, :]
-        u = tl.load(U32 + (slot * Nq + offs_m[:, None]) * D + offs_d[None, :], mask=out_mask,
-                    other=0.0)
+        u = load_rows(U32 + slot * Nq * D, offs_m, offs_m < Nq, D, offs_d, d_ok, 1)
         # non-sink average  a_i = sum_{j not in S} P_ij v_j / (1 - m_i)  and  rest = 1 - m_i
         rest = 1.0 - mass
         avg = (u - w) / tl.where(rest > 0, rest, 1.0)[:, None]
@@ -108,8 +102,8 @@ def _sink_correction_kernel(
             avg = tl.where(unstable[:, None], acc_ns / l_safe[:, None], avg)
         change = r_ok & (mass > 0) & (rest > 0)
         o = tl.where(change[:, None], beta * w + (1.0 - beta * mass)[:, None] * avg, u)
-        tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
-                 + offs_d[None, :] * stride_od, o.to(Out.dtype.element_ty), mask=out_mask)
+        store_rows(Out + b * stride_ob + h * stride_oh, o, offs_m, offs_m < Nq, stride_on,
+                   offs_d, d_ok, stride_od)
 
 
 def compact_sinks(sinks):
