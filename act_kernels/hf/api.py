@@ -41,9 +41,14 @@ def attn_implementation_for(backend: str = "auto", device=None) -> str:
     return {b: impl for impl, b in ACT_ATTENTION_BACKENDS.items()}[name]
 
 
+def current_implementation(model) -> Optional[str]:
+    """The attention implementation of the model's text decoder."""
+    return getattr(text_config(model), "_attn_implementation", None)
+
+
 def _backend_of(model) -> str:
     """The op backend of the model's current ACT implementation, ``"auto"`` if none."""
-    return ACT_ATTENTION_BACKENDS.get(getattr(model.config, "_attn_implementation", None), "auto")
+    return ACT_ATTENTION_BACKENDS.get(current_implementation(model), "auto")
 
 
 def _attention_configs(model) -> List[Any]:
@@ -58,14 +63,31 @@ def _attention_configs(model) -> List[Any]:
     return configs
 
 
+def _text_request(config, text, name: str):
+    """``name`` for a plain model; for a composite one (a vision-language model), the nested
+    ``{sub_config_key: ...}`` request that reaches its text decoder only (other towers keep
+    their attention). ``None`` if the text config is not among the sub-configs."""
+    if config is text:
+        return name
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            found = _text_request(sub, text, name)
+            if found is not None:
+                return {key: found}
+    return None
+
+
 def _set_attn_implementation(model, name: str) -> None:
-    if getattr(model.config, "_attn_implementation", None) == name:
+    """Switch the model's text decoder to the attention implementation ``name``."""
+    text = text_config(model)
+    if getattr(text, "_attn_implementation", None) == name:
         return
     setter = getattr(model, "set_attn_implementation", None)
     if setter is not None:
-        setter(name)
-    if getattr(model.config, "_attn_implementation", None) != name:
-        model.config._attn_implementation = name
+        setter(_text_request(model.config, text, name) or name)
+    if getattr(text, "_attn_implementation", None) != name:
+        text._attn_implementation = name
 
 
 def _store_profile(model, stored: Optional[dict]) -> None:
@@ -119,7 +141,7 @@ def using_profile(model, profile: ProfileLike, backend: Optional[str] = None) ->
     """Run ``model`` with ``profile`` inside the block; afterwards its previous profile (or
     none) and attention implementation are back. ``backend``: the model's current ACT backend
     by default (``"auto"`` when it has none). Yields ``model``."""
-    previous_impl = getattr(model.config, "_attn_implementation", None)
+    previous_impl = current_implementation(model)
     previous = getattr(model.config, "act_profile", None)
     apply_profile(model, profile, backend=backend or _backend_of(model))
     try:
@@ -181,7 +203,7 @@ def head_override(model, heads: Mapping[int, Any], beta: Optional[float] = None,
     override = Override(masks, None if beta is None else check_beta(beta, "head_override"),
                         None if tau is None else check_tau(tau, "head_override"))
 
-    previous = getattr(model.config, "_attn_implementation", None)
+    previous = current_implementation(model)
     switched = previous not in ACT_ATTENTION_BACKENDS
     if switched:
         _set_attn_implementation(model, attn_implementation_for(backend, model_device(model)))
