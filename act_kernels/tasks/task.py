@@ -78,8 +78,11 @@ class Task:
 
     Attributes: ``name`` (canonical), ``kind`` (``"classification"`` | ``"multiple_choice"``),
     ``instruction``, ``template`` (classification), ``label_words`` (classification),
-    ``aliases``, ``description``.  Data-loading attributes (``offline``, ``hf``, ``eval_split``,
-    ``calib_split``, ``convert``) are used by :mod:`act_kernels.tasks.data`.
+    ``aliases``, ``description``, ``option_format`` (multiple choice: one option line, default
+    ``"{letter}. {choice}"``).  Data-loading attributes (``offline``, ``hf``, ``eval_split``,
+    ``calib_split``, ``convert``, and for a task defined in a file (:mod:`.taskfile`) ``files``,
+    ``{split: data file path}``, and ``source_path``, the task file) are used by
+    :mod:`act_kernels.tasks.data`.
     """
 
     def __init__(
@@ -98,6 +101,9 @@ class Task:
         eval_split: str = "validation",
         calib_split: str = "train",
         description: str = "",
+        option_format: str = "{letter}. {choice}",
+        files: Mapping[str, str] | None = None,
+        source_path: str | None = None,
     ):
         if kind not in (CLASSIFICATION, MULTIPLE_CHOICE):
             raise ValueError(f"unknown task kind {kind!r}")
@@ -116,6 +122,9 @@ class Task:
         self.eval_split = eval_split
         self.calib_split = calib_split
         self.description = description
+        self.option_format = option_format
+        self.files = dict(files or {})
+        self.source_path = source_path
         self._token_cache: dict[int, tuple[tuple[int, ...], ...]] = {}
 
     def __repr__(self) -> str:
@@ -150,7 +159,8 @@ class Task:
         if self.kind == CLASSIFICATION:
             return self.template.format(**ex.fields)
         lines = [str(ex.fields["question"])]
-        lines += [f"{LETTERS[i]}. {c}" for i, c in enumerate(ex.options)]
+        lines += [self.option_format.format(letter=LETTERS[i], choice=c)
+                  for i, c in enumerate(ex.options)]
         return "\n".join(lines) + "\nAnswer:"
 
     def _format(self, ex: Example, shots: Sequence[Example] = ()) -> str:
