@@ -134,8 +134,6 @@ def normalize_key_padding_mask(mask, bsz: int, nk: int, device) -> Optional[torc
     return mask.contiguous()
 
 
-
-
 def _backend_fn(name: str):
     if name == "eager":
         from .reference import act_attention_reference
@@ -177,6 +175,9 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         ``[B, Hq, Nq, D]`` in q's dtype, or ``(out, ACTStats)`` with ``return_stats=True``.
     """
     global _warned_grad
+    if torch.compiler.is_compiling():
+        return _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend,
+                              return_stats)
     _check_tensors(q, k, v)
     bsz, hq, nq, dim = q.shape
     nk = k.shape[2]
@@ -207,3 +208,38 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if return_stats:
         return out, ACTStats.from_dict(stats)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library: the op as one opaque node for torch.compile / CUDA graphs
+# ---------------------------------------------------------------------------------------------
+# Validation and dispatch read tensor values (``bool(mask.any())``, the backend's sink
+# selection), which a compiler cannot trace. Inside a compiled region ``act_attention`` calls
+# this custom op instead: the compiler sees a node with a known output (the fake
+# implementation: q's shape and dtype) and runs the eager op, validation included, when the
+# graph executes.
+
+@torch.library.custom_op("act_kernels::act_attention", mutates_args=())
+def act_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     heads: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                     beta: float, tau: float, scale: float, backend: str) -> torch.Tensor:
+    """``act_attention`` as a registered op (``torch.ops.act_kernels.act_attention``)."""
+    return act_attention(q, k, v, heads=heads, beta=beta, tau=tau, scale=scale,
+                         key_padding_mask=key_padding_mask, backend=backend).contiguous()
+
+
+@act_attention_op.register_fake
+def _act_attention_fake(q, k, v, heads, key_padding_mask, beta, tau, scale, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, return_stats):
+    if return_stats:
+        raise NotImplementedError("act_attention: return_stats is not supported inside "
+                                  "torch.compile (call it eagerly)")
+    if heads is not None and not isinstance(heads, torch.Tensor):
+        heads = head_mask(heads if isinstance(heads, Sequence) else [heads], q.shape[1],
+                          who="act_attention", device=q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return act_attention_op(q, k, v, heads, key_padding_mask, check_beta(beta), check_tau(tau),
+                            scale, backend)

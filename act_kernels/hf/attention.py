@@ -60,6 +60,33 @@ def _eager_with_probs(query, key, value, heads, beta, tau, scaling, kpm, kv_len)
     return out, probs.to(query.dtype)
 
 
+def _visible_keys(query, key, value, attention_mask, cache=None):
+    """``(key, value, key_padding_mask)``: the mask checked and turned into a key-padding mask,
+    k/v cut to the keys the queries can see (a static cache's unfilled slots dropped)."""
+    kpm, keys_used = mask_to_key_padding(attention_mask, query.shape[0], query.shape[2],
+                                         key.shape[2], cache=cache)
+    if keys_used < key.shape[2]:
+        key, value = key[:, :, :keys_used], value[:, :, :keys_used]
+    return key, value, kpm
+
+
+# Inside torch.compile the whole call, mask check included (it reads the mask's values and cuts
+# k/v to a data-dependent length), is one registered op: the compiler sees its output shape
+# (the fake below) and the eager code runs when the graph executes.
+@torch.library.custom_op("act_kernels::hf_attention", mutates_args=())
+def hf_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: Optional[torch.Tensor], heads: Optional[torch.Tensor],
+                    beta: float, tau: float, scale: float, backend: str) -> torch.Tensor:
+    key, value, kpm = _visible_keys(query, key, value, attention_mask)
+    return act_attention(query, key, value, heads=heads, beta=beta, tau=tau, scale=scale,
+                         key_padding_mask=kpm, backend=backend).contiguous()
+
+
+@hf_attention_op.register_fake
+def _hf_attention_fake(query, key, value, attention_mask, heads, beta, tau, scale, backend):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
 def _make_attention_forward(name: str):
     backend = ACT_ATTENTION_BACKENDS[name]
 
@@ -71,13 +98,14 @@ def _make_attention_forward(name: str):
         _refuse_unsupported(name, module, dropout, is_causal, kwargs)
         state = state_of_module(module)
         heads, beta, tau = state.layer_settings(module, query.device)
-        bsz, _, q_len, _ = query.shape
-        kv_len = key.shape[2]
-        kpm, keys_used = mask_to_key_padding(attention_mask, bsz, q_len, kv_len,
-                                             cache=state.mask_cache)
-        if keys_used < kv_len:        # a static cache's unfilled slots
-            key, value = key[:, :, :keys_used], value[:, :, :keys_used]
+        if torch.compiler.is_compiling():
+            scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+            out = hf_attention_op(query, key, value, attention_mask, heads, beta, tau, scale,
+                                  backend)
+            return out.transpose(1, 2).contiguous(), None
 
+        kv_len = key.shape[2]
+        key, value, kpm = _visible_keys(query, key, value, attention_mask, state.mask_cache)
         if kwargs.get("output_attentions", False):
             out, probs = _eager_with_probs(query, key, value, heads, beta, tau, scaling, kpm,
                                            kv_len)

@@ -1,0 +1,68 @@
+"""torch.compile over a model with ACT attention: no graph break, same outputs, and static-cache
+generation with a compiled forward; the op itself as a registered ``torch.library`` op."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from act_kernels import ACTProfile, act_attention, apply_profile  # noqa: E402
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96,
+                                      num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    with torch.no_grad():      # sharper attention than the random init gives: sinks exist
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+    model = apply_profile(model.eval(), ACTProfile(heads={1: [0, 2], 2: [1]}, tau=0.05),
+                          backend="torch")
+    return model
+
+
+def batch():
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0                                   # left padding
+    return ids, mask
+
+
+def test_the_op_is_a_library_op_with_a_fake():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 9, 16, generator=gen) for h in (4, 2, 2))
+    kpm = torch.ones(2, 9, dtype=torch.bool)
+    kpm[1, :3] = False
+    heads = torch.tensor([True, False, True, False])
+    for args in ((q, k, v, heads, kpm), (q[:, :, -1:], k, v, None, None)):
+        torch.library.opcheck(torch.ops.act_kernels.act_attention.default,
+                              args + (0.4, 0.1, 0.25, "torch"))
+    compiled = torch.compile(lambda q, k, v: act_attention(q, k, v, heads=[0, 2], tau=0.05,
+                                                           key_padding_mask=kpm,
+                                                           backend="torch"), fullgraph=True)
+    want = act_attention(q, k, v, heads=[0, 2], tau=0.05, key_padding_mask=kpm, backend="torch")
+    torch.testing.assert_close(compiled(q, k, v), want, rtol=0, atol=0)
+    with pytest.raises(Exception, match="return_stats is not supported inside torch.compile"):
+        torch.compile(lambda q: act_attention(q, k, v, return_stats=True), fullgraph=True)(q)
+
+
+@torch.no_grad()
+def test_compiled_model_has_no_graph_break_and_generates_the_same():
+    model = tiny_llama()
+    ids, mask = batch()
+    want = model(input_ids=ids, attention_mask=mask).logits
+    explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
+    got = torch.compile(model, fullgraph=True)(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                  cache_implementation="static", pad_token_id=0)
+    eager = model.generate(**kwargs)
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    assert torch.equal(model.generate(**kwargs), eager)
