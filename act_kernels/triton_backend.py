@@ -21,6 +21,8 @@ that see nothing (padded query rows), whose output is 0.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .sinks import STABLE_REST, first_valid_index, seen_counts, select_sinks
@@ -31,7 +33,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise RuntimeError("act_attention: backend='triton' needs the triton package, which is not "
                        "installed (pip install triton), or use backend='torch'") from exc
 
-from .kernels import configs  # noqa: E402
+from .kernels import aot, configs  # noqa: E402
 from .kernels.column_scores import column_scores  # noqa: E402
 from .kernels.decode import candidate_slots, decode_attention  # noqa: E402
 from .kernels.flash_forward import _flash_forward_kernel, flash_forward  # noqa: E402
@@ -40,11 +42,75 @@ from .kernels.sink_correction import sink_correction  # noqa: E402
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+class CalibratedPairs:
+    """Which (batch row, head) pairs a heads mask calibrates, kept on the device.
+
+    ``pairs`` int32 [P] (``b * Hq + h``, ascending), ``u_slot`` int32 [B*Hq] (row of the fp32
+    ``u`` buffer, -1 when not calibrated), ``cal_i8`` int8 [B*Hq] (the decode kernel's flags) and
+    the count ``n_cal`` (a host int: it sizes buffers and grids).
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        flat = mask.reshape(-1)
+        self.pairs = torch.nonzero(flat).reshape(-1).to(torch.int32)   # the one host sync
+        self.n_cal = self.pairs.numel()
+        self.u_slot = torch.full((flat.numel(),), -1, device=mask.device, dtype=torch.int32)
+        self.u_slot[self.pairs.long()] = torch.arange(self.n_cal, device=mask.device,
+                                                      dtype=torch.int32)
+        self.cal_i8 = flat.to(torch.int8).contiguous()
+
+
+class _PairsCache:
+    """``CalibratedPairs`` per heads mask, so that steady-state calls never synchronise.
+
+    Finding the calibrated pairs needs their count on the host (one sync). A layer's mask is the
+    same tensor from call to call (the profile's per-layer mask, or a view of it, like the
+    ``[B, Hq]`` expansion of a ``[Hq]`` mask), so the result is cached on the tensor that owns
+    the data: the key is that tensor's identity (held weakly: the entry goes when it does), its
+    version counter (an in-place edit of the mask recomputes), and the view's shape, strides and
+    offset.
+    """
+
+    def __init__(self):
+        self._entries = {}
+
+    def get(self, mask: torch.Tensor) -> CalibratedPairs:
+        owner = mask._base if mask._base is not None else mask
+        geometry = (tuple(mask.shape), mask.stride(), mask.storage_offset(), mask.device)
+        key = (id(owner), geometry)
+        version = None if mask.is_inference() else mask._version   # inference tensors have none
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is owner and entry[1] == version:
+            return entry[2]
+        pairs = CalibratedPairs(mask)
+        entries = self._entries
+        ref = weakref.ref(owner, lambda _, key=key: entries.pop(key, None))
+        self._entries[key] = (ref, version, pairs)
+        return pairs
+
+
+_PAIRS = _PairsCache()
+_NO_PAIRS = {}   # (B*Hq, device) -> CalibratedPairs of an empty mask
+
+
+def calibrated_pairs(heads, n_bh: int, device) -> CalibratedPairs:
+    """The cached ``CalibratedPairs`` of ``heads`` (None: nothing calibrated)."""
+    if heads is not None:
+        return _PAIRS.get(heads)
+    key = (n_bh, str(device))
+    if key not in _NO_PAIRS:
+        _NO_PAIRS[key] = CalibratedPairs(torch.zeros(n_bh, dtype=torch.bool, device=device))
+    return _NO_PAIRS[key]
+
+
 def check_can_run(q: torch.Tensor) -> None:
-    """Raise one clear RuntimeError if these kernels cannot run on ``q``."""
+    """Raise one clear RuntimeError if these kernels cannot run on ``q``.
+
+    (CPU tensors are also accepted inside ``kernels.aot.compile_only``, which compiles the
+    kernels for a GPU target and launches nothing.)"""
     dev = q.device.type
     interpreted = configs.is_interpreted(_flash_forward_kernel)
-    if dev == "cpu" and not interpreted:
+    if dev == "cpu" and not interpreted and aot.target_arch() is None:
         raise RuntimeError(
             "act_attention: backend='triton' got CPU tensors but Triton is not in interpreter "
             "mode; set TRITON_INTERPRET=1 before importing triton, or use backend='torch'")
@@ -71,24 +137,19 @@ def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, ret
     kpm_i8 = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
     first_valid = first_valid_index(key_padding_mask, bsz, dev)
     first_valid_i32 = first_valid.to(torch.int32)
-    cal_flat = None if heads is None else heads.reshape(-1)
+    # the calibrated (b, h) pairs, computed once per heads mask and kept on the device
+    cal = calibrated_pairs(heads, n_bh, dev)
 
     # Decode with calibration: one pass over K/V, candidates kept on the fly, exact (decode.py).
-    if nq == 1 and cal_flat is not None and not return_stats and candidate_slots(tau):
-        no_slot = torch.full((n_bh,), -1, device=dev, dtype=torch.int32)
+    if nq == 1 and cal.n_cal > 0 and not return_stats and candidate_slots(tau):
+        no_slot = calibrated_pairs(None, n_bh, dev).u_slot
         out, _, _, _ = decode_attention(q, k, v, scale, kpm_i8, first_valid_i32, no_slot, 0,
-                                        calibrated=cal_flat.to(torch.int8).contiguous(),
-                                        beta=beta, tau=tau, stable_rest=STABLE_REST)
+                                        calibrated=cal.cal_i8, beta=beta, tau=tau,
+                                        stable_rest=STABLE_REST)
         return out, None
 
     # Which (b, h) pairs get column work: the calibrated ones (all of them for stats).
-    if cal_flat is None:
-        cal_pairs = torch.empty(0, device=dev, dtype=torch.int32)
-    else:
-        cal_pairs = torch.nonzero(cal_flat).reshape(-1).to(torch.int32)
-    n_cal = cal_pairs.numel()
-    u_slot = torch.full((n_bh,), -1, device=dev, dtype=torch.int32)
-    u_slot[cal_pairs.long()] = torch.arange(n_cal, device=dev, dtype=torch.int32)
+    cal_pairs, n_cal, u_slot = cal.pairs, cal.n_cal, cal.u_slot
 
     # 1. plain pass: out, base-2 LSE, fp32 u of the calibrated heads
     if nq == 1:

@@ -1,0 +1,151 @@
+"""No host synchronisation in the steady-state ``act_triton`` path (issue 11, item 2).
+
+On a GPU, anything that reads a device tensor's values on the host (``.item()``, ``.tolist()``,
+``bool(t)``, ``nonzero()``, boolean-mask indexing, ... : every op whose result or output shape
+depends on device data) makes the CPU wait for the GPU, and it stops CUDA graph capture. On this
+CPU-only machine such calls cannot be timed, so they are caught by name: ``NoHostSync`` is a
+``TorchFunctionMode`` that fails on each of them while the backend's Python code runs. The kernel
+launches themselves (the interpreter, which does run on the CPU) are not checked: on a GPU a
+launch is asynchronous.
+
+The first call with a new heads mask may synchronise once (it finds the calibrated pairs and
+caches them on the mask); the second call with the same mask must not.
+"""
+import contextlib
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+triton = pytest.importorskip("triton")
+
+from act_kernels import triton_backend as tb  # noqa: E402
+from act_kernels.kernels import column_scores, decode, flash_forward, sink_correction  # noqa: E402
+from inputs import left_padding, make_qkv  # noqa: E402
+
+Tensor = torch.Tensor
+
+# calls that read device data on the host, or whose output shape depends on it
+SYNCING = {
+    Tensor.item, Tensor.tolist, Tensor.numpy, Tensor.cpu,
+    Tensor.__bool__, Tensor.__int__, Tensor.__float__, Tensor.__index__, Tensor.__complex__,
+    torch.nonzero, Tensor.nonzero, torch.argwhere, Tensor.argwhere,
+    torch.masked_select, Tensor.masked_select, torch.unique, Tensor.unique,
+    torch.unique_consecutive, Tensor.unique_consecutive, torch.bincount, Tensor.bincount,
+    torch.repeat_interleave, Tensor.repeat_interleave, torch.equal, Tensor.equal,
+    torch.allclose, Tensor.allclose, torch.is_nonzero, Tensor.is_nonzero,
+}
+INDEXING = {Tensor.__getitem__, Tensor.__setitem__, Tensor.index_put_, Tensor.index_put,
+            torch.index_put}
+
+
+def _has_mask_index(index) -> bool:
+    items = index if isinstance(index, (tuple, list)) else (index,)
+    return any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in items)
+
+
+class HostSyncError(AssertionError):
+    pass
+
+
+class NoHostSync(TorchFunctionMode):
+    """Raise ``HostSyncError`` on any host-synchronising call (see module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        self.paused = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.paused:
+            name = getattr(func, "__qualname__", repr(func))
+            if func in SYNCING:
+                raise HostSyncError(f"host sync: {name}")
+            if func in INDEXING and len(args) > 1 and _has_mask_index(args[1]):
+                raise HostSyncError(f"host sync: {name} with a boolean mask index "
+                                    "(data-dependent shape)")
+            if func is torch.where and len(args) + len(kwargs) == 1:
+                raise HostSyncError("host sync: torch.where(condition) (data-dependent shape)")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def no_host_sync(monkeypatch):
+    """Check the Python path; let the kernel launches (the interpreter) run unchecked."""
+    mode = NoHostSync()
+    for module in (flash_forward, column_scores, sink_correction, decode):
+        launch = module.launch
+
+        def unchecked(*args, _launch=launch, **kwargs):
+            mode.paused = True
+            try:
+                return _launch(*args, **kwargs)
+            finally:
+                mode.paused = False
+        monkeypatch.setattr(module, "launch", unchecked)
+    with mode:
+        yield
+
+
+def backend_call(q, k, v, heads, kpm=None, stats=False):
+    return tb.act_attention_triton(q, k, v, heads, 0.4, 0.1, q.shape[-1] ** -0.5, kpm, stats)
+
+
+CASES = {  # name: (bsz, hq, hkv, nq, nk, padded, stats)
+    "prefill": (2, 4, 2, 20, 20, False, False),
+    "chunked prefill": (2, 4, 2, 6, 23, False, False),
+    "decode": (2, 4, 2, 1, 37, False, False),
+    "decode, padded": (2, 4, 2, 1, 37, True, False),
+    "decode, stats": (2, 4, 2, 1, 37, False, True),
+    "prefill, stats": (2, 4, 4, 17, 17, False, True),
+    "prefill, padded": pytest.param(
+        (2, 4, 2, 20, 20, True, False),
+        marks=pytest.mark.xfail(strict=True, raises=HostSyncError, reason=(
+            "sinks.seen_counts indexes with a boolean mask when there is padding "
+            "(counts[:, inside] = ...): a sync outside this file's ownership, reported"))),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+@pytest.mark.parametrize("mask_kind", ["[B, Hq]", "[Hq] expanded"])
+def test_second_call_does_not_sync(case, mask_kind, monkeypatch):
+    bsz, hq, hkv, nq, nk, padded, stats = case
+    q, k, v = make_qkv(bsz, hq, hkv, nq, nk, 16, seed=nk, planted=(3,))
+    kpm = left_padding(nk, [0, 4]) if padded else None
+    if mask_kind == "[B, Hq]":
+        heads = torch.tensor([[True, False, True, False], [False, False, True, True]])
+    else:                       # the op's normalisation of a [Hq] mask: a view of the profile's
+        profile_row = torch.tensor([True, False, False, True])
+        heads = profile_row[None, :].expand(bsz, hq)
+    first = backend_call(q, k, v, heads, kpm, stats)          # may sync once: fills the cache
+    if mask_kind != "[B, Hq]":   # a new view of the same row each call, as the op makes it
+        heads = profile_row[None, :].expand(bsz, hq)
+    with no_host_sync(monkeypatch):
+        second = backend_call(q, k, v, heads, kpm, stats)
+    assert torch.equal(first[0], second[0])
+
+
+def test_the_check_catches_syncs(monkeypatch):
+    """The checker is not vacuous: a new mask (cache miss) syncs, and so do the usual calls."""
+    q, k, v = make_qkv(1, 2, 1, 9, 9, 16, seed=1)
+    with no_host_sync(monkeypatch):
+        with pytest.raises(HostSyncError, match="nonzero"):
+            backend_call(q, k, v, torch.tensor([[True, False]]))
+        t = torch.ones(3)
+        for sync in (lambda: t.sum().item(), lambda: bool(t.any()), lambda: t.tolist(),
+                     lambda: t[t > 0], lambda: torch.nonzero(t)):
+            with pytest.raises(HostSyncError):
+                sync()
+
+
+def test_cache_follows_in_place_edits_and_lifetime():
+    q, k, v = make_qkv(1, 3, 3, 9, 9, 16, seed=2, planted=(4,))
+    heads = torch.tensor([[True, False, False]])
+    a = backend_call(q, k, v, heads)[0]
+    heads[0, 1] = True                    # in place: the version counter changes
+    b = backend_call(q, k, v, heads)[0]
+    fresh = backend_call(q, k, v, heads.clone())[0]
+    assert torch.equal(b, fresh) and not torch.equal(a[0, 1], b[0, 1])
+    n_entries = len(tb._PAIRS._entries)
+    del heads
+    assert len(tb._PAIRS._entries) == n_entries - 1      # the entry goes with its mask
