@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .aot import launch
 from .common import LOG2E, head_prologue, key_real, load_rows, load_rows_t, mma, row_real
 
 LAUNCHES = {"calls": 0, "programs": 0}
@@ -72,7 +73,7 @@ def column_scores(q, k, lse2, scale, kpm_i8, pairs):
         return g
 
     LAUNCHES["calls"] += 1
-    _column_scores_kernel[grid](
+    launch(_column_scores_kernel, grid,
         q, k, lse2, pairs, kpm_i8 if has_kpm else pairs, colsum,
         *q.stride(), *k.stride(),
         hq, hq // hkv, nq, nk, dim, scale * LOG2E, configs.len_bucket(nq), configs.len_bucket(nk),

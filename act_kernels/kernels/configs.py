@@ -18,6 +18,8 @@ import os
 
 import triton
 
+from . import aot
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Head dims the kernels accept: any D in 1..MAX_HEAD_DIM; the D block is the next power of two
@@ -71,19 +73,71 @@ def _gpu_configs(kind: str):
     return out
 
 
-def prune_configs(configs, named_args, **kwargs):
-    """Drop tiles whose fp32 working set clearly cannot fit for large head dims."""
-    bd = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
-    kept = []
-    for c in configs:
-        bm = c.kwargs.get("BLOCK_M", 64)
-        bn = c.kwargs.get("BLOCK_N", 64)
-        if bd >= 256 and (bm > 64 or bn > 64):
-            continue
-        if bd >= 128 and bm * bn > 128 * 64 and c.num_stages > 2:
-            continue
-        kept.append(c)
-    return kept or configs[-1:]
+# Shared memory one thread block may use (the opt-in maximum), bytes, by compute capability.
+SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
+              103: 232448, 120: 101376}
+
+
+def smem_bytes(kind: str, meta: dict, block_d: int, elsize: int, num_stages: int) -> int:
+    """Estimated shared memory (bytes) of one program of an autotuned kernel.
+
+    Triton's pipeliner keeps ``num_stages`` copies of every tile a loop streams in from global
+    memory for a dot, and the dot operands that stay resident (the Q tile) in shared memory too:
+
+    * forward: K^T and V tiles [BLOCK_N, BLOCK_D] per stage, plus the Q tile [BLOCK_M, BLOCK_D];
+    * column: Q tiles [BLOCK_M, BLOCK_D] per stage, plus the K^T tile [BLOCK_D, BLOCK_N];
+    * correction: the gathered sink rows of K and V [BLOCK_S, BLOCK_D] per stage, the guard's
+      K and V tiles [BLOCK_N, BLOCK_D] per stage (the two loops do not overlap in time, so the
+      larger one counts), plus the Q tile.
+
+    The element size is the input's (fp32 inputs take twice the space of fp16/bf16).
+    ``tests/test_gpu_compile.py`` checks on sm_80/90/100 that the compiled ``metadata.shared``
+    never exceeds this estimate and that every config it drops really does not fit.
+    """
+    bm, bn = meta.get("BLOCK_M", 64), meta.get("BLOCK_N", 64)
+    tile = block_d * elsize
+    if kind == "forward":
+        return (num_stages * 2 * bn + bm) * tile
+    if kind == "column":
+        return (num_stages * bm + bn) * tile
+    if kind == "correction":
+        return (num_stages * 2 * max(meta.get("BLOCK_S", 16), bn) + bm) * tile
+    raise ValueError(kind)
+
+
+def smem_limit() -> int:
+    """Per-block shared memory of the device the kernels compile for (the compile_only target,
+    else the current CUDA device)."""
+    arch = aot.target_arch()
+    if arch is not None:
+        return SMEM_LIMIT[arch]
+    return _device_smem_limit()
+
+
+@functools.lru_cache(maxsize=None)
+def _device_smem_limit() -> int:
+    import torch
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    return int(limit) if limit else SMEM_LIMIT.get(props.major * 10 + props.minor, 101376)
+
+
+def prune_configs(configs, named_args, kind=None, **kwargs):
+    """Keep the configs whose estimated shared memory (``smem_bytes``) fits the device.
+
+    If none fits, the smallest is kept (Triton needs one; it would then fail to launch with a
+    clear out-of-resources error rather than silently doing something else)."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    q = named_args.get("Q")
+    elsize = q.element_size() if q is not None else 2
+    limit = smem_limit()
+    sizes = [smem_bytes(kind, c.kwargs, block_d, elsize, c.num_stages) for c in configs]
+    kept = [c for c, size in zip(configs, sizes) if size <= limit]
+    return kept or [configs[sizes.index(min(sizes))]]
+
+
+# the autotuned kernels by kind (tests switch their pruning off to check the rule)
+AUTOTUNED = {}
 
 
 def maybe_autotune(kind: str, key):
@@ -91,8 +145,12 @@ def maybe_autotune(kind: str, key):
     def wrap(kernel):
         if INTERPRET:
             return kernel
-        return triton.autotune(configs=_gpu_configs(kind), key=key,
-                               prune_configs_by={"early_config_prune": prune_configs})(kernel)
+        tuned = triton.autotune(
+            configs=_gpu_configs(kind), key=key,
+            prune_configs_by={"early_config_prune": functools.partial(prune_configs, kind=kind)},
+        )(kernel)
+        AUTOTUNED[kind] = tuned
+        return tuned
     return wrap
 
 

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from ..sinks import STABLE_REST
 from . import configs
+from .aot import launch
 from .common import LOG2E, head_prologue, key_real, load_rows
 
 # slack of the online candidate test, in log2 units (keys with partial P > tau * 2^-MARGIN kept)
@@ -282,14 +283,14 @@ def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calib
     qs = (q.stride(0), q.stride(1), q.stride(3))
     qk_scale = scale * LOG2E
 
-    _decode_split_kernel[(num_splits, bhn)](
+    launch(_decode_split_kernel, (num_splits, bhn),
         q, k, v, kpm_arg, first_valid, part_m, part_l, part_acc, cand_s, cand_i, overflow,
         *qs, *k.stride(), *v.stride(),
         hq, hq // hkv, nk, dim, qk_scale, split, num_splits,
         math.log2(tau) - MARGIN if track else 0.0,
         HAS_KPM=has_kpm, TRACK=track, BLOCK_N=block_n, BLOCK_D=block_d, CAND=cand,
         num_warps=num_warps)
-    _decode_epilogue_kernel[(bhn,)](
+    launch(_decode_epilogue_kernel, (bhn,),
         q, k, v, out, lse2, u32, u_slot, cal, mass, kpm_arg, first_valid,
         part_m, part_l, part_acc, cand_s, cand_i,
         *qs, *k.stride(), *v.stride(), out.stride(0), out.stride(1), out.stride(3),

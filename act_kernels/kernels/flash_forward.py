@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .aot import launch
 from .common import LOG2E, attend_blocks, head_prologue, load_rows, row_real, store_rows
 
 
@@ -92,7 +93,7 @@ def flash_forward(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots):
     def grid(m):
         return (triton.cdiv(nq, m["BLOCK_M"]), bsz * hq)
 
-    _flash_forward_kernel[grid](
+    launch(_flash_forward_kernel, grid,
         q, k, v, out, lse2, u32, kpm_arg, first_valid, u_slot,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         hq, hq // hkv, nq, nk, dim, scale * LOG2E, configs.len_bucket(nq), configs.len_bucket(nk),

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .aot import launch
 from .common import (LOG2E, attend_blocks, head_prologue, load_rows, load_rows_t, mma, row_real,
                      store_rows)
 
@@ -137,7 +138,7 @@ def sink_correction(q, k, v, out, lse2, u32, pairs, slots, sinks, beta, scale, k
     def grid(m):
         return (triton.cdiv(nq, m["BLOCK_M"]), n_pairs)
 
-    _sink_correction_kernel[grid](
+    launch(_sink_correction_kernel, grid,
         q, k, v, out, lse2, u32, pairs, slots, n_sinks, idx, sink_mask,
         kpm_i8 if has_kpm else pairs, first_valid, mass,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
