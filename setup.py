@@ -22,6 +22,9 @@ setup(
         "data": ["pyarrow"],
         "plot": ["matplotlib"],
         "test": ["pytest", "hypothesis", "pytest-xdist"],
+        "lmeval": ["lm-eval>=0.4,<0.5"],
     },
-    entry_points={"console_scripts": ["act=act_kernels.cli:main"]},
+    entry_points={"console_scripts": ["act=act_kernels.cli:main"],
+                  # read by lm-evaluation-harness releases that discover model plugins
+                  "lm_eval.models": ["act=act_kernels.lmeval:ACTLM"]},
 )
