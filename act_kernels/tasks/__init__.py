@@ -31,12 +31,10 @@ from .taskfile import TaskFileError, load_task_file, register_task_file
 __all__ = [
     "CLASSIFICATION", "CLASSIFICATION_TASKS", "DataNotInstalledError", "Example", "LETTERS",
     "MULTIPLE_CHOICE", "MULTIPLE_CHOICE_TASKS", "ScoreItem", "Splits", "TASKS", "Task",
-    "TaskFileError",
-    "accuracy", "apply_chat", "available_splits", "balanced_accuracy", "continuation_logprobs",
-    "default_split", "encode_batch", "encode_loglik", "evaluate_last_token", "evaluate_loglik",
-    "get_task", "left_pad", "letter_token_ids", "load_examples", "load_splits", "load_task_file",
-    "make_splits",
-    "offline_path", "pad_id", "prepare_batch", "read_rows", "register_task_file",
-    "score_last_logits",
+    "TaskFileError", "accuracy", "apply_chat", "available_splits", "balanced_accuracy",
+    "continuation_logprobs", "default_split", "encode_batch", "encode_loglik",
+    "evaluate_last_token", "evaluate_loglik", "get_task", "left_pad", "letter_token_ids",
+    "load_examples", "load_splits", "load_task_file", "make_splits", "offline_path", "pad_id",
+    "prepare_batch", "read_rows", "register_task_file", "score_last_logits",
     "score_option_logprobs",
 ]
