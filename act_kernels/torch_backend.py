@@ -12,6 +12,7 @@ of P is as small as the output, so it is calibrated directly, without the identi
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -146,9 +147,38 @@ def _run_block(fn, *args):
         return _column_block(*args)
 
 
+def _kv_groups(b_idx, h_idx, group: int) -> dict:
+    """``{(b, kv_head): [(pair, h), ...]}``: the pairs that read the same kv head."""
+    shared = {}
+    for p, (b, h) in enumerate(zip(b_idx.tolist(), h_idx.tolist())):
+        shared.setdefault((b, h // group), []).append((p, h))
+    return shared
+
+
+def key_span(first_pos: int, last_pos: int) -> tuple:
+    """Keys ``[lo, hi)`` that some row at positions ``first_pos..last_pos`` sees: ``[0, last_pos]``.
+
+    The one place that decides a block of rows' key range (a sliding window would raise ``lo``);
+    :func:`_hidden` and :func:`_rows_seeing` give the visibility inside the range.
+    """
+    return 0, last_pos + 1
+
+
+def _hidden(row_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+    """``[rows, keys]`` bool: True where the row at ``row_pos`` does not see the key at ``key_pos``."""
+    return key_pos[None, :] > row_pos[:, None]
+
+
+def _rows_seeing(key_pos: torch.Tensor, first_pos: int, last_pos: int) -> torch.Tensor:
+    """How many rows at positions ``first_pos..last_pos`` see each key of ``key_pos`` (all in the
+    rows' :func:`key_span`)."""
+    return (last_pos + 1 - key_pos).clamp_(max=last_pos + 1 - first_pos)
+
+
 def column_sums(q, k, neg_lse, b_idx, h_idx, scale):
     """``[P, Nk]`` float32: ``sum_i P_ij`` over the rows that see ``j``, for each (b, h) pair.
 
+    The exact column pass over every key (``return_stats`` uses it: it reports every score).
     ``neg_lse`` is ``-lse`` with ``-inf`` on rows that must not count (padded queries), so they
     add exact zeros. Pairs reading the same kv head share one matmul per block of rows; keys
     past a block's last row are never computed. Padded keys get garbage sums, which the caller
@@ -160,10 +190,7 @@ def column_sums(q, k, neg_lse, b_idx, h_idx, scale):
     work = _work_dtype(q.dtype)
     sums = torch.empty(len(b_idx), nk, dtype=work, device=q.device)
     block = _pick_column_block(nq, nk)
-    shared = {}
-    for p, (b, h) in enumerate(zip(b_idx.tolist(), h_idx.tolist())):
-        shared.setdefault((b, h // group), []).append((p, h))
-    for (b, kv_head), members in shared.items():
+    for (b, kv_head), members in _kv_groups(b_idx, h_idx, group).items():
         pairs = [p for p, _ in members]
         q_heads = q[b, [h for _, h in members]].to(work)          # [G, Nq, D]
         kt = k[b, kv_head].to(work).t()
@@ -180,8 +207,125 @@ def column_sums(q, k, neg_lse, b_idx, h_idx, scale):
 
 
 # --------------------------------------------------------------------------------------------
+# pruned column pass: bound every key cheaply, sum exactly only the keys that could be sinks
+# --------------------------------------------------------------------------------------------
+
+# Floats of one block of the bound pass (rows x heads x keys): 2 MiB, at least 32 rows.
+BOUND_BLOCK_FLOATS = 1 << 19
+BOUND_MIN_ROWS = 32
+# Stand-in for -inf on rows that count for nothing, so that no inf enters a matmul.
+_DEAD_ROW = -1e30
+_ROUNDING = 2.0 ** -24      # float32's unit roundoff (also used, conservatively, for float64)
+
+
+def column_bounds(q, k, neg_lse, b_idx, h_idx, scale):
+    """``[P, Nk]`` float32, an upper bound of ``sum_i P_ij`` over the rows that see ``j``.
+
+    No exponential per entry: for each block of rows, one matmul gives ``max_i (s_ij - lse_i)``
+    (``-lse_i`` rides along as an extra column of q against a column of ones in k), and the
+    block adds ``(rows of the block that see j) * exp(max)``. The bound is then widened by the
+    float32 rounding of both its logits and the exact path's (see :func:`_logit_slack`), so it
+    also bounds what :func:`column_sums` would compute.
+    """
+    nq, dim = q.shape[2], q.shape[3]
+    nk = k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    work = _work_dtype(q.dtype)
+    bounds = torch.empty(len(b_idx), nk, dtype=work, device=q.device)
+    for (b, kv_head), members in _kv_groups(b_idx, h_idx, group).items():
+        pairs = [p for p, _ in members]
+        heads = len(pairs)
+        q_heads = q[b, [h for _, h in members]].to(work)                   # [G, Nq, D]
+        k_head = k[b, kv_head].to(work)                                    # [Nk, D]
+        nl = neg_lse[pairs].clamp(min=_DEAD_ROW)                           # [G, Nq]
+        # rows: [Nq, G, D + 1] = (scale q, -lse); keys: [Nk, D + 1] = (k, 1)
+        q_aug = torch.cat([q_heads * scale, nl[..., None]], -1).transpose(0, 1).contiguous()
+        k_aug = torch.cat([k_head, torch.ones(nk, 1, dtype=work, device=q.device)], -1)
+        acc = torch.zeros(heads, nk, dtype=work, device=q.device)
+        rows = max(BOUND_MIN_ROWS, BOUND_BLOCK_FLOATS // (nk * heads))
+        buffer = torch.empty(min(rows, nq) * heads * nk, dtype=work, device=q.device)
+        key_pos = torch.arange(nk, device=q.device)
+        key_pos_w = key_pos.to(work)
+        for r0 in range(0, nq, rows):
+            r1 = min(nq, r0 + rows)
+            first_pos, last_pos = nk - nq + r0, nk - nq + r1 - 1
+            lo, hi = key_span(first_pos, last_pos)
+            s = torch.mm(q_aug[r0:r1].view((r1 - r0) * heads, dim + 1), k_aug[lo:hi].t(),
+                         out=buffer[:(r1 - r0) * heads * (hi - lo)].view(-1, hi - lo))
+            s = s.view(r1 - r0, heads, hi - lo)
+            edge = max(first_pos, lo)     # keys from here on are hidden from some rows
+            hidden = _hidden(torch.arange(first_pos, last_pos + 1, device=q.device),
+                             key_pos[edge:hi])
+            s[:, :, edge - lo:].masked_fill_(hidden[:, None, :], float("-inf"))
+            top = s.amax(0).exp_()                                         # [G, keys]
+            acc[:, lo:hi].addcmul_(top, _rows_seeing(key_pos_w[lo:hi], first_pos, last_pos))
+        slack = _logit_slack(q_heads, k_head, nl, scale)
+        bounds[pairs] = acc * (math.exp(slack) * (1.0 + (nq + 64) * 4 * _ROUNDING))
+    return bounds.float()
+
+
+def _logit_slack(q_heads, k_head, neg_lse, scale) -> float:
+    """Largest difference between two float32 evaluations of ``scale q.k - lse`` (the bound's
+    and the exact path's): each is within ``(D + 3) u (scale |q| |k| + |lse|)`` of the real value
+    (rounding of the scaled q, the products and the sum of ``D + 1`` terms)."""
+    dim = q_heads.shape[-1]
+    q_norm = float(q_heads.norm(dim=-1).max())
+    k_norm = float(k_head.norm(dim=-1).max())
+    alive = neg_lse > _DEAD_ROW
+    lse_max = float(neg_lse[alive].abs().max()) if bool(alive.any()) else 0.0
+    return 2 * (dim + 3) * _ROUNDING * (abs(scale) * q_norm * k_norm + lse_max)
+
+
+def candidate_sums(q, k, neg_lse, b_idx, h_idx, candidates, scale):
+    """``[P, Nk]`` float32: the exact ``sum_i P_ij`` of the keys in ``candidates [P, Nk]``, 0 for
+    the others. Each block of rows reads only the candidates it sees."""
+    nq, nk = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    work = _work_dtype(q.dtype)
+    sums = torch.zeros(len(b_idx), nk, dtype=work, device=q.device)
+    positions = torch.arange(nk - nq, nk, device=q.device)
+    for p, (b, h) in enumerate(zip(b_idx.tolist(), h_idx.tolist())):
+        idx = candidates[p].nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        ks = k[b, h // group][idx].to(work)
+        qp = q[b, h].to(work)
+        acc = torch.zeros(idx.numel(), dtype=work, device=q.device)
+        rows = _block_rows(idx.numel())
+        for r0 in range(max(0, int(idx[0]) - (nk - nq)), nq, rows):
+            r1 = min(nq, r0 + rows)
+            seen = int(torch.searchsorted(idx, positions[r1 - 1], right=True))
+            acc[:seen] += _probs_on_keys(qp[r0:r1], ks[:seen], neg_lse[p, r0:r1], idx[:seen],
+                                         positions[r0:r1], scale).sum(0)
+        sums[p, idx] = acc
+    return sums.float()
+
+
+def pruned_column_sums(q, k, neg_lse, b_idx, h_idx, counts, first, tau, scale):
+    """``(sums, candidates)``: column sums exact for the keys that could be sinks (the
+    candidates), 0 for the keys that provably cannot.
+
+    A key is skipped when its :func:`column_bounds` stays at most ``tau * count``: its exact
+    score is then at most tau, so it is no sink whichever path computes it. Keys just above or
+    just below tau are never skipped (the bound is at least their exact sum), nor is any key
+    whose decision is close; the first valid key (never a sink) and keys no row sees are.
+    """
+    bounds = column_bounds(q, k, neg_lse, b_idx, h_idx, scale)
+    keys = torch.arange(k.shape[2], device=q.device)
+    candidates = (bounds > tau * counts) & (counts > 0) & (keys[None, :] != first[:, None])
+    return candidate_sums(q, k, neg_lse, b_idx, h_idx, candidates, scale), candidates
+
+
+# --------------------------------------------------------------------------------------------
 # sink correction
 # --------------------------------------------------------------------------------------------
+
+def _probs_on_keys(q_rows, keys, neg_lse_rows, key_pos, row_pos, scale):
+    """``P_ij = exp(scale q_i.k_j - lse_i)`` of a few rows on a few keys, 0 where hidden."""
+    s = torch.addmm(neg_lse_rows[:, None], q_rows, keys.t(), alpha=scale)
+    s.masked_fill_(_hidden(row_pos, key_pos), float("-inf"))
+    return s.exp_()
+
 
 def _nonsink_rows(qp, kp, vp, lse_rows, positions, skip_keys, scale):
     """For a few rows, exactly: the non-sink average ``sum_{j not in S} P_ij v_j / (1 - m_i)``
@@ -196,7 +340,7 @@ def _nonsink_rows(qp, kp, vp, lse_rows, positions, skip_keys, scale):
     for r0 in range(0, qp.shape[0], rows):
         r1 = min(qp.shape[0], r0 + rows)
         s = torch.mm(qp[r0:r1], kp.t()).mul_(scale)
-        hidden = (torch.arange(nk, device=qp.device)[None, :] > positions[r0:r1, None]) | skip_keys
+        hidden = _hidden(positions[r0:r1], torch.arange(nk, device=qp.device)) | skip_keys
         s.masked_fill_(hidden, float("-inf"))
         lse_rest = torch.logsumexp(s, dim=1, keepdim=True)
         finite = torch.isfinite(lse_rest)
@@ -231,9 +375,7 @@ def sink_correction(out, q, k, v, neg_lse, b_idx, h_idx, sinks, calibrated, beta
         rows = _block_rows(idx.numel())
         for r0 in range(first_row, nq, rows):
             r1 = min(nq, r0 + rows)
-            s = torch.addmm(neg_lse[p, r0:r1, None], qp[r0:r1], ks.t(), alpha=scale)
-            s.masked_fill_(idx[None, :] > positions[r0:r1, None], float("-inf"))
-            ps = s.exp_()
+            ps = _probs_on_keys(qp[r0:r1], ks, neg_lse[p, r0:r1], idx, positions[r0:r1], scale)
             m = ps.sum(1, keepdim=True)
             mass[p, r0:r1] = m.squeeze(1).float()
             if not calibrated[p]:
@@ -355,9 +497,14 @@ def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, retu
     if key_padding_mask is not None:   # padded query rows count for nothing
         dead = ~key_padding_mask[:, nk - nq:]
         neg_lse.masked_fill_(dead[b_idx], float("-inf"))
-    sums = column_sums(q, k, neg_lse, b_idx, h_idx, scale)
     counts = seen_counts(nq, nk, key_padding_mask, bsz, q.device)[b_idx]
     first = first_valid_index(key_padding_mask, bsz, q.device)[b_idx]
+    sums, candidates = pruned_column_sums(q, k, neg_lse, b_idx, h_idx, counts, first, tau, scale)
+    if return_stats:
+        # Report every key's score: the pruned keys' from the full column pass (all provably
+        # <= tau), the candidates' from the very sums that decide them, so that the sinks are
+        # the same with and without return_stats even where a score ties with tau.
+        sums = torch.where(candidates, sums, column_sums(q, k, neg_lse, b_idx, h_idx, scale))
     scores, sinks = select_sinks(sums[:, None], counts, tau, first)
     scores, sinks = scores[:, 0], sinks[:, 0]
 
