@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 @register_model(MODEL_NAME)
 class ACTLM(HFLM):
-    """lm-eval's ``hf`` model with an ACT profile applied to the loaded model."""
+    """lm-eval's ``hf`` model with an ACT profile applied to the loaded model (a model object
+    passed as ``pretrained`` gets the profile attached: it is the model that is evaluated)."""
 
     def __init__(self, pretrained=None, profile=None, backend: str = "auto", **kwargs):
         attn_implementation_for(backend)  # an unknown backend fails before any loading
@@ -53,7 +54,8 @@ class ACTLM(HFLM):
             pretrained = resolve_model_path(pretrained)
         super().__init__(pretrained=pretrained, backend="causal", **kwargs)
         if chosen is None:
-            log.warning("act: no profile given; evaluating the uncalibrated model")
+            log.warning("act: no profile given; evaluating the uncalibrated model "
+                        "(backend=%s unused)", backend)
             return
         apply_profile(self.model, chosen, backend=backend)
         log.info("act: profile with %d calibrated heads applied (backend %s)",

@@ -3,15 +3,10 @@ local JSONL file, run through lm-eval's own entry points with the default model 
 import importlib.metadata
 import importlib.util
 import json
-import os
 
 import pytest
 import torch
 from conftest import require
-
-# lm-eval reads its data through Hugging Face datasets: no hub, ever, in this test
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TASK = "act_lmeval_test_mc"
 DOCS = [  # a handful of multiple-choice documents; the log-likelihoods are what is compared
@@ -29,10 +24,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def lm_eval():
     require(importlib.util.find_spec("lm_eval") is not None,
             "lm-evaluation-harness is not installed (pip install 'act-kernels[lmeval]')")
-    import lm_eval
+    with pytest.MonkeyPatch.context() as env:
+        # the task reads a local file through Hugging Face datasets: never the hub
+        env.setenv("HF_DATASETS_OFFLINE", "1")
+        env.setenv("HF_HUB_OFFLINE", "1")
+        import lm_eval
 
-    import act_kernels.lmeval  # noqa: F401  (registers the "act" model)
-    return lm_eval
+        import act_kernels.lmeval  # noqa: F401  (registers the "act" model)
+        yield lm_eval
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +159,16 @@ def test_registered_and_declared_as_entry_point(lm_eval):
     assert get_model("act") is ACTLM
     points = importlib.metadata.entry_points(group="lm_eval.models")
     assert [p.load() for p in points if p.name == "act"] == [ACTLM]
+
+
+def test_act_lm_eval_passes_every_argument_to_lm_eval(monkeypatch):
+    """Options included: ``act lm-eval --model act -h`` hands all of them to lm-eval."""
+    from act_kernels import cli, lmeval_cli
+
+    args = cli.build_parser(["lm-eval"]).parse_args(["lm-eval", "--model", "act", "-h"])
+    assert args.lm_eval_args == ["--model", "act", "-h"]
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "lm_eval" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit, match=r"pip install 'act-kernels\[lmeval\]'"):
+        lmeval_cli.run(args)
