@@ -4,9 +4,9 @@
     python benchmarks/bench_triton.py --quick    # a few sizes
 
 Prefill: bf16, causal, Nq == Nk = N in 1k..16k, D in {64, 128}, B * N = 16k tokens, H * D = 2048,
-with 0 %, 25 % and 100 % of the heads calibrated. Reports TFLOP/s (causal attention FLOPs,
-``2 * 2 * B * H * N^2 * D / 2``, the same count for every method so ratios are time ratios) and
-the time ratio to SDPA. Decode: one query, GQA 32/8, D = 128, B = 8, Nk 1k..128k, latency
+with 0 %, 25 % and 100 % of the heads calibrated. Reports TFLOP/s (causal attention FLOPs counted
+as FlashAttention's benchmarks count them, ``4 * B * H * N^2 * D / 2``, the same count for every
+method so ratios are time ratios) and the time ratio to SDPA (and FlashAttention-2 if installed). Decode: one query, GQA 32/8, D = 128, B = 8, Nk 1k..128k, latency
 against SDPA. Times are medians of ``triton.testing.do_bench``.
 
 Without CUDA it says so and exits 0.
@@ -19,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -26,97 +27,141 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _sdpa_flash(q, k, v, causal, gqa=False):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def sdpa(q, k, v, causal, gqa=False):
+    """PyTorch SDPA; on CUDA restricted to the flash kernel (GQA may fall back to the others)."""
     import torch.nn.functional as F
-    backends = [SDPBackend.FLASH_ATTENTION] if not gqa else [SDPBackend.FLASH_ATTENTION,
-                                                             SDPBackend.EFFICIENT_ATTENTION,
-                                                             SDPBackend.MATH]
-    with sdpa_kernel(backends):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if q.is_cuda:
+        backends = [SDPBackend.FLASH_ATTENTION]
         if gqa:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            backends += [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    else:
+        backends = [SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 
 
-def _bench(fn):
-    import triton.testing
+def flash_attn():
+    """FlashAttention-2's ``flash_attn_func`` taking our [B, H, N, D] layout, or None."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+
+    def run(q, k, v, causal):
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                               causal=causal)
+    return run
+
+
+def time_ms(fn):
+    """Median time of ``fn()`` in ms: ``triton.testing.do_bench`` on CUDA; on the CPU the wall
+    time of one call after a warm-up one (the CPU dry runs only check that the code path works).
+    NaN if it fails."""
     try:
         fn()
-        torch.cuda.synchronize()
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        if torch.cuda.is_available():
+            import triton.testing
+            torch.cuda.synchronize()
+            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return float("nan")
     except Exception as exc:  # a missing backend must not stop the sweep
-        print(f"    skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+        print(f"    failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
         return float("nan")
 
 
+def causal_flops(bsz, hq, n, dim):
+    """FLOPs of a causal attention forward as FlashAttention's benchmarks count them:
+    two matmuls of 2 B H N^2 D each, halved by the causal mask."""
+    return 4 * bsz * hq * n * n * dim / 2
+
+
 def _heads(hq, frac, device):
+    """The first ``frac`` of the heads, or None (plain attention) for none."""
     mask = torch.zeros(hq, dtype=torch.bool, device=device)
     mask[: int(round(frac * hq))] = True
-    return mask if mask.any() else None
+    return mask if int(round(frac * hq)) > 0 else None
 
 
-def prefill(sizes, dims, fracs, eager_max):
+def _free():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def prefill(sizes, dims, fracs, methods=("triton", "torch", "eager"), eager_max=4096,
+            device="cuda", tokens=16384, width=2048, dtype=torch.bfloat16):
+    """Causal prefill, Nq == Nk = N, B * N = ``tokens``, H * D = ``width``: one row per
+    (D, N, fraction of heads calibrated) with ms, TFLOP/s and ratios to SDPA (and to
+    FlashAttention-2 when it is installed)."""
     from act_kernels import act_attention
+    fa = flash_attn() if device != "cpu" else None
     rows = []
     for dim in dims:
-        hq = 2048 // dim
+        hq = max(1, width // dim)
         for n in sizes:
-            bsz = max(1, 16384 // n)
-            g = torch.Generator(device="cuda").manual_seed(n + dim)
-            q, k, v = (torch.randn(bsz, hq, n, dim, device="cuda", dtype=torch.bfloat16,
-                                   generator=g) for _ in range(3))
-            flops = 2 * 2 * bsz * hq * n * n * dim / 2
-            t_sdpa = _bench(lambda: _sdpa_flash(q, k, v, True))
+            bsz = max(1, tokens // n)
+            g = torch.Generator(device=device).manual_seed(n + dim)
+            q, k, v = (torch.randn(bsz, hq, n, dim, device=device, dtype=dtype, generator=g)
+                       for _ in range(3))
+            flops = causal_flops(bsz, hq, n, dim)
+            base = {"sdpa_ms": time_ms(lambda: sdpa(q, k, v, True))}
+            if fa is not None:
+                base["flash_attn_ms"] = time_ms(lambda: fa(q, k, v, True))
             for frac in fracs:
                 heads = _heads(hq, frac, q.device)
                 row = {"D": dim, "N": n, "B": bsz, "H": hq, "calibrated": f"{int(frac * 100)}%",
-                       "sdpa_ms": t_sdpa}
-                row["triton_ms"] = _bench(lambda: act_attention(q, k, v, heads=heads,
-                                                                backend="triton"))
-                row["torch_ms"] = _bench(lambda: act_attention(q, k, v, heads=heads,
-                                                               backend="torch"))
-                row["eager_ms"] = (_bench(lambda: act_attention(q, k, v, heads=heads,
-                                                                backend="eager"))
-                                   if n <= eager_max else float("nan"))
-                for key in ("sdpa", "triton", "torch", "eager"):
+                       **base}
+                for method in methods:
+                    if method == "eager" and n > eager_max:
+                        row["eager_ms"] = float("nan")
+                        continue
+                    row[f"{method}_ms"] = time_ms(lambda: act_attention(
+                        q, k, v, heads=heads, backend=method))
+                for key in [m for m in ("sdpa", "flash_attn", *methods) if f"{m}_ms" in row]:
                     row[f"{key}_tflops"] = flops / (row[f"{key}_ms"] * 1e-3) / 1e12
-                row["triton/sdpa"] = row["triton_ms"] / t_sdpa
-                row["torch/triton"] = row["torch_ms"] / row["triton_ms"]
-                print(f"  D={dim} N={n} cal={row['calibrated']}: sdpa {t_sdpa:.3f} ms, triton "
-                      f"{row['triton_ms']:.3f} ms ({row['triton/sdpa']:.2f}x sdpa), torch "
-                      f"{row['torch_ms']:.3f} ms, eager {row['eager_ms']:.3f} ms", flush=True)
+                best = min(row["sdpa_ms"], row.get("flash_attn_ms", float("inf")))
+                row["triton/sdpa"] = row.get("triton_ms", float("nan")) / row["sdpa_ms"]
+                row["triton_throughput_vs_best"] = best / row.get("triton_ms", float("nan"))
+                if "torch_ms" in row and "triton_ms" in row:
+                    row["torch/triton"] = row["torch_ms"] / row["triton_ms"]
+                print("  " + ", ".join(f"{key} {_fmt(val)}" for key, val in row.items()),
+                      flush=True)
                 rows.append(row)
             del q, k, v
-            torch.cuda.empty_cache()
+            _free()
     return rows
 
 
-def decode(lengths, fracs, bsz=8, hq=32, hkv=8, dim=128):
+def decode(lengths, fracs, methods=("triton", "torch"), bsz=8, hq=32, hkv=8, dim=128,
+           device="cuda", dtype=torch.bfloat16):
+    """One query against Nk keys (GQA): latency against SDPA and the K/V bytes per second."""
     from act_kernels import act_attention
     rows = []
     for nk in lengths:
-        g = torch.Generator(device="cuda").manual_seed(nk)
-        q = torch.randn(bsz, hq, 1, dim, device="cuda", dtype=torch.bfloat16, generator=g)
-        k, v = (torch.randn(bsz, hkv, nk, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        g = torch.Generator(device=device).manual_seed(nk)
+        q = torch.randn(bsz, hq, 1, dim, device=device, dtype=dtype, generator=g)
+        k, v = (torch.randn(bsz, hkv, nk, dim, device=device, dtype=dtype, generator=g)
                 for _ in range(2))
-        t_sdpa = _bench(lambda: _sdpa_flash(q, k, v, False, gqa=True))
+        t_sdpa = time_ms(lambda: sdpa(q, k, v, False, gqa=True))
+        kv_bytes = 2 * bsz * hkv * nk * dim * k.element_size()
         for frac in fracs:
             heads = _heads(hq, frac, q.device)
-            t = _bench(lambda: act_attention(q, k, v, heads=heads, backend="triton"))
-            t_torch = _bench(lambda: act_attention(q, k, v, heads=heads, backend="torch"))
-            kv_bytes = 2 * bsz * hkv * nk * dim * 2
-            row = {"Nk": nk, "calibrated": f"{int(frac * 100)}%", "sdpa_us": t_sdpa * 1e3,
-                   "triton_us": t * 1e3, "torch_us": t_torch * 1e3, "triton/sdpa": t / t_sdpa,
-                   "triton_GB/s": kv_bytes / (t * 1e-3) / 1e9}
-            print(f"  decode Nk={nk} cal={row['calibrated']}: sdpa {row['sdpa_us']:.1f} us, "
-                  f"triton {row['triton_us']:.1f} us ({row['triton/sdpa']:.2f}x), torch "
-                  f"{row['torch_us']:.1f} us", flush=True)
+            row = {"Nk": nk, "calibrated": f"{int(frac * 100)}%", "sdpa_us": t_sdpa * 1e3}
+            for method in methods:
+                row[f"{method}_us"] = 1e3 * time_ms(lambda: act_attention(
+                    q, k, v, heads=heads, backend=method))
+            row["triton/sdpa"] = row.get("triton_us", float("nan")) / row["sdpa_us"]
+            row["triton_GB/s"] = kv_bytes / (row.get("triton_us", float("nan")) * 1e-6) / 1e9
+            row["sdpa_GB/s"] = kv_bytes / (row["sdpa_us"] * 1e-6) / 1e9
+            print("  " + ", ".join(f"{key} {_fmt(val)}" for key, val in row.items()), flush=True)
             rows.append(row)
         del k, v
-        torch.cuda.empty_cache()
+        _free()
     return rows
 
 
@@ -166,7 +211,7 @@ def main():
     err = check()
     print(f"spot check: max |triton - eager| = {err:.2e} (bf16)")
     print("prefill (causal, bf16):")
-    pre = prefill(sizes, dims, fracs, args.eager_max)
+    pre = prefill(sizes, dims, fracs, eager_max=args.eager_max)
     print("decode (Nq = 1, bf16, B=8, Hq=32, Hkv=8, D=128):")
     dec = decode(lengths, fracs)
 
