@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_beta, check_tau,
-                     head_mask, resolve_backend)
+                     check_window, head_mask, resolve_backend)
 
 __all__ = ["ACTStats", "BACKENDS", "act_attention", "normalize_heads",
            "normalize_key_padding_mask", "resolve_backend"]
@@ -134,15 +134,23 @@ def normalize_key_padding_mask(mask, bsz: int, nk: int, device) -> Optional[torc
     return mask.contiguous()
 
 
-def _backend_fn(name: str):
-    if name == "eager":
-        from .reference import act_attention_reference
+def _eager(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats, window=None):
+    from .reference import act_attention_reference
 
-        def eager(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
-            out, _, stats = act_attention_reference(q, k, v, heads=heads, beta=beta, tau=tau,
-                                                    scale=scale, key_padding_mask=key_padding_mask)
-            return out, (stats if return_stats else None)
-        return eager
+    out, _, stats = act_attention_reference(q, k, v, heads=heads, beta=beta, tau=tau,
+                                            scale=scale, key_padding_mask=key_padding_mask,
+                                            window=window)
+    return out, (stats if return_stats else None)
+
+
+_eager.SUPPORTS_WINDOW = True
+
+
+def _backend_fn(name: str):
+    """The backend function; each takes ``(q, k, v, heads, beta, tau, scale, key_padding_mask,
+    return_stats)`` and, where its ``SUPPORTS_WINDOW`` attribute is true, ``window=``."""
+    if name == "eager":
+        return _eager
     if name == "torch":
         from .torch_backend import act_attention_torch
         return act_attention_torch
@@ -157,7 +165,8 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                   heads: Union[None, torch.Tensor, Sequence[int]] = None,
                   beta: float = DEFAULT_BETA, tau: float = DEFAULT_TAU, scale: Optional[float] = None,
                   key_padding_mask: Optional[torch.Tensor] = None,
-                  backend: str = "auto", return_stats: bool = False):
+                  backend: str = "auto", return_stats: bool = False,
+                  window: Optional[int] = None):
     """Causal attention with ACT calibration of the chosen heads (the contract: ``docs/spec.md``).
 
     Args:
@@ -170,6 +179,8 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         key_padding_mask: bool ``[B, Nk]``, True for real tokens (left padding).
         backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"torch"``, ``"triton"``, ``"eager"``.
         return_stats: also return an :class:`ACTStats`.
+        window: ``None`` or ``W >= 1``: the row at position ``p`` sees only keys
+            ``p - W < j <= p`` (a sliding-window layer); ``W >= Nk`` is plain causal.
 
     Returns:
         ``[B, Hq, Nq, D]`` in q's dtype, or ``(out, ACTStats)`` with ``return_stats=True``.
@@ -177,7 +188,7 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     global _warned_grad
     if torch.compiler.is_compiling():
         return _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend,
-                              return_stats)
+                              return_stats, window)
     _check_tensors(q, k, v)
     bsz, hq, nq, dim = q.shape
     nk = k.shape[2]
@@ -191,8 +202,17 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             raise ValueError(f"act_attention: scale must be finite and non-zero, got {scale}")
     calibrated = normalize_heads(heads, bsz, hq, q.device)
     kpm = normalize_key_padding_mask(key_padding_mask, bsz, nk, q.device)
+    window = check_window(window)
+    if window is not None and window >= nk:
+        window = None                              # every row sees all its causal keys
     name = resolve_backend(backend, q.device)
     fn = _backend_fn(name)
+    extra = {}
+    if window is not None:
+        if not getattr(fn, "SUPPORTS_WINDOW", False):
+            raise NotImplementedError(f"act_attention: the {name!r} backend does not support "
+                                      "window= (sliding-window attention); use backend='eager'")
+        extra["window"] = window
 
     if name != "eager" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                         or v.requires_grad):
@@ -202,9 +222,10 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                           stacklevel=2)
             _warned_grad = True
         with torch.no_grad():
-            out, stats = fn(q, k, v, calibrated, beta, tau, scale, kpm, bool(return_stats))
+            out, stats = fn(q, k, v, calibrated, beta, tau, scale, kpm, bool(return_stats),
+                            **extra)
     else:
-        out, stats = fn(q, k, v, calibrated, beta, tau, scale, kpm, bool(return_stats))
+        out, stats = fn(q, k, v, calibrated, beta, tau, scale, kpm, bool(return_stats), **extra)
     if return_stats:
         return out, ACTStats.from_dict(stats)
     return out
@@ -222,18 +243,22 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 @torch.library.custom_op("act_kernels::act_attention", mutates_args=())
 def act_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      heads: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
-                     beta: float, tau: float, scale: float, backend: str) -> torch.Tensor:
+                     beta: float, tau: float, scale: float, backend: str,
+                     window: Optional[int] = None) -> torch.Tensor:
     """``act_attention`` as a registered op (``torch.ops.act_kernels.act_attention``)."""
     return act_attention(q, k, v, heads=heads, beta=beta, tau=tau, scale=scale,
-                         key_padding_mask=key_padding_mask, backend=backend).contiguous()
+                         key_padding_mask=key_padding_mask, backend=backend,
+                         window=window).contiguous()
 
 
 @act_attention_op.register_fake
-def _act_attention_fake(q, k, v, heads, key_padding_mask, beta, tau, scale, backend):
+def _act_attention_fake(q, k, v, heads, key_padding_mask, beta, tau, scale, backend,
+                        window=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, return_stats):
+def _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, return_stats,
+                   window):
     if return_stats:
         raise NotImplementedError("act_attention: return_stats is not supported inside "
                                   "torch.compile (call it eagerly)")
@@ -242,4 +267,4 @@ def _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, 
                           who="act_attention", device=q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return act_attention_op(q, k, v, heads, key_padding_mask, check_beta(beta), check_tau(tau),
-                            scale, backend)
+                            scale, backend, check_window(window))

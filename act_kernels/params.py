@@ -44,6 +44,20 @@ def check_tau(tau, who: str = "act_attention") -> float:
     return tau
 
 
+def check_window(window, who: str = "act_attention") -> Optional[int]:
+    """``None`` (no window) or the window size ``W >= 1`` (a row at position ``p`` sees keys
+    ``p - W < j <= p``)."""
+    if window is None:
+        return None
+    if isinstance(window, torch.Tensor) and window.numel() == 1:
+        window = window.item()
+    if isinstance(window, bool) or not isinstance(window, Integral):
+        raise TypeError(f"{who}: window must be None or a positive integer, got {window!r}")
+    if window < 1:
+        raise ValueError(f"{who}: window must be >= 1 (or None for no window), got {window}")
+    return int(window)
+
+
 def resolve_backend(backend: str, device, who: str = "act_attention") -> str:
     """``"auto"`` -> ``"triton"`` on CUDA, ``"torch"`` elsewhere; other names are checked."""
     if not isinstance(backend, str) or backend not in BACKENDS:

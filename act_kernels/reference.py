@@ -14,15 +14,20 @@ from __future__ import annotations
 import torch
 
 
-def visibility(nq: int, nk: int, key_padding_mask, batch: int, device) -> torch.Tensor:
+def visibility(nq: int, nk: int, key_padding_mask, batch: int, device,
+               window=None) -> torch.Tensor:
     """Bool ``[B, Nq, Nk]``: does query row ``i`` see key ``j``?
 
-    Row ``i`` sits at absolute position ``nk - nq + i`` (bottom-right causal). With a key-padding
-    mask, padded keys are seen by no row and padded query rows see nothing.
+    Row ``i`` sits at absolute position ``p = nk - nq + i`` (bottom-right causal) and sees keys
+    ``j <= p``; with a ``window`` W only ``p - W < j <= p``. With a key-padding mask, padded
+    keys are seen by no row and padded query rows see nothing.
     """
     rows = torch.arange(nk - nq, nk, device=device)[:, None]
     cols = torch.arange(nk, device=device)[None, :]
-    sees = (cols <= rows).unsqueeze(0).expand(batch, nq, nk)
+    sees = cols <= rows
+    if window is not None:
+        sees = sees & (cols > rows - window)
+    sees = sees.unsqueeze(0).expand(batch, nq, nk)
     if key_padding_mask is not None:
         real = key_padding_mask.to(device=device, dtype=torch.bool)
         sees = sees & real[:, None, :] & real[:, nk - nq:, None]
@@ -46,7 +51,7 @@ def calibrate_probs(probs: torch.Tensor, sinks: torch.Tensor, beta: float):
 
 
 def act_attention_reference(q, k, v, *, beta, tau, heads=None, scale=None,
-                            key_padding_mask=None):
+                            key_padding_mask=None, window=None):
     """Return ``(out, probs, stats)``.
 
     ``out`` is ``[B, Hq, Nq, D]`` in q's dtype, ``probs`` the calibrated map ``P'`` in float32
@@ -63,7 +68,7 @@ def act_attention_reference(q, k, v, *, beta, tau, heads=None, scale=None,
     # Grouped-query attention: query head h reads kv head h // group.
     kf = k.to(work).repeat_interleave(group, dim=1)
     vf = v.to(work).repeat_interleave(group, dim=1)
-    sees = visibility(nq, nk, key_padding_mask, bsz, q.device)[:, None]  # [B, 1, Nq, Nk]
+    sees = visibility(nq, nk, key_padding_mask, bsz, q.device, window)[:, None]  # [B,1,Nq,Nk]
 
     # 1. P = softmax(scale * q k^T + mask), rows that see nothing are all zero.
     logits = scale * torch.einsum("bhid,bhjd->bhij", q.to(work), kf)
@@ -77,7 +82,8 @@ def act_attention_reference(q, k, v, *, beta, tau, heads=None, scale=None,
     scores = probs.sum(dim=-2) / seen_by.clamp(min=1)
     scores = scores.masked_fill(seen_by == 0, 0.0)
 
-    # 3. Sinks: score > tau, except the first valid key of the sequence, which is kept as it is.
+    # 3. Sinks: score > tau, except the first valid key of the sequence, which is kept as it is
+    #    (also when no row sees it, as with a window).
     if key_padding_mask is None:
         first_valid = torch.zeros(bsz, dtype=torch.long, device=q.device)
     else:

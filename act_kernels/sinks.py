@@ -33,25 +33,34 @@ def first_valid_index(key_padding_mask: Optional[torch.Tensor], bsz: int, device
 
 
 def seen_counts(nq: int, nk: int, key_padding_mask: Optional[torch.Tensor], bsz: int,
-                device) -> torch.Tensor:
+                device, window: Optional[int] = None) -> torch.Tensor:
     """``[B, Nk]`` float32: number of query rows of this call that see each key.
 
-    Row ``i`` sits at position ``nk - nq + i`` and sees keys up to it; padded rows see nothing and
-    padded keys are seen by nobody. Without padding this is ``min(nq, nk - j)``.
+    Row ``i`` sits at position ``p = nk - nq + i`` and sees keys ``j <= p`` (with a window W:
+    ``p - W < j <= p``); padded rows see nothing and padded keys are seen by nobody. So key ``j``
+    is seen by the real rows at positions ``j .. j + W - 1``: ``R(j) - R(j + W)`` with ``R(x)``
+    the number of real query rows at positions ``>= x``. Without padding or window this is
+    ``min(nq, nk - j)``.
     """
     pos = torch.arange(nk, device=device)
     if key_padding_mask is None:
-        counts = torch.clamp(nk - pos, max=nq).to(torch.float32)
-        return counts[None, :].expand(bsz, nk)
-    real = key_padding_mask.to(torch.float32)
-    real_rows = real[:, nk - nq:]                                  # [B, Nq]
-    # rows at positions >= j, counted from the right: reverse cumulative sum over query rows
-    rows_from = torch.flip(torch.cumsum(torch.flip(real_rows, [1]), 1), [1])  # [B, Nq]
-    first_row = torch.clamp(pos - (nk - nq), min=0)                 # first row index that sees j
-    counts = torch.zeros(bsz, nk, device=device)
-    inside = first_row < nq
-    counts[:, inside] = rows_from[:, first_row[inside]]
-    return counts * real
+        real = None
+        real_rows = torch.ones(1, nq, device=device)
+    else:
+        real = key_padding_mask.to(torch.float32)
+        real_rows = real[:, nk - nq:]                                          # [B, Nq]
+    # R at row index r = 0..nq: real rows with index >= r (reverse cumulative sum), R(nq) = 0
+    rows_from = torch.flip(torch.cumsum(torch.flip(real_rows, [1]), 1), [1])
+    rows_from = torch.cat([rows_from, torch.zeros_like(rows_from[:, :1])], dim=1)
+
+    def count_from(x: torch.Tensor) -> torch.Tensor:      # R(x) for positions x
+        return rows_from[:, torch.clamp(x - (nk - nq), 0, nq)]
+
+    counts = count_from(pos)
+    if window is not None:
+        counts = counts - count_from(pos + window)
+    counts = counts.expand(bsz, nk)
+    return counts if real is None else counts * real
 
 
 def select_sinks(column_sums: torch.Tensor, counts: torch.Tensor, tau: float,

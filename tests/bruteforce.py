@@ -39,14 +39,16 @@ class BruteForce:
     key_seen: torch.Tensor     # [B, Nk] bool: keys seen by at least one row
 
 
-def visible(nq: int, nk: int, real: torch.Tensor) -> torch.Tensor:
+def visible(nq: int, nk: int, real: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
     """``[Nq, Nk]`` bool for one sequence: row ``i`` (position ``nk - nq + i``) sees key ``j``
-    when ``j <= position``, the key is real and the query itself is real."""
+    when ``j <= position`` (and ``j > position - window`` with a window), the key is real and
+    the query itself is real."""
     sees = torch.zeros(nq, nk, dtype=torch.bool)
     for i in range(nq):
         pos = nk - nq + i
+        start = 0 if window is None else max(0, pos - window + 1)
         if real[pos]:
-            sees[i, : pos + 1] = real[: pos + 1]
+            sees[i, start: pos + 1] = real[start: pos + 1]
     return sees
 
 
@@ -62,6 +64,7 @@ def _softmax_rows(logits: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
 
 def bruteforce_details(q, k, v, heads=None, beta: float = 0.4, tau: float = 0.1,
                        scale: Optional[float] = None, key_padding_mask=None, *,
+                       window: Optional[int] = None,
                        force_sinks: Optional[torch.Tensor] = None) -> BruteForce:
     """ACT in float64, one (batch row, head) at a time.
 
@@ -100,7 +103,7 @@ def bruteforce_details(q, k, v, heads=None, beta: float = 0.4, tau: float = 0.1,
 
     for b in range(bsz):
         real = real_all[b]
-        sees = visible(nq, nk, real)
+        sees = visible(nq, nk, real, window)
         row_valid[b] = sees.any(dim=1)
         seen_by = sees.sum(dim=0)                     # how many rows see each key
         key_seen[b] = seen_by > 0
@@ -149,7 +152,7 @@ def bruteforce_details(q, k, v, heads=None, beta: float = 0.4, tau: float = 0.1,
 
 def act_bruteforce(q, k, v, heads=None, beta: float = 0.4, tau: float = 0.1,
                    scale: Optional[float] = None, key_padding_mask=None, *,
-                   force_sinks: Optional[torch.Tensor] = None):
+                   window: Optional[int] = None, force_sinks: Optional[torch.Tensor] = None):
     """``(out [B, Hq, Nq, D], scores [B, Hq, Nk], sinks [B, Hq, Nk] bool, sink_mass [B, Hq, Nq])``.
 
     ``out``, ``scores`` and ``sink_mass`` are float64, all four on q's device (computed on the
@@ -157,5 +160,5 @@ def act_bruteforce(q, k, v, heads=None, beta: float = 0.4, tau: float = 0.1,
     the heads in ``heads``.
     """
     bf = bruteforce_details(q, k, v, heads, beta, tau, scale, key_padding_mask,
-                            force_sinks=force_sinks)
+                            window=window, force_sinks=force_sinks)
     return bf.out, bf.scores, bf.sinks, bf.sink_mass

@@ -280,16 +280,15 @@ def test_mask_conversion_refuses_other_masks(case):
         mask_to_key_padding(mask, 1, n, n)
 
 
-def test_sliding_window_model_is_refused():
-    config = transformers.MistralConfig(vocab_size=160, hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, sliding_window=4)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    apply_profile(model, {0: [1]}, backend="torch")
-    short = {"input_ids": torch.randint(3, 160, (1, 3))}
-    logits_of(model, short)                                   # the window does not bite
-    with pytest.raises(ACTMaskError, match="sliding window"):
-        logits_of(model, {"input_ids": torch.randint(3, 160, (1, 10))})
+def test_a_window_other_than_the_layers_is_refused():
+    n = 8
+    rows, cols = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    band = ((cols <= rows) & (cols > rows - 3))[None, None]
+    assert mask_to_key_padding(band, 1, n, n, window=3) == (None, n)
+    with pytest.raises(ACTMaskError, match=r"not sliding-window \(4\) attention"):
+        mask_to_key_padding(band, 1, n, n, window=4)
+    with pytest.raises(ACTMaskError, match="not causal attention"):
+        mask_to_key_padding(band, 1, n, n)
 
 
 def test_custom_4d_mask_is_refused():

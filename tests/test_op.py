@@ -128,7 +128,7 @@ def _as_mask(heads, bsz: int, hq: int) -> torch.Tensor:
 
 
 def check(backend, q, k, v, *, heads=None, beta=0.4, tau=0.1, scale=None, key_padding_mask=None,
-          seed=None, tol=None):
+          seed=None, tol=None, window=None):
     """Run the op with and without stats and compare both with the brute force.
 
     Where the backend decided a key tying with tau the other way, the brute force is recomputed
@@ -138,20 +138,21 @@ def check(backend, q, k, v, *, heads=None, beta=0.4, tau=0.1, scale=None, key_pa
     mask = None if heads is None else _as_mask(heads, q.shape[0], q.shape[1])
     pads = None if key_padding_mask is None else (~key_padding_mask).sum(1).tolist()
     where = describe(q, k, v, backend=backend, seed=seed, beta=beta, tau=tau, scale=scale,
-                     pads=pads, heads=None if mask is None else mask.int().tolist())
+                     pads=pads, window=window,
+                     heads=None if mask is None else mask.int().tolist())
     tol = tol or TOLS[q.dtype]
     kw = dict(heads=heads, beta=beta, tau=tau, scale=scale, key_padding_mask=key_padding_mask,
-              backend=backend)
+              backend=backend, window=window)
     out, stats = act_attention(q, k, v, return_stats=True, **kw)
     out_only = act_attention(q, k, v, **kw)
     assert isinstance(out_only, torch.Tensor) and out_only.dtype == q.dtype, where
     assert out.dtype == q.dtype, where
 
-    bf = bruteforce_details(q, k, v, mask, beta, tau, scale, key_padding_mask)
+    bf = bruteforce_details(q, k, v, mask, beta, tau, scale, key_padding_mask, window=window)
     assert_stats_close(stats, bf, heads, tau, tol, where)
     if not torch.equal(stats.sinks.cpu(), bf.sinks):   # only ties with tau differ (checked above)
         bf = bruteforce_details(q, k, v, mask, beta, tau, scale, key_padding_mask,
-                                force_sinks=stats.sinks)
+                                window=window, force_sinks=stats.sinks)
     assert_sink_mass_close(stats, bf, tol, where)
     assert_out_close(out, bf, v, tol, where + " [return_stats=True]")
     assert_out_close(out_only, bf, v, tol, where + " [return_stats=False]")

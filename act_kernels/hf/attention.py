@@ -27,6 +27,7 @@ ACT_ATTENTION_BACKENDS = types.MappingProxyType({"act_torch": "torch", "act_trit
 """Registered attention implementation name -> ``act_attention`` backend."""
 
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "sliding_window_size")
+# softcap: Gemma 2's logit soft-capping (tanh on the scores) is not in the op; refused.
 
 # Recorders of the deprecated model-less ``recording(recorder)`` form: context-local (each
 # thread / task sees its own), immutable tuples; the per-model form lives in the model's state.
@@ -49,25 +50,48 @@ def _refuse_unsupported(name: str, module, dropout: float, is_causal, kwargs) ->
         refuse("the layer is not causal (bidirectional attention)")
 
 
-def _eager_with_probs(query, key, value, heads, beta, tau, scaling, kpm, kv_len):
+def _eager_with_probs(query, key, value, heads, beta, tau, scaling, kpm, kv_len, window):
     """``output_attentions=True``: the eager reference, which also returns the calibrated
-    probabilities (padded back to the static cache's length)."""
+    probabilities (a stand-in first key dropped, padded back to the static cache's length)."""
     cal = normalize_heads(heads, query.shape[0], query.shape[1], query.device)
     out, probs, _ = act_attention_reference(query, key, value, heads=cal, beta=beta, tau=tau,
-                                            scale=scaling, key_padding_mask=kpm)
+                                            scale=scaling, key_padding_mask=kpm, window=window)
+    probs = probs[..., probs.shape[-1] - min(probs.shape[-1], kv_len):]
     if probs.shape[-1] < kv_len:
         probs = torch.nn.functional.pad(probs, (0, kv_len - probs.shape[-1]))
     return out, probs.to(query.dtype)
 
 
-def _visible_keys(query, key, value, attention_mask, cache=None):
+def _visible_keys(query, key, value, attention_mask, cache=None, window=None,
+                  position_ids=None):
     """``(key, value, key_padding_mask)``: the mask checked and turned into a key-padding mask,
     k/v cut to the keys the queries can see (a static cache's unfilled slots dropped)."""
     kpm, keys_used = mask_to_key_padding(attention_mask, query.shape[0], query.shape[2],
-                                         key.shape[2], cache=cache)
+                                         key.shape[2], cache=cache, window=window)
     if keys_used < key.shape[2]:
         key, value = key[:, :, :keys_used], value[:, :, :keys_used]
+    if window is not None:
+        key, value, kpm = _mark_dropped_start(key, value, kpm, position_ids)
     return key, value, kpm
+
+
+def _mark_dropped_start(key, value, kpm, position_ids):
+    """Sliding-window caches drop the keys before the window, the sequence's first key among
+    them. The contract never makes the *sequence's* first valid key a sink, not the first key
+    of the call: where the call's keys cannot hold the whole sequence (the last query's
+    position, which counts at most every earlier token, is past the number of keys), one zero
+    key, real but outside every row's window, is put in front to stand for the dropped start.
+    Rows whose sequence is whole get it as padding."""
+    if position_ids is None or position_ids.dim() != 2:
+        return key, value, kpm
+    bsz, nk = key.shape[0], key.shape[2]
+    dropped = (position_ids[:, -1].to(key.device) + 1 > nk).expand(bsz)          # [B]
+    if not bool(dropped.any()):
+        return key, value, kpm
+    pad = key.new_zeros(key.shape[0], key.shape[1], 1, key.shape[3])
+    real = kpm if kpm is not None else torch.ones(bsz, nk, dtype=torch.bool, device=key.device)
+    kpm = torch.cat([dropped[:, None], real], dim=1)
+    return torch.cat([pad, key], dim=2), torch.cat([pad, value], dim=2), kpm
 
 
 # Inside torch.compile the whole call, mask check included (it reads the mask's values and cuts
@@ -76,14 +100,18 @@ def _visible_keys(query, key, value, attention_mask, cache=None):
 @torch.library.custom_op("act_kernels::hf_attention", mutates_args=())
 def hf_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: Optional[torch.Tensor], heads: Optional[torch.Tensor],
-                    beta: float, tau: float, scale: float, backend: str) -> torch.Tensor:
-    key, value, kpm = _visible_keys(query, key, value, attention_mask)
+                    beta: float, tau: float, scale: float, backend: str,
+                    window: Optional[int] = None,
+                    position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    key, value, kpm = _visible_keys(query, key, value, attention_mask, None, window,
+                                    position_ids)
     return act_attention(query, key, value, heads=heads, beta=beta, tau=tau, scale=scale,
-                         key_padding_mask=kpm, backend=backend).contiguous()
+                         key_padding_mask=kpm, backend=backend, window=window).contiguous()
 
 
 @hf_attention_op.register_fake
-def _hf_attention_fake(query, key, value, attention_mask, heads, beta, tau, scale, backend):
+def _hf_attention_fake(query, key, value, attention_mask, heads, beta, tau, scale, backend,
+                       window=None, position_ids=None):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
@@ -98,23 +126,26 @@ def _make_attention_forward(name: str):
         _refuse_unsupported(name, module, dropout, is_causal, kwargs)
         state = state_of_module(module)
         heads, beta, tau = state.layer_settings(module, query.device)
+        window = kwargs.get("sliding_window")
+        position_ids = kwargs.get("position_ids")
         if torch.compiler.is_compiling():
             scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
             out = hf_attention_op(query, key, value, attention_mask, heads, beta, tau, scale,
-                                  backend)
+                                  backend, window, position_ids)
             return out.transpose(1, 2).contiguous(), None
 
         kv_len = key.shape[2]
-        key, value, kpm = _visible_keys(query, key, value, attention_mask, state.mask_cache)
+        key, value, kpm = _visible_keys(query, key, value, attention_mask, state.mask_cache,
+                                        window, position_ids)
         if kwargs.get("output_attentions", False):
             out, probs = _eager_with_probs(query, key, value, heads, beta, tau, scaling, kpm,
-                                           kv_len)
+                                           kv_len, window)
             return out.transpose(1, 2).contiguous(), probs
 
         recorders = state.recorders_for(getattr(module, "layer_idx", None),
                                         GLOBAL_RECORDERS.get())
         args = dict(heads=heads, beta=beta, tau=tau, scale=scaling, key_padding_mask=kpm,
-                    backend=backend)
+                    backend=backend, window=window)
         if recorders:
             out, stats = act_attention(query, key, value, return_stats=True, **args)
             for recorder in recorders:

@@ -1,10 +1,16 @@
 """The masks Transformers passes, checked and turned into the op's arguments.
 
-The op can express bottom-right causal attention plus key (left) padding, optionally followed by
-a static cache's unfilled slots. :func:`mask_to_key_padding` checks that a mask is exactly that
-and returns the key-padding mask and how many keys are used; every other mask (a sliding window
-that bites, chunked or bidirectional attention, a custom 4D mask) raises :class:`ACTMaskError`
-rather than being computed wrongly.
+The op can express bottom-right causal attention plus key (left) padding, optionally within a
+sliding window, optionally followed by a static cache's unfilled slots.
+:func:`mask_to_key_padding` checks that a mask is exactly that (for the layer's window) and
+returns the key-padding mask and how many keys are used; every other mask (chunked or
+bidirectional attention, a window other than the layer's, a custom 4D mask) raises
+:class:`ACTMaskError` rather than being computed wrongly.
+
+With a window, a cached key (one before the call's queries) that no row sees may be padding or
+lie before every row's window; the mask cannot tell them apart. Such keys before the earliest
+real row's window are taken as real (Transformers' sliding caches keep no such keys, so this
+only matters for hand-built masks); every other key that no row sees is padding.
 """
 from __future__ import annotations
 
@@ -21,9 +27,9 @@ class ACTMaskError(ValueError):
 def refuse(reason: str):
     raise ACTMaskError(
         "act attention: unsupported attention mask: " + reason + ". ACT supports causal "
-        "attention with key (left) padding only: no sliding window that is shorter than the "
-        "sequence, no chunked, bidirectional or custom 4D masks. Use attn_implementation='sdpa' "
-        "or 'eager' for this model/input.")
+        "attention with key (left) padding, within the layer's sliding window if it has one: no "
+        "chunked, bidirectional or custom 4D masks. Use attn_implementation='sdpa' or 'eager' "
+        "for this model/input.")
 
 
 class MaskCheckCache:
@@ -51,8 +57,8 @@ class MaskCheckCache:
 
 
 def mask_to_key_padding(attention_mask: Optional[torch.Tensor], batch: int, q_len: int,
-                        kv_len: int, cache: Optional[MaskCheckCache] = None
-                        ) -> Tuple[Optional[torch.Tensor], int]:
+                        kv_len: int, cache: Optional[MaskCheckCache] = None,
+                        window: Optional[int] = None) -> Tuple[Optional[torch.Tensor], int]:
     """Turn the mask Transformers passes into ``(key_padding_mask or None, keys_used)``.
 
     ``keys_used <= kv_len`` is how many leading keys the queries can see: a static cache has
@@ -62,7 +68,8 @@ def mask_to_key_padding(attention_mask: Optional[torch.Tensor], batch: int, q_le
     ``attention_mask`` is ``None`` (no padding; with ``q_len > 1`` and ``kv_len > q_len`` that is
     the prefill of an empty static cache, top-left aligned, as in Transformers' sdpa path) or a
     boolean (True = attend) / additive float (0 or -inf/min) ``[B or 1, 1, q_len, kv_len]`` mask.
-    Raises :class:`ACTMaskError` for any mask that is not causal + key padding. Rows of padded
+    ``window``: the layer's sliding window ``W`` (row ``p`` sees ``p - W < j <= p``), ``None``
+    for full attention. Raises :class:`ACTMaskError` for any other mask. Rows of padded
     queries may see nothing or (Transformers' convention) the real keys before them: their
     outputs are never read, and ACT counts them for nothing.
     """
@@ -72,12 +79,12 @@ def mask_to_key_padding(attention_mask: Optional[torch.Tensor], batch: int, q_le
         return None, q_len
     if not isinstance(attention_mask, torch.Tensor):
         refuse(f"got a {type(attention_mask).__name__} (only tensors or None are supported)")
-    shape = (batch, q_len, kv_len)
+    shape = (batch, q_len, kv_len, window)
     if cache is not None:
         hit = cache.get(attention_mask, shape)
         if hit is not None:
             return hit
-    result = _check_mask(attention_mask, batch, q_len, kv_len)
+    result = _check_mask(attention_mask, batch, q_len, kv_len, window)
     if cache is not None:
         cache.put(attention_mask, shape, result)
     return result
@@ -96,7 +103,8 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
     refuse(f"mask dtype {mask.dtype} (expected bool or float)")
 
 
-def _check_mask(mask: torch.Tensor, batch: int, q_len: int, kv_len: int):
+def _check_mask(mask: torch.Tensor, batch: int, q_len: int, kv_len: int,
+                window: Optional[int] = None):
     if mask.dim() != 4:
         refuse(f"expected a 4D mask [B, 1, Lq, Lk], got shape {tuple(mask.shape)}")
     if mask.shape[0] not in (1, batch) or mask.shape[1] != 1 or mask.shape[2] != q_len \
@@ -121,9 +129,17 @@ def _check_mask(mask: torch.Tensor, batch: int, q_len: int, kv_len: int):
     cols = torch.arange(kv_len, device=device)
     if keys_used < kv_len and bool(allowed[:, :, keys_used:].any()):
         refuse("a query sees a key after its own position")
-    kpm = seen[:, :keys_used]                                   # [B, Nk] True = real token
     rows = torch.arange(keys_used - q_len, keys_used, device=device)
     causal = cols[None, :keys_used] <= rows[:, None]            # [Lq, Nk] bottom-right
+    kpm = seen[:, :keys_used]                                   # [B, Nk] True = real token
+    if window is not None:
+        causal = causal & (cols[None, :keys_used] > rows[:, None] - window)
+        # cached keys (before the queries) that lie before the earliest real row's window are
+        # unseen because of the window, and taken as real (see the module's docstring); a key
+        # at a query position is real exactly when its own row sees something
+        first_row = torch.where(row_any, torch.arange(q_len, device=device), q_len).amin(-1)
+        edge = torch.clamp(first_row - window + 1, max=0) + keys_used - q_len   # [B]
+        kpm = kpm | (cols[None, :keys_used] < edge[:, None])
     expected = causal[None] & kpm[:, None, :]                   # [B, Lq, Nk]
     got = allowed[:, :, :keys_used]
     rows_equal = (got == expected).all(dim=-1)                  # [B, Lq]
@@ -131,8 +147,9 @@ def _check_mask(mask: torch.Tensor, batch: int, q_len: int, kv_len: int):
     rows_ok = torch.where(query_real, rows_equal, rows_equal | ~got.any(dim=-1))
     if not bool(rows_ok.all()):
         b, i = [int(x) for x in (~rows_ok).nonzero()[0]]
-        refuse(f"query row {i} of batch row {b} is not causal attention over the real keys "
-               "(sliding window, chunked/bidirectional attention or a custom mask?)")
+        what = "causal attention" if window is None else f"sliding-window ({window}) attention"
+        refuse(f"query row {i} of batch row {b} is not {what} over the real keys (a window "
+               "other than the layer's, chunked/bidirectional attention or a custom mask?)")
     if bool(kpm.all()):
         return None, keys_used
     return kpm.contiguous(), keys_used

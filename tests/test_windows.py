@@ -1,0 +1,215 @@
+"""Sliding-window attention (``docs/spec.md``, "Attention windows"): every backend against the
+independent float64 brute force, and windowed Transformers models (Gemma 3, Mistral) against
+sdpa and against an eager hook built on the brute force."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from bruteforce import bruteforce_details, visible
+from inputs import left_padding, make_qkv, random_head_mask
+from test_op import check
+
+from act_kernels import act_attention
+
+BACKENDS = ["eager", "torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+# (B, Hq, Hkv, Nq, Nk, D, W): W smaller than, equal to and larger than N; W = 1; GQA; decode;
+# chunked prefill (Nq < Nk)
+CASES = [
+    (2, 4, 2, 37, 37, 32, 8),
+    (1, 3, 1, 29, 29, 40, 29),     # W == N: plain causal
+    (1, 2, 2, 23, 23, 32, 64),     # W > N
+    (2, 2, 1, 17, 17, 32, 1),      # every row sees only itself
+    (2, 6, 2, 1, 45, 32, 9),       # decode
+    (1, 4, 4, 1, 45, 32, 1),       # decode, W = 1
+    (2, 4, 2, 9, 40, 48, 12),      # chunked prefill
+    (1, 2, 1, 16, 33, 32, 5),
+]
+
+
+def case_id(case):
+    b, hq, hkv, nq, nk, d, w = case
+    return f"B{b}-H{hq}/{hkv}-Nq{nq}-Nk{nk}-W{w}"
+
+
+def planted_in_window(nk: int, w: int):
+    """Keys late enough that some rows see them, so the window's sinks are tested."""
+    return sorted({j for j in (nk - w // 2 - 1, nk - 2, nk // 2) if 0 < j < nk})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("padded", [False, True])
+def test_windows_match_the_bruteforce(backend, case, padded):
+    bsz, hq, hkv, nq, nk, dim, w = case
+    seed = sum(case) + padded
+    q, k, v = make_qkv(bsz, hq, hkv, nq, nk, dim, seed=seed, planted=planted_in_window(nk, w))
+    heads = random_head_mask(bsz, hq, seed=seed)
+    kpm = left_padding(nk, [0, 3][:bsz] if bsz > 1 else [2]) if padded else None
+    _, stats, bf = check(backend, q, k, v, heads=heads, tau=0.05, key_padding_mask=kpm,
+                         seed=seed, window=w)
+    if w > 1 and nk > 2:
+        assert bool(bf.sinks.any()), "no sink: the case would prove little"
+    if w == 1:       # every row is its own only key: calibration changes nothing
+        plain = act_attention(q, k, v, key_padding_mask=kpm, window=1, backend=backend)
+        torch.testing.assert_close(act_attention(q, k, v, heads=heads, tau=0.05, window=1,
+                                                 key_padding_mask=kpm, backend=backend),
+                                   plain, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_at_least_n_is_plain_causal_and_bad_windows_are_refused(backend):
+    q, k, v = make_qkv(1, 2, 1, 13, 13, 32, seed=4, planted=[5])
+    want = act_attention(q, k, v, heads=[0, 1], tau=0.05, backend=backend)
+    for w in (13, 14, 1000):
+        got = act_attention(q, k, v, heads=[0, 1], tau=0.05, window=w, backend=backend)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        act_attention(q, k, v, window=0, backend=backend)
+    with pytest.raises(TypeError, match="window must be None or a positive integer"):
+        act_attention(q, k, v, window=2.5, backend=backend)
+
+
+def test_the_first_valid_key_is_never_a_sink_even_outside_every_window():
+    """Decode far past the window: position 0 is unseen, and the first seen key may be a sink."""
+    q, k, v = make_qkv(1, 2, 2, 1, 30, 32, seed=9, planted=[22])
+    _, stats = act_attention(q, k, v, heads=[0, 1], tau=0.05, window=8, backend="eager",
+                             return_stats=True)
+    assert not stats.sinks[..., :22].any()
+    assert stats.sinks[..., 22].all()               # the first key the row sees is a sink
+    assert (stats.scores[..., :22] == 0).all()      # unseen keys score 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformers: Gemma 3 (sliding and full layers) and Mistral (one window for every layer)
+# ---------------------------------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+from act_kernels import ACTProfile, apply_profile  # noqa: E402
+from act_kernels.hf import remove_profile  # noqa: E402
+
+TAU = 0.05
+HOOK = {"profile": None, "real": None}
+
+
+def tiny(kind: str):
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "gemma3":
+        config = transformers.Gemma3TextConfig(
+            head_dim=8, sliding_window=5, query_pre_attn_scalar=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], **common)
+    else:
+        config = transformers.MistralConfig(sliding_window=6, **common)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    with torch.no_grad():      # sharper attention than the random init gives: sinks exist
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+    return model.eval()
+
+
+def prompts(lengths=(14, 9)):
+    gen = torch.Generator().manual_seed(7)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, width - n:] = torch.randint(3, 97, (n,), generator=gen)
+        mask[b, width - n:] = 1
+    return ids, mask
+
+
+def bruteforce_hook(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                    **kwargs):
+    """ACT from the brute force, with the window the layer declares and the key padding of
+    the 2D mask the test passed; prefill only (no cache)."""
+    window = kwargs.get("sliding_window")
+    real = HOOK["real"]
+    bsz, hq, nq, _ = query.shape
+    assert nq == key.shape[2], "the hook is for prefill without a cache"
+    if attention_mask is not None:   # the mask Transformers built is the spec's visibility
+        allowed = attention_mask[:, 0] if attention_mask.dtype == torch.bool \
+            else attention_mask[:, 0] == 0
+        for b in range(bsz):
+            sees = visible(nq, nq, real[b], window)
+            assert torch.equal(allowed[b][real[b]], sees[real[b]]), "mask != spec visibility"
+    profile = HOOK["profile"]
+    heads = torch.zeros(bsz, hq, dtype=torch.bool)
+    heads[:, profile.heads.get(module.layer_idx, [])] = True
+    bf = bruteforce_details(query, key, value, heads, profile.beta, profile.tau, scaling,
+                            real, window=window)
+    return bf.out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def register_hook():
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register("act_bf_window", bruteforce_hook)
+    AttentionMaskInterface.register("act_bf_window", sdpa_mask)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "mistral"])
+@torch.no_grad()
+def test_windowed_model_empty_profile_equals_sdpa_token_for_token(kind):
+    model = tiny(kind)
+    ids, mask = prompts()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                  pad_token_id=0)
+    want_logits = model(input_ids=ids, attention_mask=mask).logits
+    want = model.generate(**kwargs)
+    apply_profile(model, ACTProfile(tau=TAU), backend="torch")
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, want_logits,
+                               rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.generate(**kwargs), want)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "mistral"])
+@torch.no_grad()
+def test_windowed_model_profile_equals_the_bruteforce_hook(kind):
+    model = tiny(kind)
+    ids, mask = prompts()
+    profile = ACTProfile.for_model(model, {0: [0, 3], 1: [1], 2: [2]}, tau=TAU)
+    register_hook()
+    HOOK.update(profile=profile, real=mask.bool())
+    model.set_attn_implementation("act_bf_window")
+    want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    remove_profile(model)
+    plain = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    apply_profile(model, profile, backend="torch")
+    got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    real = mask.bool()
+    assert not torch.allclose(got[real], plain[real], atol=1e-4), "the profile changed nothing"
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_decode_past_the_window_lets_the_first_cached_key_be_a_sink():
+    """Gemma 3's sliding cache drops the keys before the window: the first key of a decode call
+    is then not the sequence's first key, and ACT may find a sink there."""
+    model = tiny("gemma3")
+    ids, mask = prompts((14,))
+    apply_profile(model, ACTProfile.for_model(model, {0: [0, 1, 2, 3]}, tau=TAU),
+                  backend="torch")
+    from act_kernels import recording
+
+    seen = []
+
+    def recorder(module, stats, query, key, value, kpm):
+        seen.append((query.shape[2], key.shape[2], kpm, stats.sinks, stats.scores))
+
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    with recording(model, recorder, layers=[0]):
+        model(input_ids=ids[:, -1:], past_key_values=out.past_key_values,
+              attention_mask=torch.ones(1, 15, dtype=torch.long), use_cache=True)
+    nq, nk, kpm, sinks, scores = seen[0]
+    assert nq == 1 and nk == 6                     # the stand-in first key + the 5 in the window
+    assert kpm is not None and bool(kpm[0, 0]) and bool(kpm.all())
+    assert scores[..., 0].eq(0).all()              # the stand-in is seen by no row
+    torch.testing.assert_close(sinks[..., 1:], scores[..., 1:] > TAU)   # no key excluded
