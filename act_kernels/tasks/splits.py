@@ -91,7 +91,7 @@ def load_splits(task, seed: int, n_calib: int, n_eval: int | None = None, *, sou
     file split in two.
     """
     from .data import available_splits, load_examples
-    from .registry import get_task
+    from .lookup import get_task
 
     t = get_task(task)
     if path is not None:

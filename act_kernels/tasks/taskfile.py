@@ -39,8 +39,8 @@ import re
 import string
 from typing import Any, Mapping
 
-from .data import read_rows
-from .registry import _choices_list, _gold_from_key, _label_index, builtin_task
+from .registry import builtin_task
+from .rows import choices_list, gold_from_key, label_index, read_rows
 from .task import CLASSIFICATION, LETTERS, MULTIPLE_CHOICE, Task
 
 TASK_FILE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -303,7 +303,7 @@ def _classification_converter(template: str, label_field: str, names: list[str])
         fields = {c: _need(row, c, "template") for c in columns}
         label = _need(row, label_field, "label_field")
         try:
-            return fields, _label_index(label, names)
+            return fields, label_index(label, names)
         except ValueError:
             raise RowError("label_names", f"label {label!r} is neither a class index nor one "
                                           f"of {names}") from None
@@ -317,7 +317,7 @@ def _multiple_choice_converter(template: str, choices: str | list[str], label_fi
         question = template.format(**{c: _need(row, c, "template") for c in columns})
         if isinstance(choices, str):
             try:
-                options = _choices_list(_need(row, choices, "choices"))
+                options = choices_list(_need(row, choices, "choices"))
             except (TypeError, ValueError):
                 raise RowError("choices", f"column {choices!r} is not a list of options") from None
         else:
@@ -325,7 +325,7 @@ def _multiple_choice_converter(template: str, choices: str | list[str], label_fi
         label = _need(row, label_field, "label_field")
         try:
             return {"question": question, "choices": options}, \
-                _gold_from_key(label, (), len(options))
+                gold_from_key(label, (), len(options))
         except ValueError:
             raise RowError("label_field", f"label {label!r} is neither an option index nor a "
                                           f"letter {LETTERS[:len(options)]}") from None
