@@ -15,7 +15,7 @@ SUBCOMMANDS = {
     "eval": ("act_kernels.evaluate", "evaluate the uncalibrated model vs a profile"),
     "demo": ("act_kernels.demo", "search + evaluation on SmolLM2, small and fast"),
     "inspect": ("act_kernels.inspection.cli", "look at the attention sinks of a model"),
-    "lm-eval": ("act_kernels.lmeval_cli", "lm-evaluation-harness with the 'act' model type"),
+    "lm-eval": ("act_kernels.lmeval", "lm-evaluation-harness with the 'act' model type"),
 }
 
 

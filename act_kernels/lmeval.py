@@ -2,7 +2,8 @@
 
 Importing this module registers the model with lm-eval (``register_model("act")``); newer
 lm-eval releases also find it through the package entry point ``lm_eval.models: act``. From
-the command line, ``act lm-eval ARGS...`` runs lm-eval's own command line with it registered::
+the command line, ``act lm-eval ARGS...`` runs lm-eval's own command line with it registered
+(:func:`add_arguments` / :func:`run` are that subcommand)::
 
     act lm-eval run --model act --model_args pretrained=model.gguf,profile=profile.json,backend=torch \\
         --tasks arc_easy
@@ -17,6 +18,7 @@ or checkpoint folder, or a loaded model in Python), ``profile`` (the ``profile.j
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Optional, Sequence
@@ -24,7 +26,7 @@ from typing import Optional, Sequence
 try:
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
-except ModuleNotFoundError as exc:  # pragma: no cover - depends on the installation
+except ModuleNotFoundError as exc:
     if exc.name is None or not exc.name.startswith("lm_eval"):
         raise
     raise ModuleNotFoundError(
@@ -67,6 +69,21 @@ class ACTLM(HFLM):
         profile = get_profile(self.model)
         info["act_profile"] = None if profile is None else profile.to_dict()
         return info
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``act lm-eval``: every argument, options included, belongs to lm-eval. None is an option
+    of this parser: with a prefix character no argument starts with, ``--model`` is not taken
+    for one."""
+    parser.prefix_chars = "\0"
+    parser.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                        help="lm-eval's arguments, e.g. run --model act --model_args "
+                             "profile=profile.json --tasks arc_easy (lm-eval's help: "
+                             "act lm-eval -h)")
+
+
+def run(args) -> int:
+    return cli_main(args.lm_eval_args)
 
 
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:

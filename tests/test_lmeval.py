@@ -1,8 +1,10 @@
 """The lm-evaluation-harness model type ``act``, offline: a task YAML written here that reads a
 local JSONL file, run through lm-eval's own entry points with the default model (SmolLM2)."""
+import importlib
 import importlib.metadata
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -161,14 +163,17 @@ def test_registered_and_declared_as_entry_point(lm_eval):
     assert [p.load() for p in points if p.name == "act"] == [ACTLM]
 
 
-def test_act_lm_eval_passes_every_argument_to_lm_eval(monkeypatch):
+def test_act_lm_eval_passes_every_argument_to_lm_eval(lm_eval):
     """Options included: ``act lm-eval --model act -h`` hands all of them to lm-eval."""
-    from act_kernels import cli, lmeval_cli
+    from act_kernels import cli
 
     args = cli.build_parser(["lm-eval"]).parse_args(["lm-eval", "--model", "act", "-h"])
     assert args.lm_eval_args == ["--model", "act", "-h"]
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "lm_eval" else real_find_spec(name, *a))
-    with pytest.raises(SystemExit, match=r"pip install 'act-kernels\[lmeval\]'"):
-        lmeval_cli.run(args)
+
+
+def test_without_lm_eval_the_import_says_what_to_install(lm_eval, monkeypatch):
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if lm-eval were not installed
+    monkeypatch.delitem(sys.modules, "act_kernels.lmeval")
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'act-kernels\[lmeval\]'"):
+        importlib.import_module("act_kernels.lmeval")
