@@ -16,6 +16,8 @@ import argparse
 import os
 import time
 
+from .params import DEFAULT_BETA, DEFAULT_TAU
+
 DEMO_TASKS = "sst2,mr,subj,arc_easy"
 
 
@@ -31,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default="14:28",
                         help="layers searched, inclusive range or list (default 14:28)")
     parser.add_argument("--heads", default=None, help="heads searched (default all)")
-    parser.add_argument("--beta", type=float, default=0.4)
-    parser.add_argument("--tau", type=float, default=0.1)
+    parser.add_argument("--beta", type=float, default=DEFAULT_BETA)
+    parser.add_argument("--tau", type=float, default=DEFAULT_TAU)
     parser.add_argument("--max-greedy", type=int, default=12)
     parser.add_argument("--val-fraction", type=float, default=1 / 3)
     parser.add_argument("--bootstrap", type=int, default=2000)
@@ -42,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from .evaluate import EvalConfig, run_eval
     from .search import Dist, SearchConfig, parse_index_list, parse_tasks, run_search
-    from .search.common import eprint, load_for_args, parse_data, resolve_backend
+    from .modelinfo import model_device, num_layers, num_query_heads
+    from .params import resolve_backend
+    from .search.common import eprint, load_for_args, parse_data
 
     start = time.time()
     try:
@@ -53,14 +57,12 @@ def run(args) -> int:
     try:
         eprint("act demo: loading the model ...")
         model, tokenizer = load_for_args(args, dist.device())
-        cfg_text = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-            else model.config
         try:
-            layers = parse_index_list(args.layers, cfg_text.num_hidden_layers, "layer")
-            heads = parse_index_list(args.heads, cfg_text.num_attention_heads, "head")
+            layers = parse_index_list(args.layers, num_layers(model), "layer")
+            heads = parse_index_list(args.heads, num_query_heads(model), "head")
         except ValueError as exc:
             raise SystemExit(f"act demo: {exc}")
-        backend = resolve_backend(args.backend, next(model.parameters()).device)
+        backend = resolve_backend(args.backend, model_device(model), "act demo")
         data = parse_data(args.data)
         search_dir = os.path.join(args.out, "search")
         eval_dir = os.path.join(args.out, "eval")

@@ -22,9 +22,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .search.core import Checkpoint
+from .runtime import Checkpoint, Dist
 from .search.data import encode_examples, evaluation_examples, fingerprint, parse_tasks
-from .search.scoring import Dist, Results, Scorer
+from .search.scoring import Results, Scorer, paired_bootstrap
 
 CHECKPOINT = "eval_checkpoint.jsonl"
 
@@ -44,28 +44,12 @@ class EvalConfig:
     normalize: Optional[str] = None        # loglik only: None, "token" or "char"
 
 
-def _bootstrap(pairs: list[tuple[torch.Tensor, torch.Tensor]], reps: int, seed: int
-               ) -> tuple[float, float]:
-    """95% interval of mean_over_tasks(mean(act) - mean(base)), resampling within tasks."""
-    if reps <= 0 or not pairs:
-        return float("nan"), float("nan")
-    gen = torch.Generator().manual_seed(seed)
-    total = torch.zeros(reps, dtype=torch.float64)
-    for base, act in pairs:
-        diff = (act - base).double()
-        idx = torch.randint(len(diff), (reps, len(diff)), generator=gen)
-        total += diff[idx].mean(-1)
-    total /= len(pairs)
-    lo, hi = torch.quantile(total, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return lo, hi
-
-
 def run_eval(model, tokenizer, profile, cfg: EvalConfig, out: str | os.PathLike, *,
              dist: Optional[Dist] = None, log=None) -> dict:
     """Evaluate; writes ``out``'s files on rank 0 and returns the report dict."""
     from tqdm.auto import tqdm
 
-    from .profile import as_profile
+    from .profiles import as_profile
 
     dist = dist or Dist()
     profile = as_profile(profile)
@@ -122,8 +106,8 @@ def run_eval(model, tokenizer, profile, cfg: EvalConfig, out: str | os.PathLike,
     pairs = []
     for k, (task, (splits, samples)) in enumerate(per_task.items()):
         base, act = results[(task, "base")].correct, results[(task, "act")].correct
-        lo, hi = _bootstrap([(base, act)], cfg.bootstrap, seed * 1000 + k)
-        pairs.append((base, act))
+        lo, hi = paired_bootstrap([act - base], cfg.bootstrap, seed * 1000 + k)
+        pairs.append(act - base)
         report["tasks"][task] = {
             "n": len(samples), "base": float(base.mean()), "act": float(act.mean()),
             "delta": float(act.mean() - base.mean()), "ci95": [lo, hi],
@@ -131,7 +115,7 @@ def run_eval(model, tokenizer, profile, cfg: EvalConfig, out: str | os.PathLike,
             "act_margin": float(results[(task, "act")].margin.mean()),
             "calibration_skipped": int(calib.get(task, 0)), "eval_split": splits.eval_split,
             "ids": [s.id for s in samples]}
-    lo, hi = _bootstrap(pairs, cfg.bootstrap, seed * 1000 + 999)
+    lo, hi = paired_bootstrap(pairs, cfg.bootstrap, seed * 1000 + 999)
     t = report["tasks"].values()
     report["average"] = {"n": sum(r["n"] for r in t),
                          "base": sum(r["base"] for r in t) / len(tasks),
@@ -150,22 +134,15 @@ def run_eval(model, tokenizer, profile, cfg: EvalConfig, out: str | os.PathLike,
 def _loglik_results(model, tokenizer, task, examples, profile, heads, cfg, chat, max_length):
     """The log-likelihood variant: each option's continuation log-prob through the model with
     the profile applied (``heads`` None: uncalibrated), highest wins."""
-    from .profile import ACTProfile, apply_profile, get_profile, remove_profile
+    from .hf import using_profile
+    from .profiles import ACTProfile
     from .tasks import evaluate_loglik, get_task
 
-    previous = get_profile(model)
-    previous_impl = model.config._attn_implementation
     chosen = profile if heads else ACTProfile(heads={}, beta=profile.beta, tau=profile.tau)
-    apply_profile(model, chosen, backend=cfg.backend)
-    try:
+    with using_profile(model, chosen, backend=cfg.backend):
         scored = evaluate_loglik(model, tokenizer, get_task(task), examples, chat_template=chat,
                                  normalize=cfg.normalize, batch_size=cfg.batch_size,
                                  max_length=max_length)
-    finally:
-        if previous is not None:
-            apply_profile(model, previous, backend=cfg.backend)
-        else:
-            remove_profile(model, previous_impl)
     res = Results.empty(len(examples))
     res.put(torch.arange(len(examples)), {"correct": scored["correct"], "pred": scored["pred"],
                                           "gold_logprob_margin": scored["gold_logprob_margin"]})
@@ -238,8 +215,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .profile import ACTProfile
-    from .search.common import load_for_args, parse_data, resolve_backend
+    from .profiles import ACTProfile
+    from .modelinfo import model_device
+    from .params import resolve_backend
+    from .search.common import load_for_args, parse_data
 
     if not os.path.isfile(args.profile):
         raise SystemExit(f"act eval: no profile file {args.profile!r}")
@@ -258,7 +237,7 @@ def run(args) -> int:
                          max_length=args.max_length, data=parse_data(args.data),
                          batch_size=args.batch_size, bootstrap=args.bootstrap,
                          loglik=args.loglik, normalize=args.normalize,
-                         backend=resolve_backend(args.backend, next(model.parameters()).device))
+                         backend=resolve_backend(args.backend, model_device(model), "act eval"))
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.profile)), "eval")
         report = run_eval(model, tokenizer, profile, cfg, out, dist=dist)
         if dist.main:

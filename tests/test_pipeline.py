@@ -96,9 +96,20 @@ def _cfg(setup, **kw):
 
     args = dict(tasks=["sst2", "arc_easy"], samples=16, layers=[1, 2], heads=None, tau=TAU,
                 seed=0, val_fraction=0.25, max_greedy=4, data=setup["data"], batch_size=3,
-                max_rows=5, model_name="tiny")
+                max_rows=5, model_name="tiny", strategy="exhaustive", bootstrap=200)
     args.update(kw)
     return SearchConfig(**args)
+
+
+def stop_at(kind: str, count: int):
+    """An ``on_record`` callback that interrupts the search at the ``count``-th ``kind`` record."""
+    seen = []
+
+    def on_record(rec):
+        seen.append(rec["kind"])
+        if rec["kind"] == kind and seen.count(kind) == count:
+            raise KeyboardInterrupt(f"stopped at {kind} record {count}")
+    return on_record
 
 
 def _files(out: Path) -> dict:
@@ -171,11 +182,11 @@ def test_suffix_pass_equals_full_pass(setup):
         assert runner.check_suffix(ids, mask, start) < 1e-5, start
 
 
-def test_search_eval_resume(setup, tmp_path, monkeypatch):
+def test_search_eval_resume(setup, tmp_path):
     from act_kernels.evaluate import EvalConfig, run_eval
     from act_kernels.profile import ACTProfile
     from act_kernels.search import run_search
-    from act_kernels.search.core import CHECKPOINT, STOP_ENV
+    from act_kernels.search.core import CHECKPOINT
 
     model, tok = setup["model"], setup["tok"]
     full = tmp_path / "full"
@@ -192,10 +203,8 @@ def test_search_eval_resume(setup, tmp_path, monkeypatch):
 
     # interrupted after the first layer's candidates, then started again
     part = tmp_path / "part"
-    monkeypatch.setenv(STOP_ENV, "3")
     with pytest.raises(KeyboardInterrupt):
-        run_search(model, tok, _cfg(setup), part)
-    monkeypatch.delenv(STOP_ENV)
+        run_search(model, tok, _cfg(setup), part, on_record=stop_at("candidate", 4))
     recs = [json.loads(l) for l in (part / CHECKPOINT).read_text().splitlines()]
     assert sum(r["kind"] == "candidate" for r in recs) == 4
     assert not (part / "profile.json").exists()
@@ -246,7 +255,8 @@ def _run(cmd, cwd, env_extra=None, timeout=240):
     return proc
 
 
-def test_torchrun_two_processes_equal_one(setup, tmp_path):
+@pytest.mark.parametrize("strategy", ["exhaustive", "screen"])
+def test_torchrun_two_processes_equal_one(setup, tmp_path, strategy):
     script = tmp_path / "run_search.py"
     script.write_text(textwrap.dedent(f"""
         import sys, json, torch
@@ -258,7 +268,7 @@ def test_torchrun_two_processes_equal_one(setup, tmp_path):
         cfg = SearchConfig(**json.loads(sys.argv[2]))
         run_search(model, tok, cfg, sys.argv[1])
     """))
-    cfg = _cfg(setup).__dict__.copy()
+    cfg = _cfg(setup, strategy=strategy, screen_top=3, tau=0.04).__dict__.copy()
     cfg["tasks"], cfg["layers"] = list(cfg["tasks"]), list(cfg["layers"])
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(script), str(one), json.dumps(cfg)], tmp_path)

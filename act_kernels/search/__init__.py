@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 
-from .core import SEARCH_RULE, SearchConfig, default_layers, parse_index_list, run_search
+from ..params import DEFAULT_BETA, DEFAULT_TAU
+from ..runtime import Dist
+from .core import STRATEGIES, SearchConfig, default_layers, parse_index_list, run_search
 from .data import Sample, parse_tasks
-from .scoring import Dist, Results, Scorer, metrics, naive_candidates
+from .report import SEARCH_RULE
+from .scoring import Results, Scorer, metrics, naive_candidates
 
 __all__ = ["SEARCH_RULE", "SearchConfig", "run_search", "default_layers", "parse_index_list",
-           "Scorer", "Results", "Dist", "metrics", "naive_candidates", "Sample", "parse_tasks",
+           "STRATEGIES", "Scorer", "Results", "Dist", "metrics", "naive_candidates", "Sample", "parse_tasks",
            "add_arguments", "run"]
 
 
@@ -29,8 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers to search: 'A:B' (inclusive), 'A,B,C' or 'all' "
                              "(default: 2 .. L-2)")
     parser.add_argument("--heads", default=None, help="query heads to search (default: all)")
-    parser.add_argument("--beta", type=float, default=0.4, help="ACT beta (default 0.4)")
-    parser.add_argument("--tau", type=float, default=0.1, help="ACT tau (default 0.1)")
+    parser.add_argument("--strategy", default="screen", choices=STRATEGIES,
+                        help="screen (default): rank every candidate by a first-order estimate "
+                             "from one forward and one backward per sample, score the best "
+                             "--screen-top exactly; exhaustive: score every candidate exactly")
+    parser.add_argument("--screen-top", type=int, default=40,
+                        help="screen: candidates scored exactly (default 40)")
+    parser.add_argument("--screen-objective", default="margin", choices=("margin", "logprob"),
+                        help="screen: the estimated quantity, the gold option's log-probability "
+                             "margin (default) or its log-probability")
+    parser.add_argument("--beta", type=float, default=DEFAULT_BETA,
+                        help=f"ACT beta (default {DEFAULT_BETA})")
+    parser.add_argument("--tau", type=float, default=DEFAULT_TAU,
+                        help=f"ACT tau (default {DEFAULT_TAU})")
     parser.add_argument("--val-fraction", type=float, default=1 / 3,
                         help="part of the calibration data kept to validate the greedy "
                              "combination (default 1/3)")
@@ -58,6 +72,8 @@ def config_from_args(args, num_layers: int, num_heads: int) -> SearchConfig:
 
     if args.samples < 2:
         raise SystemExit("--samples must be at least 2")
+    if args.screen_top < 1:
+        raise SystemExit("--screen-top must be at least 1")
     if not 0 <= args.val_fraction < 1:
         raise SystemExit("--val-fraction must be in [0, 1)")
     return SearchConfig(
@@ -65,7 +81,8 @@ def config_from_args(args, num_layers: int, num_heads: int) -> SearchConfig:
         layers=parse_index_list(args.layers, num_layers, "layer"),
         heads=parse_index_list(args.heads, num_heads, "head"),
         beta=args.beta, tau=args.tau, seed=args.seed, val_fraction=args.val_fraction,
-        max_greedy=args.max_greedy, chat_template=args.chat_template,
+        max_greedy=args.max_greedy, strategy=args.strategy, screen_top=args.screen_top,
+        screen_objective=args.screen_objective, chat_template=args.chat_template,
         max_length=args.max_length, model_name=args.model or "SmolLM2-135M-Instruct",
         data=parse_data(args.data), batch_size=args.batch_size, max_rows=args.max_rows,
         max_tokens=args.max_tokens, skip_sinkless=not args.no_skip,
@@ -75,7 +92,10 @@ def config_from_args(args, num_layers: int, num_heads: int) -> SearchConfig:
 def run(args) -> int:
     import time
 
-    from .common import eprint, load_for_args, resolve_backend
+    from ..modelinfo import model_device, num_layers, num_query_heads
+    from ..params import resolve_backend
+    from .common import eprint, load_for_args
+    from .report import no_gain_line
 
     try:
         parse_tasks(args.tasks)
@@ -85,22 +105,21 @@ def run(args) -> int:
     try:
         start = time.time()
         model, tokenizer = load_for_args(args, dist.device())
-        runner_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-            else model.config
         try:
-            cfg = config_from_args(args, runner_cfg.num_hidden_layers,
-                                   runner_cfg.num_attention_heads)
+            cfg = config_from_args(args, num_layers(model), num_query_heads(model))
         except (ValueError, KeyError) as exc:
             raise SystemExit(f"act search: {exc}")
-        cfg.backend = resolve_backend(args.backend, next(model.parameters()).device)
+        cfg.backend = resolve_backend(args.backend, model_device(model), "act search")
         summary = run_search(model, tokenizer, cfg, args.out, dist=dist)
         if dist.main:
-            prof = summary["profile"]
             fin, base = summary["final"], summary["baseline"]
-            eprint(f"act search: {len(summary['rows'])} candidates, {len(summary['good'])} "
-                   f"individually good, {prof.num_calibrated()} kept "
+            eprint(f"act search: {len(summary['candidates'])} candidates, "
+                   f"{len(summary['rows'])} scored exactly, {len(summary['good'])} "
+                   f"individually good, {len(summary['best_set'])} kept "
                    f"({time.time() - start:.0f} s)")
-            if fin["val"]["n"]:
+            if summary["no_gain"]:
+                eprint(no_gain_line(summary))
+            elif fin["val"]["n"]:
                 eprint(f"validation accuracy {100 * base['val']['acc']:.1f} -> "
                        f"{100 * fin['val']['acc']:.1f}")
             print(f"profile: {args.out}/profile.json\nreport:  {args.out}/summary.md")

@@ -43,12 +43,6 @@ def parse_data(items) -> dict:
     return out
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return name
-
-
 def load_for_args(args, device=None):
     """``(model, tokenizer)`` from the common flags (model in eval mode on ``device``)."""
     from ..model_loader import load_model

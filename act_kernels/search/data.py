@@ -9,7 +9,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from ..tasks import ScoreItem, get_task, load_splits, pad_id
+from ..tasks import ScoreItem, get_task, left_pad, load_splits, pad_id
 
 
 @dataclass(frozen=True)
@@ -116,14 +116,9 @@ def make_batches(samples: Sequence[Sample], batch_size: int,
 
 
 def pad_batch(batch: Sequence[Sample], tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``(input_ids, attention_mask)``."""
-    width = max(len(s.ids) for s in batch)
-    ids = torch.full((len(batch), width), pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for r, s in enumerate(batch):
-        ids[r, width - len(s.ids):] = torch.as_tensor(s.ids, dtype=torch.long)
-        mask[r, width - len(s.ids):] = 1
-    return ids.to(device), mask.to(device)
+    """Left-padded ``(input_ids, attention_mask)`` (:func:`act_kernels.tasks.left_pad`)."""
+    enc = left_pad([s.ids for s in batch], pad_id(tokenizer), device)
+    return enc["input_ids"], enc["attention_mask"]
 
 
 def fingerprint(samples: Sequence[Sample]) -> str:

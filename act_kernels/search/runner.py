@@ -26,7 +26,9 @@ from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from ..profile import head_override
+from ..hf import head_override, recording
+from ..modelinfo import text_config
+from ..params import head_mask
 
 
 @dataclass
@@ -120,8 +122,7 @@ class LayerRunner:
         self.base = base
         self.layers = base.layers
         self.lm_head = model.get_output_embeddings()
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-            else model.config
+        config = text_config(model)
         self.config = config
         self.num_layers = len(self.layers)
         self.num_heads = int(config.num_attention_heads)
@@ -203,103 +204,60 @@ class LayerRunner:
 def act_mode(model, heads: Optional[Mapping[int, torch.Tensor]] = None, *, beta: float,
              tau: float, backend: str = "torch") -> Iterator[None]:
     """ACT attention on every layer (plain where ``heads`` selects nothing), via
-    :func:`~act_kernels.profile.head_override`."""
+    :func:`~act_kernels.hf.head_override`."""
     with head_override(model, dict(heads or {}), beta=beta, tau=tau, backend=backend):
         yield
 
 
 def one_hot_heads(heads: Sequence[int], num_heads: int, device=None) -> torch.Tensor:
     """Bool ``[len(heads), num_heads]``: row ``r`` selects head ``heads[r]``."""
-    mask = torch.zeros(len(heads), num_heads, dtype=torch.bool)
-    if len(heads):
-        mask[torch.arange(len(heads)), torch.as_tensor(list(heads), dtype=torch.long)] = True
-    return mask if device is None else mask.to(device)
+    rows = [head_mask([h], num_heads, who="act search", device=device) for h in heads]
+    return torch.stack(rows) if rows else torch.zeros(0, num_heads, dtype=torch.bool,
+                                                      device=device)
 
 
 def profile_masks(heads: Mapping[int, Sequence[int]], num_heads: int, device=None
                   ) -> dict[int, torch.Tensor]:
     """``{layer: bool [Hq]}`` of a ``{layer: [heads]}`` mapping (empty layers dropped)."""
-    out = {}
-    for layer, idx in heads.items():
-        if idx:
-            m = torch.zeros(num_heads, dtype=torch.bool)
-            m[torch.as_tensor(sorted(idx), dtype=torch.long)] = True
-            out[int(layer)] = m if device is None else m.to(device)
-    return out
+    return {int(layer): head_mask(idx, num_heads, who="act search", layer=int(layer),
+                                  device=device)
+            for layer, idx in heads.items() if idx}
 
 
 # ---------------------------------------------------------------------------------------------
 # Sink probe: which (row, head) pairs of a layer have sinks at all
 # ---------------------------------------------------------------------------------------------
 # A head whose calibration finds no sink (no key but the first with a mean attention > tau)
-# leaves every row unchanged (ACT_SPEC.md, step 4), so its candidate equals the uncalibrated
+# leaves every row unchanged (docs/spec.md, step 4), so its candidate equals the uncalibrated
 # model on that sample and need not be run. And a query row before the head's first sink puts no
 # attention on any sink (causal), so calibration leaves it, and every position before the first
 # sink in every later layer, unchanged. The probe records, while a layer runs plainly, the first
-# sink position of every (row, head) of that layer (``T`` where the head has no sink).
+# sink position of every (row, head) of that layer (``T`` where the head has no sink), from the
+# statistics of the layer's own ACT attention call (:func:`act_kernels.hf.recording`).
 
-_PROBE_NAME = "act_search_probe"
-_probes: dict[int, dict] = {}
-_registered = False
-
-
-def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                   is_causal=None, **kwargs):
-    from .. import integration
-    from ..op import act_attention
-
-    rec = _probes.get(id(getattr(module, "config", None)))
-    impl = (rec or {}).get("impl", "act_torch")
-    plain = integration.act_triton_attention_forward if impl == "act_triton" \
-        else integration.act_torch_attention_forward
-    out = plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                is_causal=is_causal, **kwargs)
-    if rec is not None:
-        bsz, _, q_len, _ = query.shape
-        kv_len = key.shape[2]
-        kpm, used = integration.mask_to_key_padding(attention_mask, bsz, q_len, kv_len)
-        _, stats = act_attention(query, key[:, :, :used], value[:, :, :used], heads=None,
-                                 beta=rec["beta"], tau=rec["tau"], scale=scaling,
-                                 key_padding_mask=kpm, backend=rec["backend"],
-                                 return_stats=True)
-        sinks = stats.sinks                                           # [B, Hq, used]
-        position = torch.arange(used, 0, -1, device=sinks.device)      # first True -> largest
-        first = used - (sinks * position).amax(dim=-1)                 # no sink -> used
-        rec["sinks"] = torch.where(sinks.any(-1), first, torch.full_like(first, kv_len))
-    return out
+def first_sinks(sinks: torch.Tensor, total: int) -> torch.Tensor:
+    """Long ``[B, Hq]``: the first True position along the last axis of ``sinks [B, Hq, K]``,
+    ``total`` where there is none."""
+    used = sinks.shape[-1]
+    position = torch.arange(used, 0, -1, device=sinks.device)      # first True -> largest
+    first = used - (sinks * position).amax(dim=-1)
+    return torch.where(sinks.any(-1), first, torch.full_like(first, total))
 
 
-def _register_probe() -> None:
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    AttentionInterface.register(_PROBE_NAME, _probe_forward)
-    AttentionMaskInterface.register(_PROBE_NAME, sdpa_mask)
-    _registered = True
-
-
-def run_layer_with_probe(runner: LayerRunner, layer: int, hidden: torch.Tensor, ctx: Context,
-                         *, beta: float, tau: float, backend: str = "torch"
+def run_layer_with_probe(runner: LayerRunner, layer: int, hidden: torch.Tensor, ctx: Context
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run decoder layer ``layer`` plainly (inside an ACT block such as :func:`act_mode`) and
     return ``(hidden_out, first_sink long [B, Hq])``: the position of each (row, head)'s first
     sink, ``T`` (the padded length) where the head has none."""
-    _register_probe()
-    module = runner.layers[layer].self_attn
-    config = module.config
-    previous = config._attn_implementation
-    rec = {"impl": previous, "beta": beta, "tau": tau, "backend": backend, "sinks": None}
-    _probes[id(config)] = rec
-    config._attn_implementation = _PROBE_NAME
-    try:
+    found = []
+
+    def probe(module, stats, query, key, value, key_padding_mask):
+        found.append(first_sinks(stats.sinks, key.shape[2]))
+
+    with recording(runner.model, probe, layers=[layer]):
         out = runner.run_layers(hidden, ctx, layer, layer + 1)
-    finally:
-        config._attn_implementation = previous
-        _probes.pop(id(config), None)
-    if rec["sinks"] is None:
-        raise RuntimeError("act search: the sink probe did not run (the model does not call "
-                           "Transformers' attention interface)")
-    return out, rec["sinks"]
+    if len(found) != 1:
+        raise RuntimeError(f"act search: the sink probe of layer {layer} saw {len(found)} ACT "
+                           "attention calls (expected one: does the model call Transformers' "
+                           "attention interface?)")
+    return out, found[0]

@@ -2,71 +2,18 @@
 (fast, layer reuse), and the naive loop (a full forward per candidate per sample)."""
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
+from ..params import DEFAULT_BETA, DEFAULT_TAU
+from ..runtime import Dist
 from ..tasks import score_last_logits
 from .data import Sample, make_batches, pad_batch
 from .runner import (Context, KVRecorder, LayerRunner, RowPrefixKV, act_mode, one_hot_heads,
                      profile_masks, run_layer_with_probe, suffix_mask)
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes: torch.distributed when launched by torchrun, else a single process
-# ---------------------------------------------------------------------------------------------
-
-class Dist:
-    """Rank / world size and a SUM all-reduce (no-op on one process)."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.owned = False
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                backend = "nccl" if torch.cuda.is_available() else "gloo"
-                dist.init_process_group(backend=backend)
-                self.owned = True
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def device(self) -> torch.device:
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            return torch.device("cuda", local % torch.cuda.device_count())
-        return torch.device("cpu")
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return t
-        import torch.distributed as dist
-
-        backend = dist.get_backend()
-        work = t.cuda() if backend == "nccl" else t.cpu()
-        dist.all_reduce(work, op=dist.ReduceOp.SUM)
-        return work.to(t.device)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.owned:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-            self.owned = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +80,22 @@ def metrics(res: Results, samples: Sequence[Sample]) -> dict:
             "bal_acc": sum(per_group) / len(per_group), "margin": float(res.margin[idx].mean())}
 
 
+def paired_bootstrap(diffs: Sequence[torch.Tensor], reps: int, seed: int) -> tuple[float, float]:
+    """95% interval of the mean over groups of ``mean(diff)``, each group's paired differences
+    resampled independently (``reps`` resamples; NaNs when ``reps`` is 0 or no group)."""
+    if reps <= 0 or not diffs:
+        return float("nan"), float("nan")
+    gen = torch.Generator().manual_seed(seed)
+    total = torch.zeros(reps, dtype=torch.float64)
+    for diff in diffs:
+        diff = diff.double()
+        idx = torch.randint(len(diff), (reps, len(diff)), generator=gen)
+        total += diff[idx].mean(-1)
+    total /= len(diffs)
+    lo, hi = torch.quantile(total, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
 # ---------------------------------------------------------------------------------------------
 # The engines
 # ---------------------------------------------------------------------------------------------
@@ -141,8 +104,8 @@ class Scorer:
     """Runs samples through ``model`` with ACT attention on every layer (plain where nothing is
     calibrated), batched with left padding, scoring the last position only."""
 
-    def __init__(self, model, tokenizer, *, beta: float = 0.4, tau: float = 0.1,
-                 backend: str = "torch", batch_size: int = 8, max_rows: int = 64,
+    def __init__(self, model, tokenizer, *, beta: float = DEFAULT_BETA,
+                 tau: float = DEFAULT_TAU, backend: str = "torch", batch_size: int = 8, max_rows: int = 64,
                  max_tokens: int = 4096,
                  dist: Optional[Dist] = None, skip_sinkless: bool = True,
                  reuse_prefix: bool = True):
@@ -270,9 +233,8 @@ class Scorer:
                             st.hidden = self.runner.run_layers(st.hidden, st.ctx, layer,
                                                                layer + 1)
                             continue
-                        out, first_sink = run_layer_with_probe(
-                            self.runner, layer, st.hidden, st.ctx, beta=self.beta, tau=self.tau,
-                            backend=self.backend)
+                        out, first_sink = run_layer_with_probe(self.runner, layer, st.hidden,
+                                                               st.ctx)
                         total = st.hidden.shape[1]
                         first = first_sink.tolist()
                         mine = [_Row(st, r, h, min(first[r][h], total - 1) if self.reuse_prefix
@@ -409,7 +371,8 @@ class _Row:
 
 @torch.no_grad()
 def naive_candidates(model, tokenizer, n_total: int, samples: Sequence[Sample],
-                     todo: Mapping[int, Sequence[int]], *, beta: float = 0.4, tau: float = 0.1,
+                     todo: Mapping[int, Sequence[int]], *, beta: float = DEFAULT_BETA,
+                     tau: float = DEFAULT_TAU,
                      backend: str = "torch") -> dict[tuple[int, int], Results]:
     """The naive search: for every candidate and every sample, one full forward of the model
     (batch of one, all logits), with that single head calibrated."""

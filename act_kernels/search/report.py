@@ -1,0 +1,225 @@
+"""What ``act search`` writes: ``profile.json``, ``heads.csv`` and ``summary.md`` (with the rule
+it followed, :data:`SEARCH_RULE`), built from a finished :class:`~.core.SearchState`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .scoring import Results, metrics, paired_bootstrap
+
+SEARCH_RULE = """\
+## How `act search` chooses heads
+
+1. **Calibration data.** `--samples` prompts mixed evenly from `--tasks`, drawn in seeded order
+   from each task's calibration pool (disjoint from the evaluation split `act eval` uses). Per
+   task, the first part (1 - `--val-fraction`, default 2/3) is the *scoring* part, the rest the
+   *validation* part.
+2. **Screen (`--strategy screen`, the default).** One plain forward and one backward per
+   scoring sample give the gradient of the gold label's log-probability margin with respect to
+   every head's attention output; the op, run once per layer with all heads calibrated, gives
+   the change calibration makes to each head's output. Their dot product, summed over positions,
+   is the first-order estimate of each candidate's margin change. The `--screen-top` candidates
+   with the largest mean estimate go on to step 3; the others are not run. The estimate only
+   decides which heads get the exact check (`--strategy exhaustive` checks every candidate).
+3. **Exact scoring (as the reference code).** Each candidate (by default all heads of layers
+   2 .. L-2; the first two and the last layer are left alone) is calibrated alone and run on
+   the scoring part. It is *individually good* when it raises accuracy over the uncalibrated
+   model (strictly more correct answers). The reference keeps all of them together.
+4. **Greedy combination (ours).** The union of individually good heads can hurt, so the good
+   heads are tried one at a time, best first (accuracy gain, then class-balanced accuracy gain,
+   then margin gain, then layer/head index), each added to the heads kept so far and run on the
+   *validation* part, which did not score them. A head is kept only if the combination loses
+   neither accuracy nor class-balanced accuracy there and gains: higher accuracy, or the same
+   accuracy with a higher margin (a tie with a lower margin is dropped: at these sample sizes a
+   tie is noise). At most `--max-greedy` heads are tried.
+5. **Does no harm.** The final set is compared with the uncalibrated model on the validation
+   part (paired bootstrap interval of the difference). If it does not beat it (lower accuracy,
+   or equal accuracy with a lower margin), the profile written is empty and the set is only
+   reported.
+6. **Reported.** For every candidate: the estimate (screen) and, when run exactly, accuracy,
+   class-balanced accuracy (mean over the (task, gold option) groups) and mean margin, with
+   deltas, on the scoring part; for the final set and for the reference's union: the same on
+   the scoring and validation parts.
+"""
+
+
+def progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr (disabled on ranks other than 0)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run", file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def _validation_interval(st, final: Results) -> dict:
+    """Final set minus the uncalibrated model on the validation part: accuracy and margin
+    differences with paired bootstrap 95% intervals."""
+    if not st.val:
+        return {}
+    idx = torch.as_tensor([s.index for s in st.val], dtype=torch.long)
+    out = {}
+    for key in ("correct", "margin"):
+        diff = getattr(final, key)[idx] - getattr(st.baseline, key)[idx]
+        lo, hi = paired_bootstrap([diff], st.cfg.bootstrap, st.cfg.seed)
+        out[key] = {"delta": float(diff.mean()), "ci95": [lo, hi]}
+    return out
+
+
+def summarize(st) -> dict:
+    """The summary dict of a finished search (what :func:`write_outputs` writes)."""
+    from ..profiles import ACTProfile
+    from .core import as_heads, beats
+
+    cfg = st.cfg
+    base = {"score": metrics(st.baseline, st.score), "val": metrics(st.baseline, st.val)}
+    fin, ref = st.sets["final"], st.sets["reference_union"]
+    no_gain = bool(st.kept) and not beats(fin["val"], base["val"])
+    chosen = {} if no_gain else as_heads(st.kept)
+    provenance = {
+        "tool": "act search", "strategy": cfg.strategy, "tasks": st.tasks, "samples": st.n,
+        "seed": cfg.seed, "calibration": dict(st.calibration),
+        "scoring_samples": len(st.score), "validation_samples": len(st.val),
+        "layers": st.layers, "heads_searched": st.heads, "chat_template": cfg.chat_template,
+        "max_length": cfg.max_length, "data_files": dict(cfg.data),
+        "rule": "individually good on the scoring part, then greedy forward selection on the "
+                "validation part (no loss of accuracy or class-balanced accuracy, a gain in "
+                "accuracy or, at equal accuracy, in margin); empty unless the final set beats "
+                "the uncalibrated model on the validation part",
+        "baseline": base, "final": {"score": fin["score"], "val": fin["val"]},
+        "best_set": [list(k) for k in st.kept], "no_gain": no_gain,
+    }
+    if cfg.strategy == "screen":
+        provenance.update(screen_top=cfg.screen_top, screen_objective=cfg.screen_objective)
+    profile = ACTProfile(heads=chosen, beta=cfg.beta, tau=cfg.tau, model_name=cfg.model_name,
+                         num_layers=st.scorer.num_layers, num_heads=st.scorer.num_heads,
+                         provenance=provenance)
+    status = {key: "screened out" for key in st.candidates}
+    for r in st.rows:
+        status[(r["layer"], r["head"])] = "good" if r in st.good else ""
+    for s in st.steps:
+        status[(s["layer"], s["head"])] = "kept" if s["kept"] else "rejected"
+    return {"baseline": base, "rows": st.rows, "estimates": dict(st.estimates),
+            "good": [(r["layer"], r["head"]) for r in st.good], "steps": st.steps,
+            "final": fin, "reference_union": ref, "profile": profile, "status": status,
+            "no_gain": no_gain, "best_set": list(st.kept),
+            "validation_interval": _validation_interval(st, Results.from_record(fin["results"])),
+            "tasks": st.tasks, "n": st.n, "n_score": len(st.score), "n_val": len(st.val),
+            "layers": st.layers, "heads": st.heads, "candidates": st.candidates,
+            "calibration_ids": [smp.id for smp in st.samples]}
+
+
+def no_gain_line(summary: dict) -> str:
+    """The one plain line ``act search`` prints when the final set does not beat the
+    uncalibrated model on the validation part."""
+    b, f = summary["baseline"]["val"], summary["final"]["val"]
+    return (f"act search: the best set found ({len(summary['best_set'])} heads) does not beat "
+            f"the uncalibrated model on the validation part (accuracy {_pct(b['acc'])} -> "
+            f"{_pct(f['acc'])}, margin {_f(b['margin'], 3)} -> {_f(f['margin'], 3)}); the "
+            "profile written is empty (the set is in summary.md)")
+
+
+def write_outputs(out: Path, summary: dict, cfg) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    summary["profile"].save(out / "profile.json")
+    (out / "heads.csv").write_text(heads_csv(summary))
+    (out / "summary.md").write_text(summary_md(summary, cfg))
+
+
+def _f(x, digits: int = 4) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+CSV_EXACT = ("acc", "d_acc", "bal_acc", "d_bal_acc", "margin", "d_margin")
+
+
+def heads_csv(s: dict) -> str:
+    """One line per candidate: exact scores where it was run exactly, the first-order estimate
+    where it was screened, its status."""
+    rows = {(r["layer"], r["head"]): r for r in s["rows"]}
+    lines = [",".join(("layer", "head") + CSV_EXACT + ("estimate", "changed", "sink_samples",
+                                                       "status"))]
+    for key in s["candidates"]:
+        r = rows.get(key, {})
+        vals = [str(key[0]), str(key[1])] + [_f(r.get(k), 6) for k in CSV_EXACT]
+        vals += [_f(s["estimates"].get(key), 6), str(r.get("changed", "")),
+                 str(r.get("sink_samples", "")), s["status"][key]]
+        lines.append(",".join(vals))
+    return "\n".join(lines) + "\n"
+
+
+def _interval_lines(s: dict) -> list[str]:
+    iv = s["validation_interval"]
+    if not iv:
+        return []
+    acc, mar = iv["correct"], iv["margin"]
+    return ["", f"Final set minus uncalibrated on the validation part ({s['n_val']} samples; "
+                "paired bootstrap 95% intervals): accuracy "
+                f"{100 * acc['delta']:+.1f} points [{100 * acc['ci95'][0]:+.1f}, "
+                f"{100 * acc['ci95'][1]:+.1f}], margin {mar['delta']:+.3f} "
+                f"[{mar['ci95'][0]:+.3f}, {mar['ci95'][1]:+.3f}]."]
+
+
+def summary_md(s: dict, cfg) -> str:
+    b = s["baseline"]
+    fin, ref = s["final"], s["reference_union"]
+    strategy = (f"screen (first-order estimate for all {len(s['candidates'])} candidates, the "
+                f"best {len(s['rows'])} scored exactly)" if cfg.strategy == "screen"
+                else f"exhaustive (all {len(s['rows'])} candidates scored exactly)")
+    lines = [
+        "# ACT head search", "",
+        f"- model: {cfg.model_name or 'SmolLM2-135M-Instruct (default)'}",
+        f"- tasks: {', '.join(s['tasks'])}; {s['n']} calibration samples "
+        f"({s['n_score']} scoring, {s['n_val']} validation), seed {cfg.seed}",
+        f"- candidates: {len(s['candidates'])} (layers {s['layers'][0]}..{s['layers'][-1]}"
+        f"{'' if len(s['layers']) == s['layers'][-1] - s['layers'][0] + 1 else ' (subset)'}, "
+        f"{len(s['heads'])} heads each); beta {cfg.beta}, tau {cfg.tau}",
+        f"- strategy: {strategy}",
+        f"- individually good (scoring part): {len(s['good'])}; tried greedily: "
+        f"{len(s['steps'])}; kept: {len(s['best_set'])}",
+        f"- profile: `{json.dumps({str(k): v for k, v in s['profile'].heads.items()})}`",
+    ]
+    if s["no_gain"]:
+        lines.append(f"- **{no_gain_line(s)[len('act search: '):]}**")
+    lines += ["", "## Final set vs the uncalibrated model", "",
+              "| heads | part | n | accuracy | balanced acc. | margin |",
+              "|---|---|---:|---:|---:|---:|"]
+    for name, rec in (("none (uncalibrated)", b), (f"final ({len(fin['heads'])})", fin),
+                      (f"reference union ({len(ref['heads'])})", ref)):
+        for part in ("score", "val"):
+            m = rec[part]
+            if m["n"]:
+                lines.append(f"| {name} | {'scoring' if part == 'score' else 'validation'} | "
+                             f"{m['n']} | {_pct(m['acc'])} | {_pct(m['bal_acc'])} | "
+                             f"{_f(m['margin'], 3)} |")
+    lines += _interval_lines(s)
+    lines += ["", "## Greedy steps (validation part)", ""]
+    if s["steps"]:
+        lines += ["| step | layer.head | accuracy | balanced acc. | margin | kept |",
+                  "|---:|---|---:|---:|---:|---|"]
+        for st in s["steps"]:
+            v = st["val"]
+            lines.append(f"| {st['step']} | {st['layer']}.{st['head']} | {_pct(v['acc'])} | "
+                         f"{_pct(v['bal_acc'])} | {_f(v['margin'], 3)} | "
+                         f"{'yes' if st['kept'] else 'no'} |")
+    else:
+        lines.append("No head raised accuracy on the scoring part: the profile is empty.")
+    from .core import rank_key
+
+    lines += ["", "## Best candidates alone (scoring part; all in heads.csv)", "",
+              "| layer.head | accuracy (Δ) | balanced acc. (Δ) | margin (Δ) | estimate | status |",
+              "|---|---:|---:|---:|---:|---|"]
+    for r in sorted(s["rows"], key=rank_key)[:15]:
+        lines.append(f"| {r['layer']}.{r['head']} | {_pct(r['acc'])} ({100 * r['d_acc']:+.1f}) "
+                     f"| {_pct(r['bal_acc'])} ({100 * r['d_bal_acc']:+.1f}) | "
+                     f"{_f(r['margin'], 3)} ({r['d_margin']:+.3f}) | "
+                     f"{'' if r['estimate'] is None else format(r['estimate'], '+.3f')} | "
+                     f"{s['status'][(r['layer'], r['head'])]} |")
+    lines += ["", SEARCH_RULE]
+    return "\n".join(lines) + "\n"

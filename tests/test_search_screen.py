@@ -1,0 +1,207 @@
+"""The screened head search (``--strategy screen``) on a tiny random Llama.
+
+Checks: the first-order estimate equals the exact objective change of each head calibrated alone
+when the change is small (and its error shrinks as a second-order term); screen and exhaustive
+strategies run end to end and agree on the heads both score exactly; the screen stage resumes to
+the same files; the "does no harm" rule keeps ties only with a margin gain and writes an empty
+profile when the final set does not beat the uncalibrated model.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from test_pipeline import _cfg, _files, setup, stop_at  # noqa: F401  (setup is a fixture)
+
+LOW_TAU = 0.04     # the tiny model's attention is flat: a lower threshold gives it sinks
+
+
+def _samples(setup, n: int):
+    from act_kernels.search.data import calibration_examples, encode_examples
+
+    samples = []
+    for task, exs in calibration_examples(["sst2", "arc_easy"], n, 0, setup["data"]).items():
+        samples += encode_examples(task, exs, setup["tok"], False, None, start=len(samples))
+    return samples
+
+
+def _estimate_and_exact(setup, beta: float, layers, batch):
+    from act_kernels import head_override
+    from act_kernels.search import Scorer
+    from act_kernels.search.data import pad_batch
+    from act_kernels.search.screen import FirstOrderScreen, objective_values
+
+    model, tok = setup["model"], setup["tok"]
+    scorer = Scorer(model, tok, beta=beta, tau=LOW_TAU)
+    ids, mask = pad_batch(batch, tok, "cpu")
+    items = [s.item for s in batch]
+    estimate = FirstOrderScreen(scorer).estimate(ids, mask, items, layers)
+    exact = torch.zeros_like(estimate)
+    with torch.no_grad():
+        plain = objective_values(scorer.runner.forward_last(ids, mask), items)
+        for i, layer in enumerate(layers):
+            for head in range(scorer.num_heads):
+                with head_override(model, {layer: [head]}, beta=beta, tau=LOW_TAU,
+                                   backend="torch"):
+                    calibrated = objective_values(scorer.runner.forward_last(ids, mask), items)
+                exact[:, i, head] = calibrated - plain
+    return estimate, exact
+
+
+def test_first_order_estimate_equals_small_exact_change(setup):
+    batch = _samples(setup, 8)[:6]
+    layers = [1, 2, 3]
+    errors = {}
+    for beta in (0.9, 0.99):          # 1 - beta scales the calibration's change of the output
+        estimate, exact = _estimate_and_exact(setup, beta, layers, batch)
+        scale = exact.abs().max().item()
+        assert scale > 0, "no head changes the margin: the test would be vacuous"
+        assert int((exact.abs() > 1e-3 * scale).sum()) >= 10
+        errors[beta] = (estimate - exact).abs().max().item()
+        if beta == 0.99:
+            assert errors[beta] <= 0.02 * scale, (errors[beta], scale)
+            torch.testing.assert_close(estimate, exact, atol=0.02 * scale, rtol=0.0)
+    # second order: ten times smaller a change, about a hundred times smaller an error
+    assert errors[0.99] < errors[0.9] / 30, errors
+
+
+def test_objective_gradient_is_finite_on_mixed_batches(setup):
+    """A batch mixing two-option and three-option items (padded options) gives finite grads."""
+    from act_kernels.search import Scorer
+    from act_kernels.search.data import pad_batch
+    from act_kernels.search.screen import FirstOrderScreen
+
+    samples = _samples(setup, 8)
+    batch = [samples[0], samples[-1]]
+    assert {s.task for s in batch} == {"sst2", "arc_easy"}
+    scorer = Scorer(setup["model"], setup["tok"], tau=LOW_TAU)
+    ids, mask = pad_batch(batch, setup["tok"], "cpu")
+    for objective in ("margin", "logprob"):
+        grads = FirstOrderScreen(scorer, objective).gradients(
+            ids, mask, [s.item for s in batch], [1, 3])
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_screen_and_exhaustive_end_to_end(setup, tmp_path):
+    from act_kernels.search import run_search
+
+    model, tok = setup["model"], setup["tok"]
+    exhaustive = run_search(model, tok, _cfg(setup, tau=LOW_TAU), tmp_path / "exhaustive")
+    screen = run_search(model, tok, _cfg(setup, tau=LOW_TAU, strategy="screen", screen_top=3),
+                        tmp_path / "screen")
+    assert len(exhaustive["rows"]) == 8 and not exhaustive["estimates"]
+    assert len(screen["rows"]) == 3 and len(screen["estimates"]) == 8
+    # the exactly scored heads are the estimate's top 3, with the exhaustive run's scores
+    top = sorted(screen["estimates"], key=lambda k: (-screen["estimates"][k], k))[:3]
+    assert sorted((r["layer"], r["head"]) for r in screen["rows"]) == sorted(top)
+    by_key = {(r["layer"], r["head"]): r for r in exhaustive["rows"]}
+    for r in screen["rows"]:
+        ref = by_key[(r["layer"], r["head"])]
+        for k in ("acc", "bal_acc", "margin", "changed", "sink_samples"):
+            assert r[k] == pytest.approx(ref[k], abs=1e-6), (k, r, ref)
+    lines = (tmp_path / "screen" / "heads.csv").read_text().splitlines()
+    cols = lines[0].split(",")
+    assert cols[:8] == ["layer", "head", "acc", "d_acc", "bal_acc", "d_bal_acc", "margin",
+                        "d_margin"] and cols[8] == "estimate"
+    body = [dict(zip(cols, l.split(","))) for l in lines[1:]]
+    assert len(body) == 8 and all(b["estimate"] for b in body)
+    assert sum(b["status"] == "screened out" for b in body) == 5
+    assert all((b["acc"] == "") == (b["status"] == "screened out") for b in body)
+    summary_md = (tmp_path / "screen" / "summary.md").read_text()
+    assert "strategy: screen" in summary_md and "paired bootstrap" in summary_md
+    prov = json.loads((tmp_path / "screen" / "profile.json").read_text())["provenance"]
+    assert prov["strategy"] == "screen" and prov["screen_top"] == 3
+
+
+def test_screen_stage_resumes(setup, tmp_path, monkeypatch):
+    from act_kernels.search import run_search, screen
+    from act_kernels.search.core import CHECKPOINT
+
+    monkeypatch.setattr(screen, "SCREEN_CHUNK", 4)      # 12 scoring samples: 3 records
+    cfg = _cfg(setup, tau=LOW_TAU, strategy="screen", screen_top=2)
+    model, tok = setup["model"], setup["tok"]
+    run_search(model, tok, cfg, tmp_path / "full")
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        run_search(model, tok, cfg, part, on_record=stop_at("screen", 2))
+    kinds = [json.loads(l)["kind"] for l in (part / CHECKPOINT).read_text().splitlines()]
+    assert kinds.count("screen") == 2 and "candidate" not in kinds
+    resumed = []
+    run_search(model, tok, cfg, part, on_record=lambda rec: resumed.append(rec["kind"]))
+    assert resumed.count("screen") == 1             # only the missing chunk was screened
+    assert _files(part) == _files(tmp_path / "full")
+
+
+def test_greedy_rule_ties_need_a_margin_gain():
+    from act_kernels.search.core import beats, improves
+
+    cur = {"acc": 0.5, "bal_acc": 0.5, "margin": 0.2}
+    assert improves({"acc": 0.6, "bal_acc": 0.5, "margin": 0.1}, cur)       # accuracy gain
+    assert improves({"acc": 0.5, "bal_acc": 0.5, "margin": 0.25}, cur)      # tie, margin up
+    assert not improves({"acc": 0.5, "bal_acc": 0.5, "margin": 0.1}, cur)   # tie, margin down
+    assert not improves({"acc": 0.5, "bal_acc": 0.5, "margin": 0.2}, cur)   # nothing gained
+    assert not improves({"acc": 0.6, "bal_acc": 0.4, "margin": 0.3}, cur)   # balance lost
+    assert beats({"acc": 0.6, "margin": 0.0}, cur)
+    assert beats({"acc": 0.5, "margin": 0.3}, cur)
+    assert not beats({"acc": 0.5, "margin": 0.1}, cur)
+    assert not beats({"acc": 0.4, "margin": 0.9}, cur)
+
+
+def _write_sst2(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_no_harm_writes_an_empty_profile(setup, tmp_path, monkeypatch):
+    """Data where any scoring gain is a validation loss (the validation half repeats the scoring
+    half's texts with the labels flipped), labelled so that a head is individually good; the
+    greedy rule forced to keep it: the final set loses to the uncalibrated model on the
+    validation part, so the profile is empty, the set is reported and the CLI line says so."""
+    from act_kernels.profiles import ACTProfile
+    from act_kernels.search import core, run_search
+    from act_kernels.search.core import CHECKPOINT
+    from act_kernels.search.data import calibration_examples, split_score_val
+
+    from test_pipeline import WORDS
+
+    gen = torch.Generator().manual_seed(3)
+    rows = [{"id": f"m{i}", "text": " ".join(WORDS[int(j)] for j in
+                                             torch.randint(len(WORDS), (4,), generator=gen)),
+             "label": i % 2} for i in range(24)]
+    path = tmp_path / "mirror.jsonl"
+    _write_sst2(path, rows)
+    cfg = _cfg(setup, tasks=["sst2"], samples=24, val_fraction=0.5, layers=[1, 2, 3], beta=0.0,
+               tau=LOW_TAU, max_greedy=1, data={"sst2": str(path)})
+    score, val = split_score_val(calibration_examples(["sst2"], 24, 0, cfg.data), 0.5)
+    by_id = {r["id"]: r for r in rows}
+    raw = lambda example: by_id[example.id.rsplit("/", 1)[-1]]  # noqa: E731  (ids get a prefix)
+    for a, b in zip(score["sst2"], val["sst2"]):
+        raw(b)["text"] = raw(a)["text"]
+    _write_sst2(path, rows)
+    # the head that changes most scoring predictions; label the scoring half with its answers
+    draft = run_search(setup["model"], setup["tok"], cfg, tmp_path / "draft")
+    best = max(draft["rows"], key=lambda r: (r["changed"], -r["layer"], -r["head"]))
+    assert best["changed"] > 0, "no head changes a prediction: the test would be vacuous"
+    recs = [json.loads(l) for l in (tmp_path / "draft" / CHECKPOINT).read_text().splitlines()]
+    pred = next(r["pred"] for r in recs if r.get("kind") == "candidate"
+                and (r["layer"], r["head"]) == (best["layer"], best["head"]))
+    for k, (a, b) in enumerate(zip(score["sst2"], val["sst2"])):   # sample k is score[k]
+        raw(a)["label"], raw(b)["label"] = pred[k], 1 - pred[k]
+    _write_sst2(path, rows)
+
+    monkeypatch.setattr(core, "improves", lambda trial, current: True)
+    out = tmp_path / "forced"
+    summary = run_search(setup["model"], setup["tok"], cfg, out)
+    base, final = summary["baseline"]["val"], summary["final"]["val"]
+    assert len(summary["best_set"]) == 1
+    assert final["acc"] < base["acc"], (base, final)          # the set does harm here
+    assert summary["no_gain"]
+    profile = ACTProfile.load(out / "profile.json")
+    assert profile.num_calibrated() == 0
+    assert profile.provenance["best_set"] == [list(k) for k in summary["best_set"]]
+    assert "does not beat the uncalibrated model" in (out / "summary.md").read_text()
+    # the real rule never keeps that head: an empty profile without a no-gain verdict
+    monkeypatch.undo()
+    honest = run_search(setup["model"], setup["tok"], cfg, tmp_path / "honest")
+    assert honest["good"] and not honest["best_set"] and not honest["no_gain"]
