@@ -429,40 +429,50 @@ def _decode(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
 
     stats = None
     if heads is not None or return_stats:
-        # Sinks of the single row: P > tau, first valid key excepted (padded keys have P = 0).
-        sinks = probs > tau
-        if key_padding_mask is None:
-            sinks[:, :, 0] = False
-        else:
-            first = first_valid_index(key_padding_mask, bsz, q.device)
-            sinks.scatter_(2, first[:, None, None].expand(bsz, hq, 1), False)
-            sinks &= alive[:, None, None]
-        mass = torch.where(sinks, probs, 0.0).sum(-1, keepdim=True)   # m, [B, Hq, 1]
+        sinks = _decode_sinks(probs, tau, key_padding_mask, alive)
         if return_stats:
+            mass = torch.where(sinks, probs, 0.0).sum(-1, keepdim=True)   # m, [B, Hq, 1]
             scores = probs if alive is None else probs * alive[:, None, None]
             stats = {"scores": scores.float(), "sinks": sinks, "sink_mass": mass.float(),
                      "calibrated": _calibrated(heads, bsz, hq, q.device)}
         if heads is not None:
-            probs = _calibrate_decode_rows(probs, logits, sinks, mass, heads, beta, q.dtype)
+            sinks = sinks & heads[:, :, None]
+            if bool(sinks.any()):     # else no calibrated row has a sink: every row unchanged
+                probs = _calibrate_decode_rows(probs, logits, sinks, beta, q.dtype)
     out = torch.matmul(probs.view(bsz, hkv, group, nk), _as(v, work)).reshape(bsz, hq, 1, dim)
     if alive is not None:
         out = out * alive[:, None, None, None]
     return out.to(q.dtype), stats
 
 
-def _calibrate_decode_rows(probs, logits, sinks, mass, heads, beta, dtype):
-    """``P'`` of single rows: beta P on the sinks, ``(1 - beta m) / (1 - m) P`` off them."""
+def _decode_sinks(probs, tau, key_padding_mask, alive):
+    """Sinks of single rows ``[B, Hq, Nk]``: ``P > tau``, the first valid key excepted (padded
+    keys have ``P = 0``; a padded query has no sink)."""
+    sinks = probs > tau
+    if key_padding_mask is None:
+        sinks[:, :, 0] = False
+    else:
+        bsz, hq = probs.shape[:2]
+        first = first_valid_index(key_padding_mask, bsz, probs.device)
+        sinks.scatter_(2, first[:, None, None].expand(bsz, hq, 1), False)
+        sinks &= alive[:, None, None]
+    return sinks
+
+
+def _calibrate_decode_rows(probs, logits, sinks, beta, dtype):
+    """``P'`` of single rows: beta P on the sinks, ``(1 - beta m) / (1 - m) P`` off them.
+
+    ``sinks`` holds the sinks of calibrated rows only; rows without one keep ``P * 1``, exactly.
+    """
+    mass = torch.where(sinks, probs, 0.0).sum(-1, keepdim=True)       # m, [B, Hq, 1]
     rest = 1.0 - mass
-    change = heads[:, :, None] & (mass > 0) & (rest > 0)
-    keep = change.to(mass.dtype)
-    on_sink = 1.0 + (beta - 1.0) * keep                      # beta where calibrated, else 1
-    off_sink = 1.0 + ((1.0 - beta * mass) / rest.clamp(min=1e-30) - 1.0) * keep
-    new = probs * torch.where(sinks, on_sink, off_sink)     # unchanged rows: P * 1, exactly P
-    worst = float((mass * keep).max())
-    if worst > 1.0 - stable_rest(dtype):
+    change = (mass > 0) & (rest > 0)
+    off_sink = torch.where(change, (1.0 - beta * mass) / rest, 1.0)     # in probs' dtype
+    new = probs * torch.where(sinks & change, beta, off_sink)
+    shaky = change & (rest < stable_rest(dtype))
+    if bool(shaky.any()):
         # 1 - m too small to divide by: the non-sink part is a softmax over the non-sink keys,
         # exact even when 1 - m is subnormal (or rounds to 0).
-        shaky = change & (rest < stable_rest(dtype))
         share = torch.softmax(logits.masked_fill(sinks, float("-inf")), dim=-1)
         exact_rest = torch.where(sinks, 0.0, probs).sum(-1, keepdim=True)
         fixed = torch.where(sinks, beta * probs, share * (1.0 - beta * mass))
