@@ -6,6 +6,11 @@ correctness and prediction (margins to 1e-4) and appends the timings to RESULTS.
 
     python benchmarks/bench_search.py                 # the default search: layers 2..28 (~15 min)
     python benchmarks/bench_search.py --samples 8 --layers 14,15 --layers 26:27
+
+``--compare`` measures the first-order screen against exact scoring instead (see
+:func:`compare` in ``bench_search_compare.py``)::
+
+    python benchmarks/bench_search.py --compare --samples 240 --cache /tmp/act_exact
 """
 from __future__ import annotations
 
@@ -34,6 +39,11 @@ def _timed(fn, device: torch.device) -> tuple[float, float]:
 
 
 def main() -> None:
+    if "--compare" in sys.argv[1:]:
+        from bench_search_compare import main as compare_main
+
+        sys.argv.remove("--compare")
+        return compare_main()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=8, help="calibration samples (mixed)")
     parser.add_argument("--tasks", default="sst2,arc_easy")
@@ -46,6 +56,8 @@ def main() -> None:
                         help="ACT backend (default: triton on CUDA, torch on the CPU)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--compare", action="store_true",
+                        help="screen vs exact comparison (bench_search_compare.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -8,9 +8,10 @@ log-probability) is ``sum_i <df / do[l, h, i], delta_o[l, h, i]>``:
 * :meth:`FirstOrderScreen.gradients`: one plain differentiable forward (SDPA) and one backward
   give ``df / do`` for every layer and head at once (the input of each layer's ``o_proj`` is
   the concatenation of its heads' attention outputs);
-* :meth:`FirstOrderScreen.deltas`: one no-grad forward with the ACT attention records each
-  layer's query/key/value (:func:`~act_kernels.hf.recording`) and runs the op on them
-  twice, all heads calibrated and none, for every head's ``delta_o`` of that layer;
+* :meth:`FirstOrderScreen.deltas`: one no-grad forward with the ACT attention (nothing
+  calibrated: each layer's own output is ``o_plain``) records each layer's query/key/value
+  (:func:`~act_kernels.hf.recording`) and runs the op once more on them with every head
+  calibrated, for every head's ``delta_o`` of that layer;
 * :meth:`FirstOrderScreen.estimate`: their dot products, ``[B, layers, heads]``.
 
 So a sample costs about four forwards whatever the number of candidates; the search then
@@ -74,8 +75,10 @@ class FirstOrderScreen:
                                  f"{type(scorer.model).__name__} has no self_attn.o_proj; use "
                                  "--strategy exhaustive")
 
-    def gradients(self, ids, mask, items, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """``{layer: df/do [B, T, Hq, D]}`` from one plain (SDPA) forward and one backward."""
+    @contextlib.contextmanager
+    def _attention_outputs(self, layers: Sequence[int]):
+        """Within the block, ``{layer: input of its o_proj [B, T, Hq * D]}`` of every forward
+        (the layer's attention output, its heads side by side)."""
         inputs: dict[int, torch.Tensor] = {}
 
         def keep(layer):
@@ -86,54 +89,56 @@ class FirstOrderScreen:
         handles = [self.runner.layers[l].self_attn.o_proj.register_forward_pre_hook(keep(l))
                    for l in layers]
         try:
-            with torch.enable_grad(), _attention(self.runner.config, "sdpa"):
-                hidden, ctx = self.runner.context(ids, mask)
-                hidden = hidden.detach().requires_grad_(True)   # a graph even if weights are frozen
-                hidden = self.runner.run_layers(hidden, ctx, 0, self.runner.num_layers)
-                total = objective_values(self.runner.last_logits(hidden), items,
-                                         self.objective).sum()
-                grads = torch.autograd.grad(total, [inputs[l] for l in layers],
-                                            allow_unused=True)
+            yield inputs
         finally:
             for h in handles:
                 h.remove()
-        hq = self.runner.num_heads
-        out = {}
-        for l, g in zip(layers, grads):
-            x = inputs[l]
-            g = torch.zeros_like(x) if g is None else g
-            out[l] = g.detach().view(x.shape[0], x.shape[1], hq, -1)
-        return out
+
+    def _per_head(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.runner.num_heads, -1)
+
+    def gradients(self, ids, mask, items, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """``{layer: df/do [B, T, Hq, D]}`` from one plain (SDPA) forward and one backward."""
+        with self._attention_outputs(layers) as inputs, torch.enable_grad(), \
+                _attention(self.runner.config, "sdpa"):
+            hidden, ctx = self.runner.context(ids, mask)
+            hidden = hidden.detach().requires_grad_(True)   # a graph even if weights are frozen
+            hidden = self.runner.run_layers(hidden, ctx, 0, self.runner.num_layers)
+            total = objective_values(self.runner.last_logits(hidden), items,
+                                     self.objective).sum()
+            grads = torch.autograd.grad(total, [inputs[l] for l in layers], allow_unused=True)
+        return {l: self._per_head(torch.zeros_like(inputs[l]) if g is None else g.detach())
+                for l, g in zip(layers, grads)}
 
     @torch.no_grad()
     def deltas(self, ids, mask, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """``{layer: o_act - o_plain [B, Hq, T, D]}``, every head calibrated on the layer's own
-        query/key/value of a plain forward."""
+        """``{layer: o_act - o_plain [B, T, Hq, D]}``: ``o_plain`` is the layer's own output in
+        a plain ACT forward (nothing calibrated), ``o_act`` one more op call on the same
+        query/key/value with every head calibrated."""
         from ..hf import recording
         from ..op import act_attention
         from .runner import act_mode
 
-        sc, wanted, out = self.scorer, set(layers), {}
+        sc, calibrated = self.scorer, {}
 
         def recorder(module, stats, query, key, value, key_padding_mask):
-            layer = module.layer_idx
             every = torch.ones(query.shape[0], query.shape[1], dtype=torch.bool,
                                device=query.device)
-            run = dict(beta=sc.beta, tau=sc.tau, scale=module.scaling,
-                       key_padding_mask=key_padding_mask, backend=sc.backend)
-            out[layer] = (act_attention(query, key, value, heads=every, **run)
-                          - act_attention(query, key, value, heads=None, **run))
+            calibrated[module.layer_idx] = act_attention(
+                query, key, value, heads=every, beta=sc.beta, tau=sc.tau, scale=module.scaling,
+                key_padding_mask=key_padding_mask, backend=sc.backend)
 
         with act_mode(sc.model, beta=sc.beta, tau=sc.tau, backend=sc.backend), \
-                recording(sc.model, recorder, layers=layers):
+                recording(sc.model, recorder, layers=layers), \
+                self._attention_outputs(layers) as plain:
             hidden, ctx = self.runner.context(ids, mask)
             self.runner.run_layers(hidden, ctx, 0, max(layers) + 1)
-        missing = wanted - set(out)
+        missing = set(layers) - set(calibrated)
         if missing:
             raise RuntimeError(f"act search: no ACT attention call was recorded for layers "
                                f"{sorted(missing)} (the model does not call Transformers' "
                                "attention interface)")
-        return out
+        return {l: calibrated[l].transpose(1, 2) - self._per_head(plain[l]) for l in layers}
 
     def estimate(self, ids, mask, items, layers: Sequence[int]) -> torch.Tensor:
         """``[B, len(layers), Hq]``: the first-order objective change of each candidate."""
@@ -142,8 +147,7 @@ class FirstOrderScreen:
         real = mask.bool()[:, :, None, None]
         per_layer = []
         for l in layers:
-            delta = deltas[l].transpose(1, 2)                      # [B, T, Hq, D]
-            prod = torch.where(real, grads[l].float() * delta.float(), 0.0)
+            prod = torch.where(real, grads[l].float() * deltas[l].float(), 0.0)
             per_layer.append(prod.sum(dim=(1, 3)))
         return torch.stack(per_layer, dim=1)
 
