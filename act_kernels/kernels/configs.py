@@ -52,57 +52,85 @@ def len_bucket(n: int) -> int:
 
 
 def _gpu_configs(kind: str):
-    """Candidate configs; ``prune_configs`` drops the ones too large for the head dim."""
+    """Candidate configs; ``prune_configs`` keeps the ones that fit the device and head dim.
+
+    Few on purpose: each candidate is compiled and timed on the first call of every shape
+    bucket (and compiled for every target by the CI test).
+    """
     out = []
     if kind == "forward":
-        for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4),
-                             (64, 128, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]:
+        for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3),
+                             (128, 32, 4, 4), (64, 32, 4, 4), FALLBACK["forward"]]:
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
     elif kind == "column":
         # key block outer (BLOCK_N), query block inner (BLOCK_M)
-        for bn, bm, w, s in [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3),
-                             (128, 32, 4, 4), (64, 32, 4, 4)]:
+        for bn, bm, w, s in [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 4),
+                             FALLBACK["column"]]:
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
     elif kind == "correction":
-        for bm, bs, w, s in [(64, 16, 4, 2), (128, 16, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2),
-                             (32, 16, 4, 2)]:
-            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_S": bs, "BLOCK_N": 64},
-                                     num_warps=w, num_stages=s))
+        for bm, bs, bn, w in [(64, 16, 64, 4), (32, 16, 64, 4), (64, 16, 64, 8), (128, 32, 64, 8),
+                              FALLBACK["correction"]]:
+            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_S": bs, "BLOCK_N": bn},
+                                     num_warps=w, num_stages=2))
     else:
         raise ValueError(kind)
     return out
+
+
+# The last candidate of each kind: small tiles that fit every target even in fp32 at D = 256
+# (the forward's and the column's (block, block, warps, stages); the correction's
+# (BLOCK_M, BLOCK_S, BLOCK_N, warps)). Kept only when no larger candidate fits.
+FALLBACK = {"forward": (32, 32, 4, 2), "column": (32, 32, 4, 2), "correction": (16, 16, 16, 4)}
 
 
 # Shared memory one thread block may use (the opt-in maximum), bytes, by compute capability.
 SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
               103: 232448, 120: 101376}
 
+# fp32 tile values one thread may hold (see register_tiles) before ptxas spills: measured on
+# sm_90 for the forward kernel at D = 128 (96 per thread: no spill; 128 and more: spills).
+REGISTER_TILE_LIMIT = 96
+
+
+def _blocks(meta: dict):
+    return meta.get("BLOCK_M", 64), meta.get("BLOCK_N", 64), meta.get("BLOCK_S", 16)
+
 
 def smem_bytes(kind: str, meta: dict, block_d: int, elsize: int, num_stages: int) -> int:
-    """Estimated shared memory (bytes) of one program of an autotuned kernel.
+    """Estimated shared memory (bytes) of one program of an autotuned kernel: an upper bound.
 
-    Triton's pipeliner keeps ``num_stages`` copies of every tile a loop streams in from global
-    memory for a dot, and the dot operands that stay resident (the Q tile) in shared memory too:
+    Triton's software pipeliner keeps ``num_stages`` copies of every tile a loop streams in from
+    global memory for a dot, and the dot operands that stay resident (the Q tile) in shared
+    memory too (rows of ``block_d`` elements of the input dtype):
 
-    * forward: K^T and V tiles [BLOCK_N, BLOCK_D] per stage, plus the Q tile [BLOCK_M, BLOCK_D];
-    * column: Q tiles [BLOCK_M, BLOCK_D] per stage, plus the K^T tile [BLOCK_D, BLOCK_N];
-    * correction: the gathered sink rows of K and V [BLOCK_S, BLOCK_D] per stage, the guard's
-      K and V tiles [BLOCK_N, BLOCK_D] per stage (the two loops do not overlap in time, so the
-      larger one counts), plus the Q tile.
+    * forward: K^T and V tiles [BLOCK_N, D] per stage, plus the Q tile [BLOCK_M, D];
+    * column: Q tiles [BLOCK_M, D] per stage, plus the K^T tile [D, BLOCK_N];
+    * correction: per stage the gathered sink rows of K and V [BLOCK_S, D] and the guard loop's
+      K and V tiles [BLOCK_N, D], plus the Q tile twice (one per loop);
 
-    The element size is the input's (fp32 inputs take twice the space of fp16/bf16).
+    plus the small per-row vectors of every stage (LSE, padding flags: 4 bytes per row).
     ``tests/test_gpu_compile.py`` checks on sm_80/90/100 that the compiled ``metadata.shared``
-    never exceeds this estimate and that every config it drops really does not fit.
+    never exceeds it.
     """
-    bm, bn = meta.get("BLOCK_M", 64), meta.get("BLOCK_N", 64)
-    tile = block_d * elsize
-    if kind == "forward":
-        return (num_stages * 2 * bn + bm) * tile
-    if kind == "column":
-        return (num_stages * bm + bn) * tile
-    if kind == "correction":
-        return (num_stages * 2 * max(meta.get("BLOCK_S", 16), bn) + bm) * tile
-    raise ValueError(kind)
+    bm, bn, bs = _blocks(meta)
+    rows = {"forward": num_stages * 2 * bn + bm,
+            "column": num_stages * bm + bn,
+            "correction": num_stages * 2 * (bs + bn) + 2 * bm}[kind]
+    return rows * block_d * elsize + 4 * num_stages * (bm + bn + bs)
+
+
+def register_tiles(kind: str, meta: dict, block_d: int, num_warps: int) -> float:
+    """fp32 tile values per thread that stay live in the kernel's main loop.
+
+    forward: the accumulator [BLOCK_M, D] and the score tile [BLOCK_M, BLOCK_N]; column: the
+    score tile; correction: ``w`` [BLOCK_M, D], the guard loop's accumulator [BLOCK_M, D] and
+    its score tile [BLOCK_M, BLOCK_N].
+    """
+    bm, bn, bs = _blocks(meta)
+    values = {"forward": bm * block_d + bm * bn,
+              "column": bm * bn,
+              "correction": 2 * bm * block_d + bm * max(bn, bs)}[kind]
+    return values / (32 * num_warps)
 
 
 def smem_limit() -> int:
@@ -122,18 +150,34 @@ def _device_smem_limit() -> int:
     return int(limit) if limit else SMEM_LIMIT.get(props.major * 10 + props.minor, 101376)
 
 
-def prune_configs(configs, named_args, kind=None, **kwargs):
-    """Keep the configs whose estimated shared memory (``smem_bytes``) fits the device.
+def fits(kind: str, config, block_d: int, elsize: int, smem: int) -> bool:
+    """The pruning rule: the config's estimated shared memory fits ``smem`` bytes and, for head
+    dims up to 128, its live fp32 tiles fit the registers without spilling
+    (``REGISTER_TILE_LIMIT``). At D = 256 every tile config holds more; there the autotuner
+    chooses among the configs that fit shared memory."""
+    if smem_bytes(kind, config.kwargs, block_d, elsize, config.num_stages) > smem:
+        return False
+    return (block_d > 128
+            or register_tiles(kind, config.kwargs, block_d, config.num_warps)
+            <= REGISTER_TILE_LIMIT)
 
-    If none fits, the smallest is kept (Triton needs one; it would then fail to launch with a
-    clear out-of-resources error rather than silently doing something else)."""
+
+def prune_configs(configs, named_args, kind=None, **kwargs):
+    """``early_config_prune`` of the autotuned kernels: keep the configs that ``fits``.
+
+    If none fits, the one with the smallest shared memory is kept (Triton needs one; it would
+    then fail to launch with a clear out-of-resources error rather than silently doing
+    something else)."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
     q = named_args.get("Q")
     elsize = q.element_size() if q is not None else 2
-    limit = smem_limit()
-    sizes = [smem_bytes(kind, c.kwargs, block_d, elsize, c.num_stages) for c in configs]
-    kept = [c for c, size in zip(configs, sizes) if size <= limit]
-    return kept or [configs[sizes.index(min(sizes))]]
+    kept = [c for c in configs if fits(kind, c, block_d, elsize, smem_limit())]
+    if len(kept) > 1:
+        kept = kept[:-1] if kept[-1] is configs[-1] else kept    # the fallback only if alone
+    if kept:
+        return kept
+    return [min(configs, key=lambda c: smem_bytes(kind, c.kwargs, block_d, elsize,
+                                                  c.num_stages))]
 
 
 # the autotuned kernels by kind (tests switch their pruning off to check the rule)

@@ -77,14 +77,13 @@ def _sink_correction_kernel(
     tl.store(Mass + pid_p * Nq + offs_m, mass, mask=offs_m < Nq)
 
     if slot >= 0:
-        u = load_rows(U32 + slot * Nq * D, offs_m, offs_m < Nq, D, offs_d, d_ok, 1)
-        # non-sink average  a_i = sum_{j not in S} P_ij v_j / (1 - m_i)  and  rest = 1 - m_i
-        rest = 1.0 - mass
-        avg = (u - w) / tl.where(rest > 0, rest, 1.0)[:, None]
+        out_base = Out + b * stride_ob + h * stride_oh
+        u_base = U32 + slot * Nq * D
+        rest = 1.0 - mass                       # non-sink mass
         unstable = r_ok & (mass > 0) & (rest < stable_rest)
         if tl.max(unstable.to(tl.int32), 0) > 0:
             # a softmax over the non-sink keys, for this block only: exact even when 1 - m is
-            # tiny or subnormal (u - w would have cancelled)
+            # tiny or subnormal (u - w would have cancelled); these rows are written here
             m_ns = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             l_ns = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc_ns = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -98,13 +97,24 @@ def _sink_correction_kernel(
                 BLOCK_N, HAS_KPM, True, True, IN_PREC, UPCAST)
             has = l_ns > 0
             l_safe = tl.where(has, l_ns, 1.0)
-            rest_d = tl.where(has, tl.math.exp2(m_ns + tl.math.log2(l_safe) - lse2), 0.0)
-            rest = tl.where(unstable, rest_d, rest)
-            avg = tl.where(unstable[:, None], acc_ns / l_safe[:, None], avg)
-        change = r_ok & (mass > 0) & (rest > 0)
-        o = tl.where(change[:, None], beta * w + (1.0 - beta * mass)[:, None] * avg, u)
-        store_rows(Out + b * stride_ob + h * stride_oh, o, offs_m, offs_m < Nq, stride_on,
-                   offs_d, d_ok, stride_od)
+            rest_ns = tl.where(has, tl.math.exp2(m_ns + tl.math.log2(l_safe) - lse2), 0.0)
+            u = load_rows(u_base, offs_m, unstable, D, offs_d, d_ok, 1)
+            o = _identity(u, w, mass, acc_ns / l_safe[:, None], rest_ns, beta)
+            store_rows(out_base, o, offs_m, unstable, stride_on, offs_d, d_ok, stride_od)
+        # the other rows: the identity with the non-sink average (u - w) / (1 - m)
+        stable = (offs_m < Nq) & (unstable == 0)
+        u = load_rows(u_base, offs_m, stable, D, offs_d, d_ok, 1)
+        avg = (u - w) / tl.where(rest > 0, rest, 1.0)[:, None]
+        o = _identity(u, w, mass, avg, rest, beta)
+        store_rows(out_base, o, offs_m, stable, stride_on, offs_d, d_ok, stride_od)
+
+
+@triton.jit
+def _identity(u, w, mass, avg, rest, beta):
+    """Rows with sink mass ``m > 0`` and non-sink mass ``rest > 0``: ``beta w + (1 - beta m) a``
+    (``a`` the non-sink average); the others keep the plain output ``u``."""
+    change = (mass > 0) & (rest > 0)
+    return tl.where(change[:, None], beta * w + (1.0 - beta * mass)[:, None] * avg, u)
 
 
 def compact_sinks(sinks):
