@@ -490,6 +490,16 @@ def _calibrated(heads, bsz, hq, device):
 # the backend
 # --------------------------------------------------------------------------------------------
 
+def pair_neg_lse(lse, b_idx, h_idx, key_padding_mask, dtype):
+    """``-lse [P, Nq]`` of the (b, h) pairs in the work dtype, ``-inf`` on padded query rows (they
+    count for nothing in any column sum)."""
+    neg_lse = -lse[b_idx, h_idx].to(_work_dtype(dtype))
+    if key_padding_mask is not None:
+        dead = ~key_padding_mask[:, key_padding_mask.shape[1] - lse.shape[2]:]
+        neg_lse.masked_fill_(dead[b_idx], float("-inf"))
+    return neg_lse
+
+
 def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
     """Backend entry point (arguments normalised by :func:`act_kernels.op.act_attention`)."""
     bsz, hq, nq, _ = q.shape
@@ -503,10 +513,7 @@ def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, retu
         return out, None
 
     b_idx, h_idx = wanted.nonzero(as_tuple=True)
-    neg_lse = -lse[b_idx, h_idx].to(_work_dtype(q.dtype))
-    if key_padding_mask is not None:   # padded query rows count for nothing
-        dead = ~key_padding_mask[:, nk - nq:]
-        neg_lse.masked_fill_(dead[b_idx], float("-inf"))
+    neg_lse = pair_neg_lse(lse, b_idx, h_idx, key_padding_mask, q.dtype)
     counts = seen_counts(nq, nk, key_padding_mask, bsz, q.device)[b_idx]
     first = first_valid_index(key_padding_mask, bsz, q.device)[b_idx]
     sums, candidates = pruned_column_sums(q, k, neg_lse, b_idx, h_idx, counts, first, tau, scale)

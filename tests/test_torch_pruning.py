@@ -1,0 +1,215 @@
+"""The torch backend's pruned column pass (and the decode shortcut) against the float64 brute force.
+
+The prefill column pass bounds every key's column sum from block maxima and sums exactly only
+the keys whose bound reaches ``tau * count``. These tests check that the bound really bounds
+(odd shapes, GQA, padding, chunks, huge logits, tiny blocks), that keys placed just above and
+just below ``tau`` keep the brute force's decision, that pruning is active, that uncalibrated
+heads are bit for bit the plain path and that the bound pass holds only a block of rows.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from act_kernels import act_attention
+from act_kernels import torch_backend as tb
+from act_kernels.sinks import first_valid_index, seen_counts
+from bruteforce import bruteforce_details
+from inputs import integer_qkv, left_padding, make_qkv
+
+# (B, Hq, Hkv, Nq, Nk, D, planted keys, left pads per batch row)
+SHAPES = [
+    (1, 3, 1, 97, 97, 64, (5, 40), None),
+    (2, 6, 3, 61, 61, 16, (7, 30), [0, 13]),
+    (2, 4, 2, 37, 113, 40, (20, 90), [0, 50]),     # a chunk: Nq < Nk, padding inside the chunk
+    (1, 2, 2, 150, 150, 8, (), None),
+]
+NEAR = 1e-4   # relative distance of tau from a key's score: far above float32 noise (1e-6)
+
+
+def shape_id(shape):
+    b, hq, hkv, nq, nk, d, planted, pads = shape
+    return f"B{b}-H{hq}/{hkv}-Nq{nq}-Nk{nk}-D{d}" + ("-pad" if pads else "")
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    """Force many row blocks in the bound pass and the exact sums."""
+    monkeypatch.setattr(tb, "BOUND_BLOCK_FLOATS", 1)
+    monkeypatch.setattr(tb, "BOUND_MIN_ROWS", 5)
+    monkeypatch.setattr(tb, "BLOCK_FLOATS", 64)
+    monkeypatch.setattr(tb, "MIN_BLOCK_ROWS", 3)
+
+
+def inputs(shape, seed, **kw):
+    b, hq, hkv, nq, nk, d, planted, pads = shape
+    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, seed=seed, planted=planted, **kw)
+    return q, k, v, (None if pads is None else left_padding(nk, pads))
+
+
+def pairs_and_lse(q, k, v, kpm, scale):
+    """Every (b, h) pair with its ``-lse`` as the backend computes them."""
+    bsz, hq = q.shape[:2]
+    _, lse = tb.plain_attention(q, k, v, scale, kpm)
+    b_idx, h_idx = torch.ones(bsz, hq, dtype=torch.bool).nonzero(as_tuple=True)
+    return b_idx, h_idx, tb.pair_neg_lse(lse, b_idx, h_idx, kpm, q.dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("q_scale", [1.0, 4.0])
+def test_bound_is_at_least_the_exact_column_sum(shape, q_scale, tiny_blocks):
+    q, k, v, kpm = inputs(shape, seed=3, q_scale=q_scale)
+    scale = q.shape[-1] ** -0.5
+    b_idx, h_idx, neg_lse = pairs_and_lse(q, k, v, kpm, scale)
+    bounds = tb.column_bounds(q, k, neg_lse, b_idx, h_idx, scale).double()
+    bf = bruteforce_details(q, k, v, None, 0.4, 0.1, scale, kpm)
+    nq, nk = q.shape[2], k.shape[2]
+    counts = seen_counts(nq, nk, kpm, q.shape[0], q.device)[b_idx].double()
+    truth = bf.scores[b_idx, h_idx] * counts                # sum_i P_ij over the rows that see j
+    seen = counts > 0
+    assert bool((bounds[seen] >= truth[seen] - 1e-37).all()), float((truth - bounds)[seen].max())
+    # and it is a bound worth having: within the block factor of the truth for most keys
+    assert float((bounds[seen] < 1e3 * truth[seen] + 1e-3).double().mean()) > 0.5
+
+
+def test_bound_holds_for_huge_logits(tiny_blocks):
+    """Integer q/k scaled by 1000: exact float32 logits of magnitude ~1e4, nearly one-hot rows."""
+    q, k, v = integer_qkv(2, 4, 2, 41, 41, 64, seed=5, q_scale=1000)
+    kpm = left_padding(41, [0, 9])
+    scale = 64 ** -0.5
+    b_idx, h_idx, neg_lse = pairs_and_lse(q, k, v, kpm, scale)
+    bounds = tb.column_bounds(q, k, neg_lse, b_idx, h_idx, scale).double()
+    bf = bruteforce_details(q, k, v, None, 0.4, 0.1, scale, kpm)
+    counts = seen_counts(41, 41, kpm, 2, q.device)[b_idx].double()
+    truth = bf.scores[b_idx, h_idx] * counts
+    # float32 exponentials underflow below ~1e-45, where the float64 truth does not
+    seen = counts > 0                        # padded keys have no score and no useful bound
+    assert bool((bounds[seen] >= truth[seen] - 1e-37).all()), float((truth - bounds)[seen].max())
+    assert torch.isfinite(bounds[seen]).all()
+
+
+def near_tau_targets(bf, first, count=3):
+    """Keys whose score, moved by ``NEAR`` relatively, is no closer than ``10 NEAR`` to any other
+    key's: tau can sit right next to them without a tie elsewhere. Strongest keys first, then the
+    strongest key of the bulk (not among the top ``count``)."""
+    scores = bf.scores.clone()
+    scores[torch.arange(scores.shape[0]), :, first] = 0.0     # the first valid key is no sink
+    flat = scores.flatten()
+    order = flat.argsort(descending=True)
+    picks = []
+    for rank in list(range(count)) + [count + 5, count + 40]:
+        value = float(flat[order[rank]])
+        gaps = (flat - value).abs() / value
+        gaps[order[rank]] = float("inf")
+        if value > 0 and float(gaps.min()) > 10 * NEAR:
+            picks.append(value)
+    return picks
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("side", ["just_above", "just_below"])
+def test_keys_next_to_tau_keep_their_decision(shape, side, tiny_blocks):
+    """tau a hair (1e-4 relative) below or above a key's score: with and without return_stats
+    the key is a sink exactly when the brute force says so, and the output follows."""
+    q, k, v, kpm = inputs(shape, seed=11)
+    bsz, hq = q.shape[:2]
+    heads = torch.ones(bsz, hq, dtype=torch.bool)
+    heads[:, 1::2] = False                                      # odd heads stay plain
+    bf_any = bruteforce_details(q, k, v, heads, 0.4, 0.1, None, kpm)
+    targets = near_tau_targets(bf_any, first_valid_index(kpm, bsz, q.device))
+    assert len(targets) >= 3, targets
+    for score in targets:
+        tau = score * (1 - NEAR) if side == "just_above" else score * (1 + NEAR)
+        bf = bruteforce_details(q, k, v, heads, 0.4, tau, None, kpm)
+        assert int(((bf.scores - tau).abs() < 2 * NEAR * tau).sum()) == 1   # exactly the target
+        out, stats = act_attention(q, k, v, heads=heads, tau=tau, key_padding_mask=kpm,
+                                   backend="torch", return_stats=True)
+        out_only = act_attention(q, k, v, heads=heads, tau=tau, key_padding_mask=kpm,
+                                 backend="torch")
+        assert torch.equal(stats.sinks, bf.sinks), f"tau={tau}"
+        assert torch.equal(out, out_only)
+        alive = bf.row_valid[:, None, :, None].expand_as(out)
+        scale_v = float(v.abs().max())
+        torch.testing.assert_close(out.double()[alive], bf.out[alive], rtol=1e-5,
+                                   atol=2e-5 * scale_v)
+
+
+def test_pruning_skips_most_keys_and_sums_the_rest_exactly(tiny_blocks):
+    """Random keys with two planted sinks: few candidates survive, the planted ones do, and the
+    candidates' sums equal the full column pass's."""
+    q, k, v, kpm = inputs(SHAPES[0], seed=2)
+    scale = 64 ** -0.5
+    b_idx, h_idx, neg_lse = pairs_and_lse(q, k, v, kpm, scale)
+    nk = k.shape[2]
+    counts = seen_counts(nk, nk, None, 1, q.device)[b_idx]
+    first = first_valid_index(None, 1, q.device)[b_idx]
+    sums, candidates = tb.pruned_column_sums(q, k, neg_lse, b_idx, h_idx, counts, first, 0.1,
+                                             scale)
+    full = tb.column_sums(q, k, neg_lse, b_idx, h_idx, scale)
+    assert bool(candidates[:, [5, 40]].all())
+    assert int(candidates.sum()) < 0.25 * candidates.numel()
+    torch.testing.assert_close(sums[candidates], full[candidates], rtol=1e-5, atol=1e-6)
+    assert bool((sums[~candidates] == 0).all())
+    skipped = ~candidates
+    skipped[:, 0] = False                     # the first key is never a sink, whatever its score
+    assert bool((full[skipped] <= 0.1 * counts[skipped]).all())   # no sink was skipped
+
+
+@pytest.mark.parametrize("nq", [1, 33], ids=["decode", "prefill"])
+def test_uncalibrated_heads_are_the_plain_path_bit_for_bit(nq):
+    q, k, v = make_qkv(2, 6, 2, nq, 70, 32, seed=17, planted=(9, 50))
+    kpm = left_padding(70, [0, 12])
+    heads = torch.tensor([[True, False, True, False, False, True],
+                          [False, True, False, False, True, False]])
+    plain = act_attention(q, k, v, key_padding_mask=kpm, backend="torch")
+    calibrated = act_attention(q, k, v, heads=heads, key_padding_mask=kpm, backend="torch")
+    assert torch.equal(calibrated[~heads], plain[~heads])
+    assert not torch.equal(calibrated[heads], plain[heads])   # the sinks did change something
+
+
+@pytest.mark.parametrize("side", ["just_above", "just_below"])
+def test_decode_keys_next_to_tau(side):
+    """Decode: tau a hair from a key's probability; the sinks and output follow the brute force."""
+    q, k, v = make_qkv(2, 4, 2, 1, 90, 16, seed=23, planted=(30, 61), sink_logit=4.0)
+    kpm = left_padding(90, [0, 7])
+    bf_any = bruteforce_details(q, k, v, None, 0.4, 0.1, None, kpm)
+    targets = near_tau_targets(bf_any, first_valid_index(kpm, 2, q.device))
+    assert len(targets) >= 3
+    heads = torch.ones(2, 4, dtype=torch.bool)
+    for score in targets:
+        tau = score * (1 - NEAR) if side == "just_above" else score * (1 + NEAR)
+        bf = bruteforce_details(q, k, v, heads, 0.4, tau, None, kpm)
+        out, stats = act_attention(q, k, v, heads=heads, tau=tau, key_padding_mask=kpm,
+                                   backend="torch", return_stats=True)
+        assert torch.equal(stats.sinks, bf.sinks)
+        torch.testing.assert_close(out.double(), bf.out, rtol=1e-5, atol=2e-5)
+
+
+def test_decode_without_sinks_skips_the_calibration(monkeypatch):
+    """No calibrated row has a sink: the step is the plain path, the calibration never runs."""
+    q, k, v = make_qkv(1, 4, 2, 1, 300, 16, seed=29)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("calibration ran without a sink")
+    monkeypatch.setattr(tb, "_calibrate_decode_rows", boom)
+    out = act_attention(q, k, v, heads=[0, 1, 2, 3], backend="torch")
+    assert torch.equal(out, act_attention(q, k, v, backend="torch"))
+
+
+def test_bound_pass_holds_one_block_of_rows(monkeypatch):
+    """Extra memory is O(N): every matmul output of the bound pass fits one block."""
+    q, k, v = make_qkv(1, 6, 2, 400, 400, 16, seed=31)
+    sizes = []
+    real_mm = torch.mm
+
+    def spy(a, b, *, out=None):
+        sizes.append(a.shape[0] * b.shape[1])
+        return real_mm(a, b, out=out)
+    monkeypatch.setattr(tb, "BOUND_BLOCK_FLOATS", 4096)
+    monkeypatch.setattr(tb, "BOUND_MIN_ROWS", 4)
+    monkeypatch.setattr(tb.torch, "mm", spy)
+    act_attention(q, k, v, heads=list(range(6)), backend="torch")
+    monkeypatch.setattr(tb.torch, "mm", real_mm)
+    group, rows = 3, 4                        # 4096 floats hold fewer than 4 rows of 3 heads
+    assert max(sizes) <= rows * group * 400
+    assert len(sizes) >= 2 * (400 // rows)    # two kv heads, every block of rows
