@@ -45,7 +45,7 @@ def parse_data(items) -> dict:
 
 def load_for_args(args, device=None):
     """``(model, tokenizer)`` from the common flags (model in eval mode on ``device``)."""
-    from ..model_loader import load_model
+    from ..hf import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
