@@ -22,8 +22,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/act demo
 
+# No hub is reachable here: Transformers, datasets and lm-eval are told so up front.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+	$(OFFLINE) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_attention.py

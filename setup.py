@@ -15,6 +15,7 @@ setup(
         "safetensors",
         "tqdm",
         "platformdirs",
+        "pyyaml",
     ],
     extras_require={
         "triton": ["triton>=3.0"],
