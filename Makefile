@@ -19,11 +19,11 @@ $(STAMP): setup.py requirements-dev.txt
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/act demo
-
 # No hub is reachable here: Transformers, datasets and lm-eval are told so up front.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+demo: $(STAMP)
+	$(OFFLINE) $(BIN)/act demo
 
 test: $(STAMP)
 	$(OFFLINE) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
