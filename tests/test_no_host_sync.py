@@ -98,11 +98,8 @@ CASES = {  # name: (bsz, hq, hkv, nq, nk, padded, stats)
     "decode, padded": (2, 4, 2, 1, 37, True, False),
     "decode, stats": (2, 4, 2, 1, 37, False, True),
     "prefill, stats": (2, 4, 4, 17, 17, False, True),
-    "prefill, padded": pytest.param(
-        (2, 4, 2, 20, 20, True, False),
-        marks=pytest.mark.xfail(strict=True, raises=HostSyncError, reason=(
-            "sinks.seen_counts indexes with a boolean mask when there is padding "
-            "(counts[:, inside] = ...): a sync outside this file's ownership, reported"))),
+    "prefill, padded": (2, 4, 2, 20, 20, True, False),
+    "chunked prefill, padded, stats": (2, 4, 2, 6, 23, True, True),
 }
 
 
