@@ -21,11 +21,13 @@ that see nothing (padded query rows), whose output is 0.
 """
 from __future__ import annotations
 
-import weakref
+import functools
+from typing import NamedTuple
 
 import torch
 
 from .sinks import STABLE_REST, first_valid_index, seen_counts, select_sinks
+from .tensor_cache import TensorCache
 
 try:
     import triton  # noqa: F401
@@ -42,7 +44,7 @@ from .kernels.sink_correction import sink_correction  # noqa: E402
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-class CalibratedPairs:
+class CalibratedPairs(NamedTuple):
     """Which (batch row, head) pairs a heads mask calibrates, kept on the device.
 
     ``pairs`` int32 [P] (``b * Hq + h``, ascending), ``u_slot`` int32 [B*Hq] (row of the fp32
@@ -50,57 +52,37 @@ class CalibratedPairs:
     the count ``n_cal`` (a host int: it sizes buffers and grids).
     """
 
-    def __init__(self, mask: torch.Tensor):
+    pairs: torch.Tensor
+    n_cal: int
+    u_slot: torch.Tensor
+    cal_i8: torch.Tensor
+
+    @classmethod
+    def of_mask(cls, mask: torch.Tensor) -> "CalibratedPairs":
         flat = mask.reshape(-1)
-        self.pairs = torch.nonzero(flat).reshape(-1).to(torch.int32)   # the one host sync
-        self.n_cal = self.pairs.numel()
-        self.u_slot = torch.full((flat.numel(),), -1, device=mask.device, dtype=torch.int32)
-        self.u_slot[self.pairs.long()] = torch.arange(self.n_cal, device=mask.device,
-                                                      dtype=torch.int32)
-        self.cal_i8 = flat.to(torch.int8).contiguous()
+        pairs = torch.nonzero(flat).reshape(-1).to(torch.int32)       # the one host sync
+        u_slot = torch.full((flat.numel(),), -1, device=mask.device, dtype=torch.int32)
+        u_slot[pairs.long()] = torch.arange(pairs.numel(), device=mask.device, dtype=torch.int32)
+        return cls(pairs, pairs.numel(), u_slot, flat.to(torch.int8).contiguous())
 
 
-class _PairsCache:
-    """``CalibratedPairs`` per heads mask, so that steady-state calls never synchronise.
-
-    Finding the calibrated pairs needs their count on the host (one sync). A layer's mask is the
-    same tensor from call to call (the profile's per-layer mask, or a view of it, like the
-    ``[B, Hq]`` expansion of a ``[Hq]`` mask), so the result is cached on the tensor that owns
-    the data: the key is that tensor's identity (held weakly: the entry goes when it does), its
-    version counter (an in-place edit of the mask recomputes), and the view's shape, strides and
-    offset.
-    """
-
-    def __init__(self):
-        self._entries = {}
-
-    def get(self, mask: torch.Tensor) -> CalibratedPairs:
-        owner = mask._base if mask._base is not None else mask
-        geometry = (tuple(mask.shape), mask.stride(), mask.storage_offset(), mask.device)
-        key = (id(owner), geometry)
-        version = None if mask.is_inference() else mask._version   # inference tensors have none
-        entry = self._entries.get(key)
-        if entry is not None and entry[0]() is owner and entry[1] == version:
-            return entry[2]
-        pairs = CalibratedPairs(mask)
-        entries = self._entries
-        ref = weakref.ref(owner, lambda _, key=key: entries.pop(key, None))
-        self._entries[key] = (ref, version, pairs)
-        return pairs
+# CalibratedPairs per heads mask: found once (one host sync), then reused without touching the
+# device, since a layer's mask is the same tensor (or a fresh view of it) from call to call
+_PAIRS = TensorCache()
 
 
-_PAIRS = _PairsCache()
-_NO_PAIRS = {}   # (B*Hq, device) -> CalibratedPairs of an empty mask
+@functools.lru_cache(maxsize=64)
+def _no_pairs(n_bh: int, device: torch.device) -> CalibratedPairs:
+    return CalibratedPairs(torch.empty(0, device=device, dtype=torch.int32), 0,
+                           torch.full((n_bh,), -1, device=device, dtype=torch.int32),
+                           torch.zeros(n_bh, device=device, dtype=torch.int8))
 
 
 def calibrated_pairs(heads, n_bh: int, device) -> CalibratedPairs:
-    """The cached ``CalibratedPairs`` of ``heads`` (None: nothing calibrated)."""
-    if heads is not None:
-        return _PAIRS.get(heads)
-    key = (n_bh, str(device))
-    if key not in _NO_PAIRS:
-        _NO_PAIRS[key] = CalibratedPairs(torch.zeros(n_bh, dtype=torch.bool, device=device))
-    return _NO_PAIRS[key]
+    """The ``CalibratedPairs`` of ``heads`` (None: nothing calibrated), cached."""
+    if heads is None:
+        return _no_pairs(n_bh, torch.device(device))
+    return _PAIRS.get(heads, CalibratedPairs.of_mask)
 
 
 def check_can_run(q: torch.Tensor) -> None:

@@ -143,6 +143,6 @@ def test_cache_follows_in_place_edits_and_lifetime():
     b = backend_call(q, k, v, heads)[0]
     fresh = backend_call(q, k, v, heads.clone())[0]
     assert torch.equal(b, fresh) and not torch.equal(a[0, 1], b[0, 1])
-    n_entries = len(tb._PAIRS._entries)
+    n_entries = len(tb._PAIRS)
     del heads
-    assert len(tb._PAIRS._entries) == n_entries - 1      # the entry goes with its mask
+    assert len(tb._PAIRS) == n_entries - 1      # the entry goes with its mask
