@@ -210,70 +210,103 @@ def column_sums(q, k, neg_lse, b_idx, h_idx, scale):
 # pruned column pass: bound every key cheaply, sum exactly only the keys that could be sinks
 # --------------------------------------------------------------------------------------------
 
-# Floats of one block of the bound pass (rows x heads x keys): 2 MiB, at least 32 rows.
-BOUND_BLOCK_FLOATS = 1 << 19
+# Floats of one block of the bound pass (rows x heads x keys): 4 Mi entries, at least 32 rows.
+BOUND_BLOCK_FLOATS = 1 << 20
 BOUND_MIN_ROWS = 32
 # Stand-in for -inf on rows that count for nothing, so that no inf enters a matmul.
 _DEAD_ROW = -1e30
 _ROUNDING = 2.0 ** -24      # float32's unit roundoff (also used, conservatively, for float64)
 
 
+# Above this logit slack (huge logits) a bfloat16 bound prunes little: use float32 instead.
+MAX_LOW_SLACK = 1.0
+
+
+def _bound_dtype(device) -> torch.dtype:
+    """The bound pass's matmul dtype: bfloat16 where the hardware multiplies it natively (the
+    pass is matmul-bound; its rounding is accounted for in the bound), else float32."""
+    if device.type == "cuda" or (device.type == "cpu" and torch.backends.mkldnn.is_available()
+                                 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
 def column_bounds(q, k, neg_lse, b_idx, h_idx, scale):
     """``[P, Nk]`` float32, an upper bound of ``sum_i P_ij`` over the rows that see ``j``.
 
     No exponential per entry: for each block of rows, one matmul gives ``max_i (s_ij - lse_i)``
-    (``-lse_i`` rides along as an extra column of q against a column of ones in k), and the
-    block adds ``(rows of the block that see j) * exp(max)``. The bound is then widened by the
-    float32 rounding of both its logits and the exact path's (see :func:`_logit_slack`), so it
-    also bounds what :func:`column_sums` would compute.
+    (``-lse_i`` rides along as two extra columns of q, high and low part, against columns of
+    ones in k), and the block adds ``(rows of the block that see j) * exp(max)``. The matmul may
+    run in bfloat16 (:func:`_bound_dtype`, float32 accumulation); every rounding, of its inputs,
+    its output and of the exact path's own logits, widens the bound (:func:`_logit_slack`), so
+    it also bounds what :func:`column_sums` would compute.
     """
     nq, dim = q.shape[2], q.shape[3]
     nk = k.shape[2]
     group = q.shape[1] // k.shape[1]
     work = _work_dtype(q.dtype)
-    bounds = torch.empty(len(b_idx), nk, dtype=work, device=q.device)
+    bounds = torch.empty(len(b_idx), nk, dtype=torch.float32, device=q.device)
     for (b, kv_head), members in _kv_groups(b_idx, h_idx, group).items():
         pairs = [p for p, _ in members]
         heads = len(pairs)
         q_heads = q[b, [h for _, h in members]].to(work)                   # [G, Nq, D]
         k_head = k[b, kv_head].to(work)                                    # [Nk, D]
-        nl = neg_lse[pairs].clamp(min=_DEAD_ROW)                           # [G, Nq]
-        # rows: [Nq, G, D + 1] = (scale q, -lse); keys: [Nk, D + 1] = (k, 1)
-        q_aug = torch.cat([q_heads * scale, nl[..., None]], -1).transpose(0, 1).contiguous()
-        k_aug = torch.cat([k_head, torch.ones(nk, 1, dtype=work, device=q.device)], -1)
-        acc = torch.zeros(heads, nk, dtype=work, device=q.device)
+        nl = neg_lse[pairs].clamp(min=_DEAD_ROW).float()                   # [G, Nq]
+        low = _bound_dtype(q.device)
+        slack = _logit_slack(q_heads, k_head, nl, scale, low)              # [Nk]
+        if low != torch.float32 and float(slack.max()) > MAX_LOW_SLACK:    # huge logits
+            low = torch.float32
+            slack = _logit_slack(q_heads, k_head, nl, scale, low)
+        out_rounding = 2 * torch.finfo(low).eps      # |x - fl(x)| <= 2 u |fl(x)|, u = eps / 2
+        nl_high = nl.to(low)
+        nl_low = (nl - nl_high.float()).to(low)
+        # rows: [Nq, G, D + 2] = (scale q, -lse high, -lse low); keys: [Nk, D + 2] = (k, 1, 1)
+        q_aug = torch.cat([(q_heads * scale).to(low), nl_high[..., None], nl_low[..., None]],
+                          -1).transpose(0, 1).contiguous()
+        k_aug = torch.cat([k_head.to(low), torch.ones(nk, 2, dtype=low, device=q.device)], -1)
+        acc = torch.zeros(heads, nk, dtype=torch.float32, device=q.device)
         rows = max(BOUND_MIN_ROWS, BOUND_BLOCK_FLOATS // (nk * heads))
-        buffer = torch.empty(min(rows, nq) * heads * nk, dtype=work, device=q.device)
+        buffer = torch.empty(min(rows, nq) * heads * nk, dtype=low, device=q.device)
         key_pos = torch.arange(nk, device=q.device)
-        key_pos_w = key_pos.to(work)
+        key_pos_f = key_pos.float()
         for r0 in range(0, nq, rows):
             r1 = min(nq, r0 + rows)
             first_pos, last_pos = nk - nq + r0, nk - nq + r1 - 1
             lo, hi = key_span(first_pos, last_pos)
-            s = torch.mm(q_aug[r0:r1].view((r1 - r0) * heads, dim + 1), k_aug[lo:hi].t(),
+            s = torch.mm(q_aug[r0:r1].view((r1 - r0) * heads, dim + 2), k_aug[lo:hi].t(),
                          out=buffer[:(r1 - r0) * heads * (hi - lo)].view(-1, hi - lo))
             s = s.view(r1 - r0, heads, hi - lo)
             edge = max(first_pos, lo)     # keys from here on are hidden from some rows
             hidden = _hidden(torch.arange(first_pos, last_pos + 1, device=q.device),
                              key_pos[edge:hi])
             s[:, :, edge - lo:].masked_fill_(hidden[:, None, :], float("-inf"))
-            top = s.amax(0).exp_()                                         # [G, keys]
-            acc[:, lo:hi].addcmul_(top, _rows_seeing(key_pos_w[lo:hi], first_pos, last_pos))
-        slack = _logit_slack(q_heads, k_head, nl, scale)
-        bounds[pairs] = acc * (math.exp(slack) * (1.0 + (nq + 64) * 4 * _ROUNDING))
-    return bounds.float()
+            # every key of the span is seen by some row, so the max is finite (no inf - inf)
+            top = s.amax(0).float()                                        # [G, keys]
+            top = top.abs().mul_(out_rounding).add_(top).add_(slack[lo:hi]).exp_()
+            acc[:, lo:hi].addcmul_(top, _rows_seeing(key_pos_f[lo:hi], first_pos, last_pos))
+        bounds[pairs] = acc * (1.0 + (2 * nq + 64) * 4 * _ROUNDING)       # rounding of sums
+    return bounds
 
 
-def _logit_slack(q_heads, k_head, neg_lse, scale) -> float:
-    """Largest difference between two float32 evaluations of ``scale q.k - lse`` (the bound's
-    and the exact path's): each is within ``(D + 3) u (scale |q| |k| + |lse|)`` of the real value
-    (rounding of the scaled q, the products and the sum of ``D + 1`` terms)."""
+def _logit_slack(q_heads, k_head, neg_lse, scale, low) -> torch.Tensor:
+    """``[Nk]``: how far the bound pass's ``scale q_i.k_j - lse_i`` may fall below the exact
+    path's, for any row ``i`` (see ``csrc_notes/act_passes.md``).
+
+    With ``u`` the unit roundoff of ``low`` and ``U`` float32's: the inputs are rounded to
+    ``low`` (relative ``u + 2U`` on the scaled q, ``u`` on k, ``u^2`` on the split lse), ``D + 2``
+    products are summed in float32 (``(D + 2) U``), and the exact path's own float32 logits are
+    off by up to ``(D + 3) U``; each term is relative to ``scale |q_i| |k_j| + |lse_i|``.
+    """
     dim = q_heads.shape[-1]
-    q_norm = float(q_heads.norm(dim=-1).max())
-    k_norm = float(k_head.norm(dim=-1).max())
+    u, big_u = torch.finfo(low).eps / 2, _ROUNDING
+    per_qk = 2 * u + u * u + (2 * dim + 8) * big_u * (1 + 3 * u)
+    per_lse = u * u + (2 * dim + 6) * big_u * (1 + u)
+    norm_rounding = 1 + 1e-3
+    q_norm = float(q_heads.float().norm(dim=-1).max()) * norm_rounding
+    k_norms = k_head.float().norm(dim=-1) * norm_rounding
     alive = neg_lse > _DEAD_ROW
-    lse_max = float(neg_lse[alive].abs().max()) if bool(alive.any()) else 0.0
-    return 2 * (dim + 3) * _ROUNDING * (abs(scale) * q_norm * k_norm + lse_max)
+    lse_max = float(neg_lse[alive].abs().max()) * norm_rounding if bool(alive.any()) else 0.0
+    return k_norms * (per_qk * abs(scale) * q_norm) + per_lse * lse_max
 
 
 def candidate_sums(q, k, neg_lse, b_idx, h_idx, candidates, scale):

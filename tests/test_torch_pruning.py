@@ -32,9 +32,10 @@ def shape_id(shape):
     return f"B{b}-H{hq}/{hkv}-Nq{nq}-Nk{nk}-D{d}" + ("-pad" if pads else "")
 
 
-@pytest.fixture
-def tiny_blocks(monkeypatch):
-    """Force many row blocks in the bound pass and the exact sums."""
+@pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["f32-bound", "bf16-bound"])
+def tiny_blocks(request, monkeypatch):
+    """Force many row blocks in the bound pass and the exact sums, with either matmul dtype."""
+    monkeypatch.setattr(tb, "_bound_dtype", lambda device: request.param)
     monkeypatch.setattr(tb, "BOUND_BLOCK_FLOATS", 1)
     monkeypatch.setattr(tb, "BOUND_MIN_ROWS", 5)
     monkeypatch.setattr(tb, "BLOCK_FLOATS", 64)
