@@ -23,14 +23,16 @@ ROOT = Path(__file__).resolve().parents[1] / "act_kernels"
 PACKAGE = "act_kernels"
 
 LAYERS = [
-    ("ground", ["params", "modelinfo", "sinks", "reference", "torch_backend", "triton_backend",
+    ("ground", ["params", "modelinfo", "sinks", "tensor_cache", "reference", "torch_backend",
+                "triton_backend",
                 "kernels", "tasks", "profiles", "model_loader"]),
     ("op", ["op"]),
     ("hf", ["hf"]),
     ("pipeline", ["search", "evaluate", "inspection", "runtime", "lmeval"]),
     ("cli", ["cli", "demo", ""]),
 ]
-OP_LAYER = {"op", "params", "torch_backend", "triton_backend", "reference", "sinks", "kernels"}
+OP_LAYER = {"op", "params", "torch_backend", "triton_backend", "reference", "sinks", "kernels",
+            "tensor_cache"}
 
 
 def _modules() -> dict[str, Path]:
