@@ -24,8 +24,7 @@ PACKAGE = "act_kernels"
 
 LAYERS = [
     ("ground", ["params", "modelinfo", "sinks", "tensor_cache", "reference", "torch_backend",
-                "triton_backend",
-                "kernels", "tasks", "profiles", "model_loader"]),
+                "triton_backend", "kernels", "tasks", "profiles", "model_loader"]),
     ("op", ["op"]),
     ("hf", ["hf"]),
     ("pipeline", ["search", "evaluate", "inspection", "runtime", "lmeval"]),
