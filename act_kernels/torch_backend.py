@@ -223,10 +223,11 @@ MAX_LOW_SLACK = 1.0
 
 
 def _bound_dtype(device) -> torch.dtype:
-    """The bound pass's matmul dtype: bfloat16 where the hardware multiplies it natively (the
-    pass is matmul-bound; its rounding is accounted for in the bound), else float32."""
-    if device.type == "cuda" or (device.type == "cpu" and torch.backends.mkldnn.is_available()
-                                 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    """The bound pass's matmul dtype: bfloat16 on CPUs that multiply it natively through oneDNN
+    (float32 accumulation; the pass is matmul-bound and its rounding is accounted for in the
+    bound), else float32. Not on CUDA, where cuBLAS may reduce bfloat16 in reduced precision."""
+    if (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return torch.bfloat16
     return torch.float32
 
