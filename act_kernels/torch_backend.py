@@ -270,6 +270,7 @@ def column_bounds(q, k, neg_lse, b_idx, h_idx, scale):
         buffer = torch.empty(min(rows, nq) * heads * nk, dtype=low, device=q.device)
         key_pos = torch.arange(nk, device=q.device)
         key_pos_f = key_pos.float()
+        row_pos = key_pos[nk - nq:]
         for r0 in range(0, nq, rows):
             r1 = min(nq, r0 + rows)
             first_pos, last_pos = nk - nq + r0, nk - nq + r1 - 1
@@ -278,8 +279,7 @@ def column_bounds(q, k, neg_lse, b_idx, h_idx, scale):
                          out=buffer[:(r1 - r0) * heads * (hi - lo)].view(-1, hi - lo))
             s = s.view(r1 - r0, heads, hi - lo)
             edge = max(first_pos, lo)     # keys from here on are hidden from some rows
-            hidden = _hidden(torch.arange(first_pos, last_pos + 1, device=q.device),
-                             key_pos[edge:hi])
+            hidden = _hidden(row_pos[r0:r1], key_pos[edge:hi])
             s[:, :, edge - lo:].masked_fill_(hidden[:, None, :], float("-inf"))
             # every key of the span is seen by some row, so the max is finite (no inf - inf)
             top = s.amax(0).float()                                        # [G, keys]
