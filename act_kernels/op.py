@@ -10,6 +10,7 @@ with ``heads`` either ``None`` (nothing calibrated) or a bool tensor ``[B, Hq]``
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 
 from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_beta, check_tau,
                      check_window, head_mask, resolve_backend)
+from .tensor_cache import TensorCache
 
 __all__ = ["ACTStats", "BACKENDS", "act_attention", "normalize_heads",
            "normalize_key_padding_mask", "resolve_backend"]
@@ -103,11 +105,33 @@ def normalize_heads(heads, bsz: int, hq: int, device) -> Optional[torch.Tensor]:
         elif isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence):
             raise TypeError("act_attention: heads must be None, a bool tensor [Hq] or [B, Hq], "
                             f"or a sequence of head indices; got {type(heads).__name__}")
-        row = head_mask(heads, hq, who="act_attention", device=device)
+        row = _index_row(heads, hq, device)
         mask = row[None, :].expand(bsz, hq)
-    if not bool(mask.any()):
+    # whether anything is calibrated: read from the device once per mask (TensorCache), so
+    # steady-state calls with a layer's mask never synchronise; the mask is returned as the
+    # view it is, so that the backends' caches keyed on it hit too
+    if not _CALIBRATES_ANY.get(mask, lambda m: bool(m.any())):
         return None
-    return mask.contiguous()
+    return mask
+
+
+# facts about masks that need their values on the host, computed once per mask
+_CALIBRATES_ANY = TensorCache()
+_ALL_REAL = TensorCache()
+_ZERO_ONE = TensorCache()
+
+
+def _index_row(indices, hq: int, device) -> torch.Tensor:
+    """``head_mask`` of a list of head indices, the same tensor for the same list (cached)."""
+    try:
+        return _cached_index_row(tuple(indices), hq, torch.device(device))
+    except TypeError:               # unhashable entries: head_mask names the bad one
+        return head_mask(indices, hq, who="act_attention", device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_index_row(indices: tuple, hq: int, device: torch.device) -> torch.Tensor:
+    return head_mask(indices, hq, who="act_attention", device=device)
 
 
 def normalize_key_padding_mask(mask, bsz: int, nk: int, device) -> Optional[torch.Tensor]:
@@ -124,14 +148,14 @@ def normalize_key_padding_mask(mask, bsz: int, nk: int, device) -> Optional[torc
         if mask.is_floating_point() or mask.is_complex():
             raise TypeError(f"act_attention: key_padding_mask must be bool (True = real token), "
                             f"got {mask.dtype}")
-        if bool(((mask != 0) & (mask != 1)).any()):
+        if not _ZERO_ONE.get(mask, lambda m: bool(((m == 0) | (m == 1)).all())):
             raise ValueError("act_attention: an integer key_padding_mask must hold only 0 and 1")
-        mask = mask != 0
     if mask.device != device:
         raise ValueError(f"act_attention: key_padding_mask is on {mask.device} but q is on {device}")
-    if bool(mask.all()):
+    # no padding at all: read once per mask (TensorCache), not on every call
+    if _ALL_REAL.get(mask, lambda m: bool((m != 0).all())):
         return None
-    return mask.contiguous()
+    return (mask != 0 if mask.dtype != torch.bool else mask).contiguous()
 
 
 def _eager(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats, window=None):

@@ -146,3 +146,23 @@ def test_cache_follows_in_place_edits_and_lifetime():
     n_entries = len(tb._PAIRS)
     del heads
     assert len(tb._PAIRS) == n_entries - 1      # the entry goes with its mask
+
+
+@pytest.mark.parametrize("heads_kind", ["bool [Hq]", "bool [B, Hq]", "index list"])
+@pytest.mark.parametrize("nq", [1, 12])
+def test_op_second_call_does_not_sync(heads_kind, nq, monkeypatch):
+    """Through ``act_attention``: the op's argument normalisation (does the mask calibrate
+    anything, does the padding mask pad anything) also reads the device once per mask only."""
+    from act_kernels import act_attention
+
+    q, k, v = make_qkv(2, 4, 2, nq, 19, 16, seed=nq, planted=(5,))
+    heads = {"bool [Hq]": torch.tensor([True, False, False, True]),
+             "bool [B, Hq]": torch.tensor([[True, False, False, True], [False] * 4]),
+             "index list": [0, 3]}[heads_kind]
+    for kpm in (left_padding(19, [0, 4]), left_padding(19, [0, 0])):   # padded, all real
+        def call():
+            return act_attention(q, k, v, heads=heads, key_padding_mask=kpm, backend="triton")
+        first = call()
+        with no_host_sync(monkeypatch):
+            second = call()
+        assert torch.equal(first, second)
