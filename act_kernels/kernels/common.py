@@ -100,13 +100,15 @@ def mma(a, b, IN_PREC: tl.constexpr, UPCAST: tl.constexpr):
 def attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                   kpm_row, skip_row, pos_m, offs_d, d_ok, lo, hi, Nk, qk_scale,
                   BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-                  SKIP: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                  SKIP: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                  F32_PREC: tl.constexpr):
     """Online softmax in base 2 of a row tile ``q`` over key blocks [lo, hi): updates the
     running max ``m``, sum ``l`` and fp32 accumulator ``acc`` of ``sum 2^(s - m) v``.
 
     ``CAUSAL``: apply ``key <= pos_m``. ``SKIP``: also drop the keys whose int8 flag at
-    ``skip_row`` is set (the sinks, for the softmax over non-sink keys) and multiply P V in
-    fp32 (that path serves a cancellation guard, where precision matters more than speed);
+    ``skip_row`` is set (the sinks, for the softmax over non-sink keys) and multiply P V with
+    fp32 operands at ``F32_PREC`` (that path serves a cancellation guard, where precision
+    matters more than speed);
     otherwise P is rounded to V's dtype for the tensor cores, as FlashAttention does.
     """
     for start_n in range(lo, hi, BLOCK_N):
@@ -127,7 +129,7 @@ def attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_rows(v_base, offs_n, offs_n < Nk, stride_vn, offs_d, d_ok, stride_vd)
         if SKIP:
-            acc = acc * alpha[:, None] + mma(p, v.to(tl.float32), "ieee", False)
+            acc = acc * alpha[:, None] + mma(p, v.to(tl.float32), F32_PREC, False)
         else:
             acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, IN_PREC, UPCAST)
         m_i = m_new

@@ -68,10 +68,11 @@ def _gpu_configs(kind: str):
                              FALLBACK["column"]]:
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
     elif kind == "correction":
-        for bm, bs, bn, w in [(64, 16, 64, 4), (32, 16, 64, 4), (64, 16, 64, 8), (128, 32, 64, 8),
-                              FALLBACK["correction"]]:
+        # measured spill-free on sm_90 at D = 64 and 128 (bf16); a 64-key guard block or 4 warps
+        # at BLOCK_M = 32 spill 72..416 bytes at D = 128
+        for bm, bs, bn, w, s in [(64, 16, 32, 8, 2), (32, 16, 32, 8, 2), FALLBACK["correction"]]:
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_S": bs, "BLOCK_N": bn},
-                                     num_warps=w, num_stages=2))
+                                     num_warps=w, num_stages=s))
     else:
         raise ValueError(kind)
     return out
@@ -79,8 +80,9 @@ def _gpu_configs(kind: str):
 
 # The last candidate of each kind: small tiles that fit every target even in fp32 at D = 256
 # (the forward's and the column's (block, block, warps, stages); the correction's
-# (BLOCK_M, BLOCK_S, BLOCK_N, warps)). Kept only when no larger candidate fits.
-FALLBACK = {"forward": (32, 32, 4, 2), "column": (32, 32, 4, 2), "correction": (16, 16, 16, 4)}
+# (BLOCK_M, BLOCK_S, BLOCK_N, warps, stages)). Kept only when no larger candidate fits.
+FALLBACK = {"forward": (16, 32, 4, 2), "column": (32, 32, 4, 2),
+            "correction": (16, 16, 16, 4, 1)}
 
 
 # Shared memory one thread block may use (the opt-in maximum), bytes, by compute capability.
@@ -100,37 +102,41 @@ def smem_bytes(kind: str, meta: dict, block_d: int, elsize: int, num_stages: int
     """Estimated shared memory (bytes) of one program of an autotuned kernel: an upper bound.
 
     Triton's software pipeliner keeps ``num_stages`` copies of every tile a loop streams in from
-    global memory for a dot, and the dot operands that stay resident (the Q tile) in shared
+    global memory for a dot; the operand that stays resident across the loop is in shared
     memory too (rows of ``block_d`` elements of the input dtype):
 
-    * forward: K^T and V tiles [BLOCK_N, D] per stage, plus the Q tile [BLOCK_M, D];
-    * column: Q tiles [BLOCK_M, D] per stage, plus the K^T tile [D, BLOCK_N];
+    * forward: K^T and V tiles [BLOCK_N, D] per stage; resident Q [BLOCK_M, D];
+    * column: Q tiles [BLOCK_M, D] per stage; resident K^T [D, BLOCK_N];
     * correction: per stage the gathered sink rows of K and V [BLOCK_S, D] and the guard loop's
-      K and V tiles [BLOCK_N, D], plus the Q tile twice (one per loop);
+      K and V tiles [BLOCK_N, D]; Q [BLOCK_M, D] three times (both loops and a layout copy);
 
-    plus the small per-row vectors of every stage (LSE, padding flags: 4 bytes per row).
-    ``tests/test_gpu_compile.py`` checks on sm_80/90/100 that the compiled ``metadata.shared``
-    never exceeds it.
+    fp32 operands (``elsize`` 4, dots at ``F32_PREC`` = tf32x3) keep the resident tile twice
+    (its high and low TF32 parts); plus the per-row vectors of every stage (LSE, padding flags:
+    4 bytes per row). ``tests/test_gpu_compile.py`` checks on sm_80/90/100 that the compiled
+    ``metadata.shared`` never exceeds it.
     """
     bm, bn, bs = _blocks(meta)
-    rows = {"forward": num_stages * 2 * bn + bm,
-            "column": num_stages * bm + bn,
-            "correction": num_stages * 2 * (bs + bn) + 2 * bm}[kind]
+    twice = 2 if elsize == 4 else 1
+    rows = {"forward": num_stages * 2 * bn + twice * bm,
+            "column": num_stages * bm + twice * bn,
+            "correction": num_stages * 2 * (bs + bn) + 3 * bm}[kind]
     return rows * block_d * elsize + 4 * num_stages * (bm + bn + bs)
 
 
-def register_tiles(kind: str, meta: dict, block_d: int, num_warps: int) -> float:
+def register_tiles(kind: str, meta: dict, block_d: int, num_warps: int, elsize: int) -> float:
     """fp32 tile values per thread that stay live in the kernel's main loop.
 
     forward: the accumulator [BLOCK_M, D] and the score tile [BLOCK_M, BLOCK_N]; column: the
-    score tile; correction: ``w`` [BLOCK_M, D], the guard loop's accumulator [BLOCK_M, D] and
-    its score tile [BLOCK_M, BLOCK_N].
+    score tile. fp32 inputs (dots at tf32x3) also hold the high and low TF32 parts of the
+    operands: everything counts twice, and the column kernel's Q tile counts too. The
+    correction kernel is not modelled: its candidates are the ones measured spill-free.
     """
-    bm, bn, bs = _blocks(meta)
+    bm, bn, _ = _blocks(meta)
+    fp32 = elsize == 4
     values = {"forward": bm * block_d + bm * bn,
-              "column": bm * bn,
-              "correction": 2 * bm * block_d + bm * max(bn, bs)}[kind]
-    return values / (32 * num_warps)
+              "column": bm * bn + (bm * block_d if fp32 else 0),
+              "correction": 0}[kind]
+    return values * (2 if fp32 else 1) / (32 * num_warps)
 
 
 def smem_limit() -> int:
@@ -153,12 +159,12 @@ def _device_smem_limit() -> int:
 def fits(kind: str, config, block_d: int, elsize: int, smem: int) -> bool:
     """The pruning rule: the config's estimated shared memory fits ``smem`` bytes and, for head
     dims up to 128, its live fp32 tiles fit the registers without spilling
-    (``REGISTER_TILE_LIMIT``). At D = 256 every tile config holds more; there the autotuner
-    chooses among the configs that fit shared memory."""
+    (``register_tiles`` <= ``REGISTER_TILE_LIMIT``). At D = 256 every tile config holds more;
+    there the autotuner chooses among the configs that fit shared memory."""
     if smem_bytes(kind, config.kwargs, block_d, elsize, config.num_stages) > smem:
         return False
     return (block_d > 128
-            or register_tiles(kind, config.kwargs, block_d, config.num_warps)
+            or register_tiles(kind, config.kwargs, block_d, config.num_warps, elsize)
             <= REGISTER_TILE_LIMIT)
 
 
@@ -238,10 +244,17 @@ def decode_config(batch_heads: int, nk: int, dim: int, split_size=None):
     return block_n, split, num_splits, num_warps
 
 
+# Precision of the dots whose operands are fp32 (fp32 inputs; the fp32 products of the
+# calibration): on GPU three TF32 tensor-core products ("tf32x3", about fp32 accuracy); an IEEE
+# fp32 dot runs on the FMA units and spills registers at these tile sizes (measured on sm_90:
+# 2-8 KiB of stack per thread). The interpreter computes in fp32 either way.
+F32_PREC = "ieee" if INTERPRET else "tf32x3"
+
+
 def dot_flags(dtype) -> dict:
-    """Meta-parameters of ``common.mma``: fp32 inputs use true fp32 dots (no TF32), like torch's
-    default matmul; bf16 under the interpreter is upcast (see ``common.mma``)."""
+    """Meta-parameters of ``common.mma``: fp32 inputs use ``F32_PREC`` (not plain TF32), close
+    to torch's default fp32 matmul; bf16 under the interpreter is upcast (see ``common.mma``)."""
     import torch
     upcast = INTERPRET and dtype == torch.bfloat16
-    return {"IN_PREC": "ieee" if (dtype == torch.float32 or upcast) else "tf32",
+    return {"IN_PREC": F32_PREC if (dtype == torch.float32 or upcast) else "tf32",
             "UPCAST": upcast}

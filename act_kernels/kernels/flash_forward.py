@@ -33,6 +33,7 @@ def _flash_forward_kernel(
         stride_ob, stride_oh, stride_on, stride_od,
         Hq, group, Nq, Nk, D, qk_scale, nq_key, nk_key,
         HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        F32_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh, b, h, kvh, offs_d, d_ok, kpm_row = head_prologue(tl.program_id(1), Hq, group, Kpm, Nk, D,
@@ -57,11 +58,13 @@ def _flash_forward_kernel(
     # stage 1: blocks every row of the tile sees entirely (only padding can mask a key)
     acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
                                   stride_vn, stride_vd, kpm_row, Kpm, pos_m, offs_d, d_ok, lo, mid,
-                                  Nk, qk_scale, BLOCK_N, HAS_KPM, False, False, IN_PREC, UPCAST)
+                                  Nk, qk_scale, BLOCK_N, HAS_KPM, False, False, IN_PREC, UPCAST,
+                                  F32_PREC)
     # stage 2: the diagonal blocks, causal mask on
     acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
                                   stride_vn, stride_vd, kpm_row, Kpm, pos_m, offs_d, d_ok, mid, hi,
-                                  Nk, qk_scale, BLOCK_N, HAS_KPM, True, False, IN_PREC, UPCAST)
+                                  Nk, qk_scale, BLOCK_N, HAS_KPM, True, False, IN_PREC, UPCAST,
+                                  F32_PREC)
 
     r_ok = row_real(kpm_row, offs_m, Nq, Nk, HAS_KPM) & (l_i > 0)
     o = acc / tl.where(r_ok, l_i, 1.0)[:, None]
@@ -97,5 +100,6 @@ def flash_forward(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots):
         q, k, v, out, lse2, u32, kpm_arg, first_valid, u_slot,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         hq, hq // hkv, nq, nk, dim, scale * LOG2E, configs.len_bucket(nq), configs.len_bucket(nk),
-        HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), BLOCK_D=configs.head_block(dim), **meta)
+        HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), F32_PREC=configs.F32_PREC,
+        BLOCK_D=configs.head_block(dim), **meta)
     return out, lse2, u32

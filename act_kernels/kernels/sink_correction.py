@@ -43,6 +43,7 @@ def _sink_correction_kernel(
         stride_ob, stride_oh, stride_on, stride_od,
         Hq, group, Nq, Nk, D, qk_scale, beta, stable_rest, nq_key, nk_key,
         HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        F32_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -73,7 +74,7 @@ def _sink_correction_kernel(
         p = tl.math.exp2(tl.where(vis, s, float("-inf")) - lse2[:, None])
         mass += tl.sum(p, 1)
         v = load_rows(v_base, idx, s_ok, stride_vn, offs_d, d_ok, stride_vd).to(tl.float32)
-        w += mma(p, v, "ieee", False)
+        w += mma(p, v, F32_PREC, False)
     tl.store(Mass + pid_p * Nq + offs_m, mass, mask=offs_m < Nq)
 
     if slot >= 0:
@@ -94,7 +95,7 @@ def _sink_correction_kernel(
             acc_ns, l_ns, m_ns = attend_blocks(
                 acc_ns, l_ns, m_ns, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                 kpm_row, SinkMask + pid_p * Nk, pos_m, offs_d, d_ok, lo, hi, Nk, qk_scale,
-                BLOCK_N, HAS_KPM, True, True, IN_PREC, UPCAST)
+                BLOCK_N, HAS_KPM, True, True, IN_PREC, UPCAST, F32_PREC)
             has = l_ns > 0
             l_safe = tl.where(has, l_ns, 1.0)
             rest_ns = tl.where(has, tl.math.exp2(m_ns + tl.math.log2(l_safe) - lse2), 0.0)
@@ -154,6 +155,6 @@ def sink_correction(q, k, v, out, lse2, u32, pairs, slots, sinks, beta, scale, k
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         hq, hq // hkv, nq, nk, dim, scale * LOG2E, float(beta), float(stable_rest),
         configs.len_bucket(nq), configs.len_bucket(nk),
-        HAS_KPM=has_kpm, **configs.dot_flags(q.dtype),
+        HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), F32_PREC=configs.F32_PREC,
         BLOCK_D=configs.head_block(dim), **meta)
     return mass

@@ -1,0 +1,251 @@
+"""Every Triton kernel compiled for real GPU targets on a CPU-only machine (issue 11, item 1).
+
+The interpreter accepts programs the real compiler rejects and ignores shared-memory and
+register limits, so this test runs the real compiler: the backend's own Python path
+(``act_attention_triton``) inside ``kernels.aot.compile_only(arch)``, which compiles, through
+Triton's public ``warmup`` entry point, every kernel the call would launch, with the launcher's
+exact arguments and every autotune config left after ``configs.prune_configs``, to PTX and cubin
+(ptxas). Nothing runs; there is no GPU.
+
+Asserted for every compiled kernel: it compiles; its shared memory (``metadata.shared``) is
+within the target's per-block limit and within ``configs.smem_bytes`` (the estimate the pruning
+rule uses, so every config the rule keeps fits); no register spills (cuobjdump
+``--dump-resource-usage``: no local memory, no stack) at head dims <= 128.
+
+How the set is chosen (representative and complete, not the full product, to fit in 3 minutes
+on 2 cores). What changes a compiled binary is: the kernel and its constexprs (block sizes,
+stages, warps, ``BLOCK_D``, ``HAS_KPM``, ``TRACK``, ``IN_PREC``), the element type, the target,
+and Triton's specialization of integer arguments (== 1, divisible by 16). The calibrated heads,
+``D`` itself (80 and 128 share ``BLOCK_D`` = 128 and both are multiples of 16), ``beta``/``tau``
+and lengths past those two classes do not. So:
+
+* per target: prefill with calibrated heads and padding (forward, column and correction
+  kernels, every config the pruning keeps) and decode with calibrated heads (the one-pass
+  decode kernels), in bf16: on sm_90 (the main target) at D = 64, 128 and 256; on sm_80 (the
+  smallest shared memory, 163 KiB) at D = 128 and 256; on sm_100 at D = 128;
+* per dtype on sm_90: fp16 at D = 128 and 80 (the same binaries: a cache hit that checks the
+  claim), fp32 at D = 128 (tf32x3 dots, twice the bytes per element, its own pruning);
+* per path on sm_90: chunked prefill (Nq = 5, Nk = 77: no divisibility), prefill without
+  padding or calibrated heads (forward only), decode without calibrated heads, and decode with
+  statistics (the decode kernels' plain pass, then column and correction at Nq = 1).
+
+About 100 kernels; on 2 cores it takes under 3 minutes (see the figures printed by the first
+test).
+
+Compiled artefacts go to a per-session ``TRITON_CACHE_DIR`` (nothing from an earlier run is
+reused); the cases run in parallel worker processes (one per core, at most 4). If ptxas or
+cuobjdump is missing the test skips locally and fails with ``CI=true``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ARCHS = (80, 90, 100)
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def case_list():
+    """The compile set described in the module docstring (dicts sent to the workers)."""
+    cases = []
+
+    def add(arch, path, dtype="bf16", dim=128, padded=True, heads="some"):
+        cases.append(dict(arch=arch, path=path, dtype=dtype, dim=dim, padded=padded, heads=heads))
+
+    for arch, dims in ((80, (128, 256)), (90, (64, 128, 256)), (100, (128,))):
+        for dim in dims:
+            add(arch, "prefill", dim=dim)
+            add(arch, "decode", dim=dim)
+    for dtype, dims in (("fp16", (128, 80)), ("fp32", (128,))):
+        for dim in dims:
+            add(90, "prefill", dtype=dtype, dim=dim)
+            add(90, "decode", dtype=dtype, dim=dim)
+    add(90, "chunk", dim=80)
+    add(90, "prefill", dim=128, padded=False, heads="none")
+    add(90, "decode", dim=128, padded=False, heads="none")
+    add(90, "decode_stats", dim=128)
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# worker: runs without the interpreter, in its own process
+# ---------------------------------------------------------------------------------------------
+def _compile_case(case, prune=True):
+    import torch
+
+    from act_kernels.kernels import aot, configs
+    from act_kernels.triton_backend import act_attention_triton
+
+    dtype = getattr(torch, DTYPES[case["dtype"]])
+    bsz, hq, hkv, dim = 2, 4, 2, case["dim"]
+    nq, nk = {"prefill": (64, 64), "chunk": (5, 77)}.get(case["path"], (1, 64))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(bsz, hq, nq, dim, generator=gen).to(dtype)
+    k = torch.randn(bsz, hkv, nk, dim, generator=gen).to(dtype)
+    v = torch.randn(bsz, hkv, nk, dim, generator=gen).to(dtype)
+    kpm = None
+    if case["padded"]:
+        kpm = torch.ones(bsz, nk, dtype=torch.bool)
+        kpm[1, :3] = False
+    heads = None if case["heads"] == "none" else torch.tensor([[True, False, True, False]] * bsz)
+    if not prune:
+        for kernel in configs.AUTOTUNED.values():
+            kernel.early_config_prune = None
+    start, cpu_start = time.time(), _cpu_seconds()
+    with aot.compile_only(case["arch"]) as built:
+        act_attention_triton(q, k, v, heads, 0.4, 0.1, dim ** -0.5, kpm,
+                             case["path"] == "decode_stats")
+    records = []
+    for kernel, meta in built:
+        usage = aot.resource_usage(kernel)
+        meta = {key: val for key, val in meta.items() if isinstance(val, (int, str, bool))}
+        records.append(dict(case, kernel=kernel.name, meta=meta, **usage,
+                            smem_limit=configs.SMEM_LIMIT[case["arch"]],
+                            elsize=q.element_size()))
+    return records, time.time() - start, _cpu_seconds() - cpu_start
+
+
+def _cpu_seconds():
+    """CPU time of this process and its finished children (ptxas runs as a child)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _worker_main(argv):
+    """``python test_gpu_compile.py --worker CASES_JSON [--no-prune]``: one JSON line per case."""
+    cases = json.loads(argv[argv.index("--worker") + 1])
+    for case in cases:
+        records, seconds, cpu = _compile_case(case, prune="--no-prune" not in argv)
+        print(json.dumps({"case": case, "records": records, "seconds": seconds, "cpu": cpu}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv)
+    sys.exit(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the test (pytest side)
+# ---------------------------------------------------------------------------------------------
+def _tools_or_fail():
+    import triton
+    from triton import knobs
+
+    missing = []
+    for name in ("ptxas", "cuobjdump"):
+        try:
+            tool = getattr(knobs.nvidia, name)
+            if tool is None or not os.path.exists(tool.path):
+                missing.append(name)
+        except Exception:  # noqa: BLE001 - any failure to locate the tool means it is missing
+            missing.append(name)
+    if missing:
+        reason = (f"{', '.join(missing)} not found (they ship in the triton wheel under "
+                  f"{os.path.dirname(triton.__file__)}/backends/nvidia/bin)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+def run_workers(cases, cache_dir, prune=True, n_workers=None):
+    """Compile ``cases`` in parallel worker processes; returns (records, per-case seconds)."""
+    n_workers = n_workers or max(1, min(4, os.cpu_count() or 1, len(cases)))
+    # cases that build the same binaries (D = 80 and 128 share BLOCK_D = 128 and Triton's
+    # "multiple of 16" specialization) go to one worker, one after the other, so that the second
+    # is a cache hit; the costliest groups first, dealt round-robin
+    groups = {}
+    for case in cases:
+        key = (case["arch"], case["path"], case["dtype"], case["padded"], case["heads"],
+               max(16, 1 << (case["dim"] - 1).bit_length()))
+        groups.setdefault(key, []).append(case)
+    order = sorted(groups.values(), key=lambda g: (g[0]["path"] != "prefill", -g[0]["dim"]))
+    chunks = [sum(order[i::n_workers], []) for i in range(n_workers)]
+    env = dict(os.environ, TRITON_CACHE_DIR=str(cache_dir), TRITON_INTERPRET="0",
+               TRITON_DEFAULT_FP_FUSION="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    args = [] if prune else ["--no-prune"]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker",
+                               json.dumps(chunk), *args], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for chunk in chunks if chunk]
+    records, seconds = [], []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"compile worker failed:\n{err[-5000:]}"
+        for line in out.splitlines():
+            result = json.loads(line)
+            records += result["records"]
+            seconds.append((result["case"], result["seconds"], result["cpu"]))
+    return records, seconds
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    _tools_or_fail()
+    start = time.time()
+    records, seconds = run_workers(case_list(), tmp_path_factory.mktemp("triton_cache"))
+    return dict(records=records, seconds=seconds, wall=time.time() - start)
+
+
+def describe(r):
+    meta = {k: r["meta"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_S", "BLOCK_D", "num_warps",
+                                       "num_stages") if k in r["meta"]}
+    return f"sm_{r['arch']} {r['kernel']} {r['dtype']} D={r['dim']} {meta}"
+
+
+AUTOTUNED = {"_flash_forward_kernel": "forward", "_column_scores_kernel": "column",
+             "_sink_correction_kernel": "correction"}
+EXPECTED = {  # path (heads calibrated) -> kernels the backend launches
+    "prefill": {"_flash_forward_kernel", "_column_scores_kernel", "_sink_correction_kernel"},
+    "chunk": {"_flash_forward_kernel", "_column_scores_kernel", "_sink_correction_kernel"},
+    "decode": {"_decode_split_kernel", "_decode_epilogue_kernel"},
+    "decode_stats": {"_decode_split_kernel", "_decode_epilogue_kernel", "_column_scores_kernel",
+                     "_sink_correction_kernel"},
+}
+
+
+def estimate(r):
+    from act_kernels.kernels import configs
+    return configs.smem_bytes(AUTOTUNED[r["kernel"]], r["meta"], r["meta"]["BLOCK_D"],
+                              r["elsize"], r["meta"]["num_stages"])
+
+
+def test_every_kernel_compiles_for_every_target(compiled):
+    by_case = {}
+    for r in compiled["records"]:
+        key = json.dumps({k: r[k] for k in ("arch", "path", "dtype", "dim", "padded", "heads")})
+        by_case.setdefault(key, []).append(r)
+    cases = case_list()
+    assert len(by_case) == len(cases), "a case compiled nothing"
+    for case in cases:
+        got = {r["kernel"] for r in by_case[json.dumps(case)]}
+        want = ({"_flash_forward_kernel"} if case["path"] == "prefill" else
+                {"_decode_split_kernel", "_decode_epilogue_kernel"}) if case["heads"] == "none" \
+            else EXPECTED[case["path"]]
+        assert got == want, case
+    assert {r["arch"] for r in compiled["records"]} == set(ARCHS)
+    assert {r["dtype"] for r in compiled["records"]} == set(DTYPES)
+    print(f"\n{len(compiled['records'])} kernels compiled in {compiled['wall']:.0f} s wall, "
+          f"{sum(s[2] for s in compiled['seconds']):.0f} s CPU")
+
+
+def test_shared_memory_fits_and_the_estimate_bounds_it(compiled):
+    for r in compiled["records"]:
+        assert r["shared"] <= r["smem_limit"], f"{describe(r)}: {r['shared']} B shared memory"
+        if r["kernel"] in AUTOTUNED:
+            est = estimate(r)
+            assert r["shared"] <= est, f"{describe(r)}: {r['shared']} B > estimate {est} B"
+
+
+def test_no_register_spills_up_to_head_dim_128(compiled):
+    spilling = [f"{describe(r)}: {r['regs']} regs, local {r['local']} B, stack {r['stack']} B"
+                for r in compiled["records"]
+                if r["dim"] <= 128 and (r["local"] > 0 or r["stack"] > 0)]
+    assert not spilling, "\n".join(spilling)
