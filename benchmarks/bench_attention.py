@@ -17,6 +17,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,9 @@ def prefill_calls(q, k, v):
     return calls
 
 
+CLOCK = time.perf_counter     # --cpu-time: time.process_time
+
+
 def interleaved_medians(calls, reps, max_reps=None):
     """Median time of each call, the calls timed in turn ``reps`` times (``max_reps``: a
     per-call cap for slow ones)."""
@@ -98,7 +102,7 @@ def interleaved_medians(calls, reps, max_reps=None):
         for name, fn in calls.items():
             if max_reps and name in max_reps and len(times[name]) >= max_reps[name]:
                 continue
-            times[name].append(median_time(fn, 1, warmup=0))
+            times[name].append(median_time(fn, 1, warmup=0, clock=CLOCK))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -178,9 +182,17 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--decode-sizes", type=str, default=None, help="comma-separated decode Nk")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time by process CPU time, not wall time (use with --threads 1 on "
+                             "a shared machine: waits for a core are left out)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        global CLOCK
+        if torch.get_num_threads() != 1:
+            parser.error("--cpu-time needs --threads 1 (CPU time of several threads adds up)")
+        CLOCK = time.process_time
     sizes = ([int(x) for x in args.sizes.split(",")] if args.sizes else
              [512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192, 16384])
     decode_sizes = ([int(x) for x in args.decode_sizes.split(",")] if args.decode_sizes else

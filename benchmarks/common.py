@@ -30,18 +30,20 @@ def machine_line() -> str:
             f"({torch.get_num_threads()} threads), {gpu}, Python {platform.python_version()}")
 
 
-def median_time(fn, repeat: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds (CUDA-synchronised when a GPU is in use)."""
+def median_time(fn, repeat: int = 5, warmup: int = 1, clock=time.perf_counter) -> float:
+    """Median time of ``fn()`` in seconds (CUDA-synchronised when a GPU is in use): wall time,
+    or any other ``clock`` (``time.process_time``: CPU time, which on a shared machine leaves
+    out the moments the process waits for a core; meaningful with one thread)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         fn()
     sync()
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         fn()
         sync()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
