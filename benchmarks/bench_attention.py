@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_results, exact_rss_mode, extra_peak_bytes, median_time  # noqa: E402
 
-from act_kernels import act_attention  # noqa: E402
+from act_kernels import act_attention, torch_backend  # noqa: E402
 
 HQ, HKV, D = 9, 3, 64
 TWO_HEADS = torch.zeros(HQ, dtype=torch.bool)
@@ -67,15 +69,43 @@ def prefill_inputs(n):
     return random_inputs(n, n)
 
 
+BEFORE = None    # --before REV: the torch backend module as it was at that commit
+
+
+def load_backend_at(rev: str):
+    """``act_kernels/torch_backend.py`` at git revision ``rev``, as a module (for a same-run
+    before/after comparison); its package-relative imports resolve to today's package."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(["git", "show", f"{rev}:act_kernels/torch_backend.py"], cwd=root,
+                            check=True, capture_output=True, text=True).stdout
+    module = types.ModuleType(f"torch_backend_at_{rev}")
+    exec(compile(source.replace("from .", "from act_kernels."), module.__name__, "exec"),
+         module.__dict__)
+    return module
+
+
 def torch_calls(q, k, v, q_s, k_s, v_s):
     """The torch backend's contenders (``*_s``: the inputs with planted sinks)."""
-    return {
+    calls = {
         "torch, 0 heads": lambda: act_attention(q, k, v, backend="torch"),
         "torch, 2/9 heads": lambda: act_attention(q, k, v, heads=TWO_HEADS, backend="torch"),
         "torch, 9/9 heads": lambda: act_attention(q, k, v, heads=ALL_HEADS, backend="torch"),
         "torch, 9/9 heads, sinks": lambda: act_attention(q_s, k_s, v_s, heads=ALL_HEADS,
                                                          backend="torch"),
     }
+    if BEFORE is not None:   # the same op call, dispatched to the backend of --before
+        for name, heads in (("2/9", TWO_HEADS), ("9/9", ALL_HEADS)):
+            calls[f"before, {name} heads"] = lambda heads=heads: call_before(q, k, v, heads)
+    return calls
+
+
+def call_before(q, k, v, heads):
+    today = torch_backend.act_attention_torch
+    torch_backend.act_attention_torch = BEFORE.act_attention_torch   # the op imports it per call
+    try:
+        return act_attention(q, k, v, heads=heads, backend="torch")
+    finally:
+        torch_backend.act_attention_torch = today
 
 
 def prefill_calls(q, k, v):
@@ -172,7 +202,23 @@ def to_markdown(prefill, decode) -> str:
         lines.append(f"| {r['Nk']} | {1e3 * s:.3f} | {r['torch, 0 heads'] / s:.2f}x | "
                      f"{r['torch, 2/9 heads'] / s:.2f}x | {r['torch, 9/9 heads'] / s:.2f}x | "
                      f"{r['torch, 9/9 heads, sinks'] / s:.2f}x |")
+    if BEFORE is not None:
+        lines += before_after(prefill, decode)
     return "\n".join(lines)
+
+
+def before_after(prefill, decode) -> list:
+    """The torch backend at ``--before`` vs now, as ratios of SDPA from the same run."""
+    lines = ["", f"### Before ({BEFORE.__name__.split('_at_')[1]}) and now, same run: "
+             "time as a ratio of SDPA", "",
+             "| call | 2/9 before | 2/9 now | 9/9 before | 9/9 now |", "|---|---|---|---|---|"]
+    for label, rows, key in (("prefill N", prefill, "N"), ("decode Nk", decode, "Nk")):
+        for r in rows:
+            s = r["sdpa_s"]
+            lines.append(f"| {label}={r[key]} | {r['before, 2/9 heads'] / s:.2f}x | "
+                         f"{r['torch, 2/9 heads'] / s:.2f}x | {r['before, 9/9 heads'] / s:.2f}x | "
+                         f"{r['torch, 9/9 heads'] / s:.2f}x |")
+    return lines
 
 
 def main(argv=None):
@@ -182,14 +228,18 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--decode-sizes", type=str, default=None, help="comma-separated decode Nk")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--before", type=str, default=None, metavar="REV",
+                        help="also time the torch backend as it was at git revision REV")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time by process CPU time, not wall time (use with --threads 1 on "
                              "a shared machine: waits for a core are left out)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global BEFORE, CLOCK
+    if args.before:
+        BEFORE = load_backend_at(args.before)
     if args.cpu_time:
-        global CLOCK
         if torch.get_num_threads() != 1:
             parser.error("--cpu-time needs --threads 1 (CPU time of several threads adds up)")
         CLOCK = time.process_time
