@@ -105,9 +105,10 @@ def _nvidia_tool(name: str) -> str:
 
 
 def resource_usage(compiled) -> dict:
-    """Registers, stack and spill-visible local memory of a compiled CUDA kernel, read from its
-    cubin with ``cuobjdump --dump-resource-usage`` (shipped in the triton wheel), plus the
-    dynamic shared memory Triton allocates (``metadata.shared``)."""
+    """Registers, stack and local memory of a compiled CUDA kernel, read from its cubin with
+    ``cuobjdump --dump-resource-usage`` (shipped in the triton wheel), the dynamic shared memory
+    Triton allocates (``metadata.shared``), and, when there is a stack frame or local memory,
+    the bytes of register spill stores and loads (``ptxas -v``)."""
     cubin = compiled.asm["cubin"]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
@@ -118,5 +119,31 @@ def resource_usage(compiled) -> dict:
     found = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text))
     if "REG" not in found:
         raise RuntimeError(f"cannot read the resource usage of {compiled.name}:\n{text}")
-    return {"regs": int(found["REG"]), "stack": int(found.get("STACK", 0)),
-            "local": int(found.get("LOCAL", 0)), "shared": int(compiled.metadata.shared)}
+    usage = {"regs": int(found["REG"]), "stack": int(found.get("STACK", 0)),
+             "local": int(found.get("LOCAL", 0)), "shared": int(compiled.metadata.shared),
+             "spill_stores": 0, "spill_loads": 0}
+    if usage["stack"] or usage["local"]:     # a stack frame is not always a spill: ask ptxas
+        usage.update(_ptxas_spills(compiled))
+    return usage
+
+
+def _ptxas_spills(compiled) -> dict:
+    """Spill stores / loads in bytes, from ``ptxas -v`` on the kernel's PTX."""
+    ptx = compiled.asm["ptx"]
+    arch = re.search(r"^\s*\.target\s+(\w+)", ptx, flags=re.MULTILINE).group(1)
+    # the newer of the two ptxas binaries in the wheel reads every PTX version Triton emits
+    tool = "ptxas_blackwell"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([_nvidia_tool(tool), "-v", f"--gpu-name={arch}", path, "-o",
+                               os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas -v failed on {compiled.name} ({arch}):\n{log[-2000:]}")
+    stores = re.search(r"(\d+) bytes spill stores", log)
+    loads = re.search(r"(\d+) bytes spill loads", log)
+    if stores is None or loads is None:
+        raise RuntimeError(f"cannot read spills of {compiled.name} from ptxas -v:\n{log}")
+    return {"spill_stores": int(stores.group(1)), "spill_loads": int(loads.group(1))}
