@@ -43,17 +43,22 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 # plain pass
 # --------------------------------------------------------------------------------------------
 
-def visibility_bias(nq: int, nk: int, key_padding_mask, dtype, device) -> torch.Tensor:
+def visibility_bias(nq: int, nk: int, key_padding_mask, dtype, device,
+                    window=None) -> torch.Tensor:
     """Additive mask ``[B or 1, 1, Nq, Nk]``: 0 where row i sees key j, -inf elsewhere."""
     rows = torch.arange(nk - nq, nk, device=device)[:, None]
-    sees = (torch.arange(nk, device=device)[None, :] <= rows)[None]
+    cols = torch.arange(nk, device=device)[None, :]
+    sees = cols <= rows
+    if window is not None:
+        sees = sees & (cols > rows - window)
+    sees = sees[None]
     if key_padding_mask is not None:
         sees = sees & key_padding_mask[:, None, :] & key_padding_mask[:, nk - nq:, None]
     bias = torch.zeros(sees.shape, dtype=dtype, device=device)
     return bias.masked_fill_(~sees, float("-inf"))[:, None]
 
 
-def _plain_blocked(q, k, v, scale, key_padding_mask):
+def _plain_blocked(q, k, v, scale, key_padding_mask, window=None):
     """Exact plain attention with its log-sum-exp by blocks of rows, on any device."""
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -67,7 +72,7 @@ def _plain_blocked(q, k, v, scale, key_padding_mask):
         r1 = min(nq, r0 + rows)
         kend = nk - nq + r1
         bias = visibility_bias(r1 - r0, kend, None if key_padding_mask is None
-                               else key_padding_mask[:, :kend], work, q.device)
+                               else key_padding_mask[:, :kend], work, q.device, window)
         s = torch.matmul(qg[:, :, :, r0:r1].to(work), k[:, :, None, :kend].transpose(-1, -2).to(work))
         s = s * scale + bias[:, :, None]
         block_lse = torch.logsumexp(s, dim=-1)
@@ -80,19 +85,21 @@ def _plain_blocked(q, k, v, scale, key_padding_mask):
     return out, lse
 
 
-def plain_attention(q, k, v, scale, key_padding_mask):
-    """``(out [B, Hq, Nq, D], lse [B, Hq, Nq] float32)``, bottom-right causal, GQA unrepeated.
+def plain_attention(q, k, v, scale, key_padding_mask, window=None):
+    """``(out [B, Hq, Nq, D], lse [B, Hq, Nq] float32)``, bottom-right causal (within
+    ``window`` when given), GQA unrepeated.
 
     Rows that see no key (padded queries) give 0 output and 0 lse.
     """
     nq, nk = q.shape[2], k.shape[2]
     if q.device.type == "cpu" and q.dtype != torch.float64:
-        causal = key_padding_mask is None and nq == nk
-        bias = None if causal else visibility_bias(nq, nk, key_padding_mask, q.dtype, q.device)
+        causal = key_padding_mask is None and nq == nk and window is None
+        bias = None if causal else visibility_bias(nq, nk, key_padding_mask, q.dtype, q.device,
+                                                   window)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
         return out, lse
-    return _plain_blocked(q, k, v, scale, key_padding_mask)
+    return _plain_blocked(q, k, v, scale, key_padding_mask, window)
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,10 +541,14 @@ def pair_neg_lse(lse, b_idx, h_idx, key_padding_mask, dtype):
     return neg_lse
 
 
-def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
+def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats,
+                        window=None):
     """Backend entry point (arguments normalised by :func:`act_kernels.op.act_attention`)."""
     bsz, hq, nq, _ = q.shape
     nk = k.shape[2]
+    if window is not None:
+        return windowed_attention(q, k, v, heads, beta, tau, scale, key_padding_mask,
+                                  return_stats, window)
     if nq == 1:
         return _decode(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats)
 
@@ -564,6 +575,115 @@ def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, retu
     out = out.contiguous() if not out.is_contiguous() else out
     mass = sink_correction(out, q, k, v, neg_lse, b_idx, h_idx, sinks, calibrated.tolist(),
                            beta, scale, key_padding_mask)
+    if not return_stats:
+        return out, None
+    stats = {
+        "scores": scores.reshape(bsz, hq, nk),
+        "sinks": sinks.reshape(bsz, hq, nk),
+        "sink_mass": mass.reshape(bsz, hq, nq),
+        "calibrated": _calibrated(heads, bsz, hq, q.device),
+    }
+    return out, stats
+
+
+act_attention_torch.SUPPORTS_WINDOW = True
+
+
+# --------------------------------------------------------------------------------------------
+# sliding windows: every pass over the band of keys a block of rows sees, O(Nq W)
+# --------------------------------------------------------------------------------------------
+# A block of rows at positions p0..p1 sees keys [p0 - W + 1, p1] only: every pass works on that
+# span, so a windowed call never touches the N x N map and costs O(Nq (W + rows)). The rows of
+# a block are the last rows of their span, so the span is an ordinary bottom-right call with the
+# window as an extra band: the plain pass is the fused kernel on it. The column sums land in a
+# full-length [pairs, Nk] array, so the first valid key of the *sequence* is excluded even when
+# no row of the call sees it. Calibrated rows are recomputed from P directly (P' v), which needs
+# no identity and no cancellation guard.
+
+WINDOW_BLOCK_ROWS = 128
+
+
+def _window_blocks(nq: int, nk: int, window: int):
+    """``(r0, r1, lo, hi)``: blocks of query rows and the key span ``[lo, hi)`` they see."""
+    for r0 in range(0, nq, WINDOW_BLOCK_ROWS):
+        r1 = min(nq, r0 + WINDOW_BLOCK_ROWS)
+        yield r0, r1, max(0, nk - nq + r0 - window + 1), nk - nq + r1
+
+
+def _band_probs(q_rows, k_span, neg_lse_rows, hidden, scale):
+    """``P [G, R, span]`` of one block: ``exp(scale q.k - lse)``, 0 where the row does not see
+    the key."""
+    s = torch.matmul(q_rows, k_span.transpose(-1, -2)) * scale + neg_lse_rows[..., None]
+    return torch.exp(s.masked_fill(hidden, float("-inf")))
+
+
+def windowed_attention(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats, window):
+    """ACT with a sliding window (see the section comment): plain pass, column sums, sinks, and
+    the calibrated rows rewritten, each block of rows over its own span of keys."""
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    work = _work_dtype(q.dtype)
+    kpm = key_padding_mask
+    out = torch.empty(bsz, hq, nq, dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device)
+    blocks = list(_window_blocks(nq, nk, window))
+    for r0, r1, lo, hi in blocks:
+        o, l = plain_attention(q[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], scale,
+                               None if kpm is None else kpm[:, lo:hi], window)
+        out[:, :, r0:r1], lse[:, :, r0:r1] = o, l
+    wanted = torch.ones(bsz, hq, dtype=torch.bool, device=q.device) if return_stats else heads
+    if wanted is None:
+        return out, None
+
+    b_idx, h_idx = wanted.nonzero(as_tuple=True)
+    neg_lse = pair_neg_lse(lse, b_idx, h_idx, kpm, q.dtype)
+    groups = _kv_groups(b_idx, h_idx, group)
+
+    def spans():
+        """Per block and kv group: (pairs, P of the block over its span, r0, r1, lo, hi)."""
+        for r0, r1, lo, hi in blocks:
+            row_pos = torch.arange(nk - nq + r0, nk - nq + r1, device=q.device)
+            key_pos = torch.arange(lo, hi, device=q.device)
+            band = (key_pos[None, :] > row_pos[:, None]) | \
+                (key_pos[None, :] <= row_pos[:, None] - window)
+            for (b, kv_head), members in groups.items():
+                pairs = [p for p, _ in members]
+                hidden = band if kpm is None else band | ~kpm[b, None, lo:hi]
+                probs = _band_probs(q[b, [h for _, h in members], r0:r1].to(work),
+                                    k[b, kv_head, lo:hi].to(work), neg_lse[pairs, r0:r1],
+                                    hidden, scale)
+                yield b, kv_head, pairs, probs, r0, r1, lo, hi
+
+    sums = torch.zeros(len(b_idx), nk, dtype=work, device=q.device)
+    for _, _, pairs, probs, _, _, lo, hi in spans():
+        sums[pairs, lo:hi] += probs.sum(1)
+    counts = seen_counts(nq, nk, kpm, bsz, q.device, window)[b_idx]
+    first = first_valid_index(kpm, bsz, q.device)[b_idx]
+    scores, sinks = select_sinks(sums.float()[:, None], counts, tau, first)
+    scores, sinks = scores[:, 0], sinks[:, 0]
+
+    calibrated = (heads[b_idx, h_idx] if heads is not None
+                  else torch.zeros(len(b_idx), dtype=torch.bool, device=q.device))
+    mass = torch.zeros(len(b_idx), nq, dtype=torch.float32, device=q.device)
+    for b, kv_head, pairs, probs, r0, r1, lo, hi in spans():
+        sink = sinks[pairs, lo:hi][:, None, :]                        # [G, 1, span]
+        m = torch.where(sink, probs, 0.0).sum(-1, keepdim=True)       # [G, R, 1]
+        mass[pairs, r0:r1] = m[..., 0].float()
+        rewrite = calibrated[pairs]
+        if not bool(rewrite.any()):
+            continue
+        rest = torch.where(sink, 0.0, probs).sum(-1, keepdim=True)    # 1 - m, summed directly
+        change = (m > 0) & (rest > 0)
+        gain = (1.0 - beta * m) / torch.where(change, rest, torch.ones_like(rest))
+        new = torch.where(change, torch.where(sink, beta * probs, probs * gain), probs)
+        o = torch.matmul(new, v[b, kv_head, lo:hi].to(work))          # [G, R, D]
+        heads_b = torch.tensor([h for (p, h) in groups[(b, kv_head)]], device=q.device)
+        chosen = rewrite.nonzero().flatten()
+        rows_changed = change[chosen, :, 0]
+        current = out[b, heads_b[chosen], r0:r1]
+        out[b, heads_b[chosen], r0:r1] = torch.where(rows_changed[..., None],
+                                                     o[chosen].to(q.dtype), current)
     if not return_stats:
         return out, None
     stats = {
