@@ -3,12 +3,15 @@
 Data path for a prefill (``Nq > 1``)::
 
     q, k, v --plain pass--> out, lse          (fused SDPA kernel; every head)
-            --column pass--> sum_i P_ij       (calibrated heads only; q k^T again, against lse)
+            --bound pass--> bound of sum_i P_ij (calibrated heads; q k^T in bfloat16, block maxima)
+            --exact sums--> sum_i P_ij        (only keys whose bound reaches tau * count)
             --sink selection--> S             (tiny: per key)
             --sink correction--> out          (calibrated heads, sink keys only, by the identity)
 
+``return_stats`` adds the full exact column pass (``column_sums``) to report every key's score.
 A decode step (``Nq == 1``) is one short vectorised pass over all heads at once: its single row
-of P is as small as the output, so it is calibrated directly, without the identity.
+of P is as small as the output, so it is calibrated directly, without the identity, and only
+when a calibrated row has a sink. See ``csrc_notes/act_passes.md``.
 """
 from __future__ import annotations
 
@@ -600,29 +603,22 @@ act_attention_torch.SUPPORTS_WINDOW = True
 # no row of the call sees it. Calibrated rows are recomputed from P directly (P' v), which needs
 # no identity and no cancellation guard.
 
-WINDOW_BLOCK_ROWS = 128
-
-
 def _window_blocks(nq: int, nk: int, window: int):
-    """``(r0, r1, lo, hi)``: blocks of query rows and the key span ``[lo, hi)`` they see."""
-    for r0 in range(0, nq, WINDOW_BLOCK_ROWS):
-        r1 = min(nq, r0 + WINDOW_BLOCK_ROWS)
+    """``(r0, r1, lo, hi)``: blocks of query rows and the key span ``[lo, hi)`` they see. Blocks
+    of about ``W / 2`` rows (64..256): spans of ~1.5 W keys, few enough tensor ops per call."""
+    rows = min(256, max(64, window // 2))
+    for r0 in range(0, nq, rows):
+        r1 = min(nq, r0 + rows)
         yield r0, r1, max(0, nk - nq + r0 - window + 1), nk - nq + r1
-
-
-def _band_probs(q_rows, k_span, neg_lse_rows, hidden, scale):
-    """``P [G, R, span]`` of one block: ``exp(scale q.k - lse)``, 0 where the row does not see
-    the key."""
-    s = torch.matmul(q_rows, k_span.transpose(-1, -2)) * scale + neg_lse_rows[..., None]
-    return torch.exp(s.masked_fill(hidden, float("-inf")))
 
 
 def windowed_attention(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats, window):
     """ACT with a sliding window (see the section comment): plain pass, column sums, sinks, and
-    the calibrated rows rewritten, each block of rows over its own span of keys."""
+    the calibrated rows rewritten, each block of rows over its own span of keys, every (b, h)
+    pair of a block in one batched matmul."""
     bsz, hq, nq, dim = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    group = hq // hkv
+    nk = k.shape[2]
+    group = hq // k.shape[1]
     work = _work_dtype(q.dtype)
     kpm = key_padding_mask
     out = torch.empty(bsz, hq, nq, dim, dtype=q.dtype, device=q.device)
@@ -637,53 +633,43 @@ def windowed_attention(q, k, v, heads, beta, tau, scale, key_padding_mask, retur
         return out, None
 
     b_idx, h_idx = wanted.nonzero(as_tuple=True)
+    kv_idx = h_idx // group
     neg_lse = pair_neg_lse(lse, b_idx, h_idx, kpm, q.dtype)
-    groups = _kv_groups(b_idx, h_idx, group)
 
-    def spans():
-        """Per block and kv group: (pairs, P of the block over its span, r0, r1, lo, hi)."""
-        for r0, r1, lo, hi in blocks:
-            row_pos = torch.arange(nk - nq + r0, nk - nq + r1, device=q.device)
-            key_pos = torch.arange(lo, hi, device=q.device)
-            band = (key_pos[None, :] > row_pos[:, None]) | \
-                (key_pos[None, :] <= row_pos[:, None] - window)
-            for (b, kv_head), members in groups.items():
-                pairs = [p for p, _ in members]
-                hidden = band if kpm is None else band | ~kpm[b, None, lo:hi]
-                probs = _band_probs(q[b, [h for _, h in members], r0:r1].to(work),
-                                    k[b, kv_head, lo:hi].to(work), neg_lse[pairs, r0:r1],
-                                    hidden, scale)
-                yield b, kv_head, pairs, probs, r0, r1, lo, hi
+    def block_probs(r0, r1, lo, hi):
+        """``P [pairs, rows, span]`` of one block, 0 where a row does not see a key."""
+        row_pos = torch.arange(nk - nq + r0, nk - nq + r1, device=q.device)[:, None]
+        key_pos = torch.arange(lo, hi, device=q.device)[None, :]
+        hidden = ((key_pos > row_pos) | (key_pos <= row_pos - window))[None]
+        if kpm is not None:
+            hidden = hidden | ~kpm[b_idx, None, lo:hi]
+        s = torch.matmul(q[b_idx, h_idx, r0:r1].to(work),
+                         k[b_idx, kv_idx, lo:hi].to(work).transpose(-1, -2))
+        s = s * scale + neg_lse[:, r0:r1, None]
+        return torch.exp(s.masked_fill_(hidden, float("-inf")))
 
     sums = torch.zeros(len(b_idx), nk, dtype=work, device=q.device)
-    for _, _, pairs, probs, _, _, lo, hi in spans():
-        sums[pairs, lo:hi] += probs.sum(1)
+    for r0, r1, lo, hi in blocks:
+        sums[:, lo:hi] += block_probs(r0, r1, lo, hi).sum(1)
     counts = seen_counts(nq, nk, kpm, bsz, q.device, window)[b_idx]
     first = first_valid_index(kpm, bsz, q.device)[b_idx]
     scores, sinks = select_sinks(sums.float()[:, None], counts, tau, first)
     scores, sinks = scores[:, 0], sinks[:, 0]
 
-    calibrated = (heads[b_idx, h_idx] if heads is not None
-                  else torch.zeros(len(b_idx), dtype=torch.bool, device=q.device))
+    rewrite = (heads[b_idx, h_idx] if heads is not None
+               else torch.zeros(len(b_idx), dtype=torch.bool, device=q.device))[:, None, None]
     mass = torch.zeros(len(b_idx), nq, dtype=torch.float32, device=q.device)
-    for b, kv_head, pairs, probs, r0, r1, lo, hi in spans():
-        sink = sinks[pairs, lo:hi][:, None, :]                        # [G, 1, span]
-        m = torch.where(sink, probs, 0.0).sum(-1, keepdim=True)       # [G, R, 1]
-        mass[pairs, r0:r1] = m[..., 0].float()
-        rewrite = calibrated[pairs]
-        if not bool(rewrite.any()):
-            continue
-        rest = torch.where(sink, 0.0, probs).sum(-1, keepdim=True)    # 1 - m, summed directly
-        change = (m > 0) & (rest > 0)
+    for r0, r1, lo, hi in blocks:
+        probs = block_probs(r0, r1, lo, hi)
+        sink = sinks[:, None, lo:hi]                                   # [P, 1, span]
+        m = torch.where(sink, probs, 0.0).sum(-1, keepdim=True)        # [P, R, 1]
+        mass[:, r0:r1] = m[..., 0]
+        rest = torch.where(sink, 0.0, probs).sum(-1, keepdim=True)     # 1 - m, summed directly
+        change = (m > 0) & (rest > 0) & rewrite
         gain = (1.0 - beta * m) / torch.where(change, rest, torch.ones_like(rest))
         new = torch.where(change, torch.where(sink, beta * probs, probs * gain), probs)
-        o = torch.matmul(new, v[b, kv_head, lo:hi].to(work))          # [G, R, D]
-        heads_b = torch.tensor([h for (p, h) in groups[(b, kv_head)]], device=q.device)
-        chosen = rewrite.nonzero().flatten()
-        rows_changed = change[chosen, :, 0]
-        current = out[b, heads_b[chosen], r0:r1]
-        out[b, heads_b[chosen], r0:r1] = torch.where(rows_changed[..., None],
-                                                     o[chosen].to(q.dtype), current)
+        o = torch.matmul(new, v[b_idx, kv_idx, lo:hi].to(work)).to(q.dtype)   # [P, R, D]
+        out[b_idx, h_idx, r0:r1] = torch.where(change, o, out[b_idx, h_idx, r0:r1])
     if not return_stats:
         return out, None
     stats = {
