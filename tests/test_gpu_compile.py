@@ -34,8 +34,8 @@ About 100 kernels; on 2 cores it takes under 3 minutes (see the figures printed 
 test).
 
 Compiled artefacts go to a per-session ``TRITON_CACHE_DIR`` (nothing from an earlier run is
-reused); the cases run in parallel worker processes (one per core, at most 4). If ptxas or
-cuobjdump is missing the test skips locally and fails with ``CI=true``.
+reused); the cases run in parallel worker processes (one per core, at most 4). If ptxas,
+ptxas-blackwell or cuobjdump is missing the test skips locally and fails with ``CI=true``.
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def _tools_or_fail():
     from triton import knobs
 
     missing = []
-    for name in ("ptxas", "cuobjdump"):
+    for name in ("ptxas", "ptxas_blackwell", "cuobjdump"):
         try:
             tool = getattr(knobs.nvidia, name)
             if tool is None or not os.path.exists(tool.path):
