@@ -250,21 +250,7 @@ def _spills(r):
 
 
 def test_no_register_spills_up_to_head_dim_128(compiled):
-    """fp16/bf16 (the speed path) at D <= 128: no spills at all. fp32 inputs (a precision path,
-    tf32x3 dots): only the fallback configs, which ``prune_configs`` picks when its register
-    rule rejects every candidate, may spill; their figures are printed."""
-    from act_kernels.kernels import configs
-
-    spilling, fp32_fallback = [], []
-    for r in compiled["records"]:
-        if r["dim"] > 128 or not _spills(r):
-            continue
-        line = (f"{describe(r)}: {r['regs']} regs, spill stores {r['spill_stores']} B, loads "
-                f"{r['spill_loads']} B (stack frame {r['stack']} B)")
-        kind = AUTOTUNED.get(r["kernel"])
-        last = configs._gpu_configs(kind)[-1] if kind else None     # the fallback
-        is_fallback = last is not None and r["dtype"] == "fp32" and all(
-            r["meta"].get(key) == val for key, val in last.all_kwargs().items())
-        (fp32_fallback if is_fallback else spilling).append(line)
-    print("\nfp32 fallback configs that spill:\n" + "\n".join(fp32_fallback or ["none"]))
+    spilling = [f"{describe(r)}: {r['regs']} regs, spill stores {r['spill_stores']} B, loads "
+                f"{r['spill_loads']} B (stack frame {r['stack']} B)"
+                for r in compiled["records"] if r["dim"] <= 128 and _spills(r)]
     assert not spilling, "\n".join(spilling)
