@@ -180,19 +180,18 @@ def seed_exhaustive(model, tok, cfg, out: Path, chunks: list[dict]) -> None:
         raise SystemExit(f"the exact cache misses {len(missing)} scoring samples of the "
                          f"{cfg.samples}-sample search: use more --chunks or fewer samples")
     with path.open("a") as f:
-        for l in LAYERS:
-            for h in range(9):
-                res = Results(baseline.correct.clone(), baseline.margin.clone(),
-                              baseline.pred.clone(), torch.zeros_like(baseline.ran))
-                for i, sid in enumerate(order):
-                    if sid in scoring:
-                        rec, k = where[sid]
-                        got = Results.from_record(rec["cand"][(l, h)])
-                        if got.ran[k] > 0:
-                            res.correct[i], res.margin[i] = got.correct[k], got.margin[k]
-                            res.pred[i], res.ran[i] = got.pred[k], 1.0
-                f.write(json.dumps({"kind": "candidate", "layer": l, "head": h,
-                                    **res.to_record()}) + "\n")
+        for l, h in sorted(chunks[0]["cand"]):
+            res = Results(baseline.correct.clone(), baseline.margin.clone(),
+                          baseline.pred.clone(), torch.zeros_like(baseline.ran))
+            for i, sid in enumerate(order):
+                if sid in scoring:
+                    rec, k = where[sid]
+                    got = Results.from_record(rec["cand"][(l, h)])
+                    if got.ran[k] > 0:
+                        res.correct[i], res.margin[i] = got.correct[k], got.margin[k]
+                        res.pred[i], res.ran[i] = got.pred[k], 1.0
+            f.write(json.dumps({"kind": "candidate", "layer": l, "head": h,
+                                **res.to_record()}) + "\n")
 
 
 def timed_search(model, tok, cfg, out: Path):

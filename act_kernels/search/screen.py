@@ -20,12 +20,12 @@ checks the best candidates exactly (:func:`screen_candidates`).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..tasks import score_last_logits
-from .data import Sample, make_batches, pad_batch
+from .data import Sample, pad_batch
 from .report import progress
 
 OBJECTIVES = ("margin", "logprob")
