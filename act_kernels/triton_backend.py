@@ -110,7 +110,10 @@ def check_can_run(q: torch.Tensor) -> None:
             "unpadded, other sizes are padded to the next power of two); use backend='torch'")
 
 
-def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
+def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats,
+                         window=None):
+    """The Triton backend (see the module docstring); ``window``: None or ``W >= 1``, a
+    sliding window (``docs/spec.md``, "Attention windows"), a runtime argument of every kernel."""
     check_can_run(q)
     bsz, hq, nq, dim = q.shape
     nk = k.shape[2]
@@ -127,7 +130,7 @@ def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, ret
         no_slot = calibrated_pairs(None, n_bh, dev).u_slot
         out, _, _, _ = decode_attention(q, k, v, scale, kpm_i8, first_valid_i32, no_slot, 0,
                                         calibrated=cal.cal_i8, beta=beta, tau=tau,
-                                        stable_rest=STABLE_REST)
+                                        stable_rest=STABLE_REST, window=window)
         return out, None
 
     # Which (b, h) pairs get column work: the calibrated ones (all of them for stats).
@@ -136,9 +139,10 @@ def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, ret
     # 1. plain pass: out, base-2 LSE, fp32 u of the calibrated heads
     if nq == 1:
         out, lse2, u32, _ = decode_attention(q, k, v, scale, kpm_i8, first_valid_i32, u_slot,
-                                             n_cal)
+                                             n_cal, window=window)
     else:
-        out, lse2, u32 = flash_forward(q, k, v, scale, kpm_i8, first_valid_i32, u_slot, n_cal)
+        out, lse2, u32 = flash_forward(q, k, v, scale, kpm_i8, first_valid_i32, u_slot, n_cal,
+                                       window=window)
     if return_stats:
         pairs = torch.arange(n_bh, device=dev, dtype=torch.int32)
     else:
@@ -147,18 +151,18 @@ def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, ret
         return out, None
 
     # 2. column pass: sum_i P_ij per key, calibrated pairs only
-    colsum = column_scores(q, k, lse2, scale, kpm_i8, pairs)
+    colsum = column_scores(q, k, lse2, scale, kpm_i8, pairs, window=window)
 
     # 3. sink selection on [P, Nk] (tiny tensors, torch)
     pair_b = pairs.long() // hq
-    counts = seen_counts(nq, nk, key_padding_mask, bsz, dev)[pair_b]
+    counts = seen_counts(nq, nk, key_padding_mask, bsz, dev, window)[pair_b]
     scores, sinks = select_sinks(colsum[:, None, :], counts, tau, first_valid[pair_b])
     scores, sinks = scores[:, 0], sinks[:, 0]
 
     # 4. correction of the calibrated rows, in place (stats-only pairs just get m_i)
     slots = u_slot[pairs.long()]
     mass = sink_correction(q, k, v, out, lse2, u32, pairs, slots, sinks, beta, scale, kpm_i8,
-                           first_valid_i32, STABLE_REST)
+                           first_valid_i32, STABLE_REST, window=window)
     if not return_stats:
         return out, None
     calibrated = (heads if heads is not None
@@ -170,3 +174,6 @@ def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, ret
         "calibrated": calibrated,
     }
     return out, stats
+
+
+act_attention_triton.SUPPORTS_WINDOW = True

@@ -5,8 +5,11 @@ tile against the row normalisers of the plain pass. The grid is (key block, cali
 each program owns BLOCK_N keys of one (b, h) pair, keeps their K tile, and loops over the query
 blocks that can see them (like the dK/dV loop of FlashAttention's backward), so every column sum
 is written by exactly one program: no atomics. Query blocks entirely above the key block
-(causally blind to it) are skipped. Reads Q, K, lse2; writes ``colsum`` [P, Nk] fp32. It never
-touches V.
+(causally blind to it) are skipped, and so, with a sliding window ``W`` (a runtime argument,
+``Nk`` for none), are the query blocks below it: keys ``j`` are seen only by the rows at
+positions ``j .. j + W - 1``. Key blocks left of every row's window get no program (the grid
+starts at the first row's window; their column sums stay 0). Reads Q, K, lse2; writes
+``colsum`` [P, Nk] fp32. It never touches V.
 
 Only the pairs listed are launched: an uncalibrated head costs no program at all.
 ``LAUNCHES`` counts launched programs (read by the tests).
@@ -17,7 +20,8 @@ import triton.language as tl
 
 from . import configs
 from .aot import launch
-from .common import LOG2E, head_prologue, key_real, load_rows, load_rows_t, mma, row_real
+from .common import (LOG2E, head_prologue, key_real, load_rows, load_rows_t, mma, row_real, sees,
+                     window_arg, window_start)
 
 LAUNCHES = {"calls": 0, "programs": 0}
 
@@ -28,10 +32,10 @@ def _column_scores_kernel(
         Q, K, Lse, Pairs, Kpm, ColSum,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
-        Hq, group, Nq, Nk, D, qk_scale, nq_key, nk_key,
+        Hq, group, Nq, Nk, D, qk_scale, window, nq_key, nk_key,
         HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
+    start_n = window_start(Nk - Nq, window, BLOCK_N) + tl.program_id(0) * BLOCK_N
     pid_p = tl.program_id(1).to(tl.int64)
     bh, b, h, kvh, offs_d, d_ok, kpm_row = head_prologue(tl.load(Pairs + pid_p), Hq, group, Kpm,
                                                          Nk, D, BLOCK_D)
@@ -42,33 +46,40 @@ def _column_scores_kernel(
     q_base = Q + b * stride_qb + h * stride_qh
 
     col = tl.zeros([BLOCK_N], dtype=tl.float32)
-    # first query row that sees key start_n sits at index start_n - (Nk - Nq)
+    # the rows that see this block: index start_n - (Nk - Nq) (causal) up to the row at position
+    # start_n + BLOCK_N - 2 + window (the window of the block's last key)
     first_row = tl.maximum(start_n - (Nk - Nq), 0)
-    for start_m in range((first_row // BLOCK_M) * BLOCK_M, Nq, BLOCK_M):
+    end_row = tl.minimum(Nq, start_n + BLOCK_N - 1 + window - (Nk - Nq))
+    for start_m in range((first_row // BLOCK_M) * BLOCK_M, end_row, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         r_ok = row_real(kpm_row, offs_m, Nq, Nk, HAS_KPM)
         q = load_rows(q_base, offs_m, offs_m < Nq, stride_qn, offs_d, d_ok, stride_qd)
         lse2 = tl.load(Lse + bh * Nq + offs_m, mask=r_ok, other=float("inf"))
         s = mma(q, kt, IN_PREC, UPCAST) * qk_scale
-        vis = r_ok[:, None] & k_ok[None, :] & (offs_n[None, :] <= (Nk - Nq + offs_m)[:, None])
+        vis = r_ok[:, None] & k_ok[None, :] & sees(Nk - Nq + offs_m, offs_n, window)
         p = tl.math.exp2(tl.where(vis, s, float("-inf")) - lse2[:, None])
         col += tl.sum(p, 0)
     tl.store(ColSum + pid_p * Nk + offs_n, col, mask=offs_n < Nk)
 
 
-def column_scores(q, k, lse2, scale, kpm_i8, pairs):
-    """``colsum`` [P, Nk] fp32 for the (b*Hq + h) pairs listed in ``pairs`` (int32 [P])."""
+def column_scores(q, k, lse2, scale, kpm_i8, pairs, window=None):
+    """``colsum`` [P, Nk] fp32 for the (b*Hq + h) pairs listed in ``pairs`` (int32 [P]);
+    ``window``: None or ``W >= 1``."""
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     n_pairs = pairs.numel()
-    colsum = torch.empty(n_pairs, nk, device=q.device, dtype=torch.float32)
+    win = window_arg(window, nk)
+    # keys left of the first row's window get no program: their sums are the zeros written here
+    alloc = torch.empty if win == nk else torch.zeros
+    colsum = alloc(n_pairs, nk, device=q.device, dtype=torch.float32)
     if n_pairs == 0:
         return colsum
     has_kpm = kpm_i8 is not None
     meta = configs.interp_meta("column") if configs.INTERPRET else {}
 
     def grid(m):
-        g = (triton.cdiv(nk, m["BLOCK_N"]), n_pairs)
+        key0 = (max(nk - nq - win + 1, 0) // m["BLOCK_N"]) * m["BLOCK_N"]   # window_start
+        g = (triton.cdiv(nk - key0, m["BLOCK_N"]), n_pairs)
         LAUNCHES["programs"] += g[0] * g[1]
         return g
 
@@ -76,6 +87,7 @@ def column_scores(q, k, lse2, scale, kpm_i8, pairs):
     launch(_column_scores_kernel, grid,
         q, k, lse2, pairs, kpm_i8 if has_kpm else pairs, colsum,
         *q.stride(), *k.stride(),
-        hq, hq // hkv, nq, nk, dim, scale * LOG2E, configs.len_bucket(nq), configs.len_bucket(nk),
+        hq, hq // hkv, nq, nk, dim, scale * LOG2E, win, configs.len_bucket(nq),
+        configs.len_bucket(nk),
         HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), BLOCK_D=configs.head_block(dim), **meta)
     return colsum

@@ -6,8 +6,12 @@ Conventions of every kernel in this package:
 * ``lse2`` (written by the forward / decode kernels) is the base-2 log-sum-exp of a row,
   ``log2(sum_j 2^{s2_ij})``; a row that sees no key (a padded query row) gets ``+inf``, which makes
   every recomputed probability of that row exactly 0;
-* query row ``i`` sits at absolute position ``Nk - Nq + i`` and sees keys ``j <= Nk - Nq + i``
-  that are real (key-padding mask), provided the row itself is real;
+* query row ``i`` sits at absolute position ``p = Nk - Nq + i`` and sees keys ``j <= p``
+  that are real (key-padding mask), provided the row itself is real; with a sliding window
+  (``docs/spec.md``, "Attention windows") also ``j > p - window``. Every kernel takes the window
+  as a runtime integer argument; "no window" is passed as ``window = Nk``, which no row's
+  condition can bite (``p - Nk < 0 <= j``), so the plain path computes exactly what it did
+  before windows existed;
 * addresses: every offset that grows with B, H, N or D is computed in 64 bits. The coordinates
   from ``head_prologue`` are int64, so ``b * stride_b``, ``bh * Nq``, ``slot * Nq * D`` are
   64-bit products, and tile loads/stores widen their row and column indices before multiplying
@@ -19,6 +23,12 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+
+
+def window_arg(window, nk: int) -> int:
+    """The kernels' runtime ``window`` argument: ``W`` (``None``, no window, is passed as ``Nk``,
+    which masks nothing), clamped to ``Nk``."""
+    return nk if window is None else min(int(window), nk)
 
 
 @triton.jit
@@ -53,6 +63,21 @@ def row_real(kpm_row, offs_m, Nq, Nk, HAS_KPM: tl.constexpr):
     if HAS_KPM:
         ok = ok & (tl.load(kpm_row + (Nk - Nq) + offs_m, mask=ok, other=0) != 0)
     return ok
+
+
+@triton.jit
+def sees(pos_m, offs_n, window):
+    """bool [len(pos_m), len(offs_n)]: rows at positions ``pos_m`` see keys ``offs_n`` (causal and
+    window conditions only; padding is checked apart): ``pos - window < key <= pos``."""
+    return ((offs_n[None, :] <= pos_m[:, None])
+            & (offs_n[None, :] > (pos_m - window)[:, None]))
+
+
+@triton.jit
+def window_start(pos_first, window, BLOCK_N: tl.constexpr):
+    """Start of the first key block that a row at position ``>= pos_first`` can see with this
+    window (0 without one): the blocks left of it are skipped, not masked."""
+    return (tl.maximum(pos_first - window + 1, 0) // BLOCK_N) * BLOCK_N
 
 
 @triton.jit
@@ -98,14 +123,15 @@ def mma(a, b, IN_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                  kpm_row, skip_row, pos_m, offs_d, d_ok, lo, hi, Nk, qk_scale,
+                  kpm_row, skip_row, pos_m, window, offs_d, d_ok, lo, hi, Nk, qk_scale,
                   BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
                   SKIP: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
                   F32_PREC: tl.constexpr):
     """Online softmax in base 2 of a row tile ``q`` over key blocks [lo, hi): updates the
     running max ``m``, sum ``l`` and fp32 accumulator ``acc`` of ``sum 2^(s - m) v``.
 
-    ``CAUSAL``: apply ``key <= pos_m``. ``SKIP``: also drop the keys whose int8 flag at
+    ``CAUSAL``: apply the row's visibility ``pos_m - window < key <= pos_m`` (blocks that some
+    row sees only in part: the diagonal, and the left edge of a window). ``SKIP``: also drop the keys whose int8 flag at
     ``skip_row`` is set (the sinks, for the softmax over non-sink keys) and multiply P V with
     fp32 operands at ``F32_PREC`` (that path serves a cancellation guard, where precision
     matters more than speed);
@@ -120,7 +146,7 @@ def attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride
         s = mma(q, kt, IN_PREC, UPCAST) * qk_scale
         vis = k_ok[None, :]
         if CAUSAL:
-            vis = vis & (offs_n[None, :] <= pos_m[:, None])
+            vis = vis & sees(pos_m, offs_n, window)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet: no NaN

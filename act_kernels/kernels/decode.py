@@ -24,6 +24,12 @@ their V rows for ``w = sum P_j v_j`` and ``m = sum P_j``, and applies
 (exact even when ``1 - m`` is subnormal), with the same logit code and the same ``P > tau`` test,
 so it picks exactly the same sinks.
 
+Sliding window (``window``, a runtime argument, ``Nk`` for none): the row sees only the last
+``W`` keys, so the splits cover only those (from the block holding key ``Nk - W``; the keys of
+that block before it are masked), and the direct pass of the epilogue starts there too. The
+first valid key excluded from the sinks stays the *sequence's* first valid key, not the first
+key of the window (``docs/spec.md``, "Attention windows").
+
 With ``TRACK=False`` (no calibrated head, or the general path's plain pass) the same kernels give
 the plain output; the plain arithmetic does not depend on ``TRACK``, so uncalibrated heads are
 bit-identical either way.
@@ -37,7 +43,7 @@ import triton.language as tl
 from ..sinks import STABLE_REST
 from . import configs
 from .aot import launch
-from .common import LOG2E, head_prologue, key_real, load_rows
+from .common import LOG2E, head_prologue, key_real, load_rows, window_arg
 
 # slack of the online candidate test, in log2 units (keys with partial P > tau * 2^-MARGIN kept)
 MARGIN = 1e-3
@@ -86,7 +92,7 @@ def _decode_split_kernel(
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
-        Hq, group, Nk, D, qk_scale, split_size, num_splits, log2_tau,
+        Hq, group, Nk, D, qk_scale, split_size, num_splits, log2_tau, window,
         HAS_KPM: tl.constexpr, TRACK: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAND: tl.constexpr):
     sp = tl.program_id(0)
@@ -101,7 +107,8 @@ def _decode_split_kernel(
         first = tl.load(FirstValid + b)
         q_real = tl.load(kpm_row + Nk - 1) != 0
 
-    n_lo = sp * split_size
+    win_lo = Nk - window                            # the first key the row sees (0: no window)
+    n_lo = (win_lo // BLOCK_N) * BLOCK_N + sp * split_size
     n_hi = tl.minimum(Nk, n_lo + split_size)
     m_i = tl.full([], float("-inf"), dtype=tl.float32)
     l_i = tl.full([], 0.0, dtype=tl.float32)
@@ -111,7 +118,7 @@ def _decode_split_kernel(
     over = tl.full([], 0, dtype=tl.int32)
     for start_n in range(tl.maximum(n_lo, (first // BLOCK_N) * BLOCK_N), n_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ok = key_real(kpm_row, offs_n, n_hi, HAS_KPM) & q_real
+        k_ok = key_real(kpm_row, offs_n, n_hi, HAS_KPM) & q_real & (offs_n >= win_lo)
         s = _logits(q, k_base, offs_n, offs_n < n_hi, stride_kn, offs_d, d_ok, stride_kd, qk_scale)
         s = tl.where(k_ok, s, float("-inf"))
         v = load_rows(v_base, offs_n, offs_n < n_hi, stride_vn, offs_d, d_ok,
@@ -155,7 +162,7 @@ def _decode_epilogue_kernel(
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_od,
-        Hq, group, Nk, D, qk_scale, num_splits, beta, tau, stable_rest,
+        Hq, group, Nk, D, qk_scale, num_splits, beta, tau, stable_rest, window,
         HAS_KPM: tl.constexpr, TRACK: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, CAND: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
     bh, b, h, kvh, offs_d, d_ok, kpm_row = head_prologue(tl.program_id(0), Hq, group, Kpm, Nk, D,
@@ -215,9 +222,11 @@ def _decode_epilogue_kernel(
                 m_ns = tl.full([], float("-inf"), dtype=tl.float32)
                 l_ns = tl.full([], 0.0, dtype=tl.float32)
                 acc_ns = tl.zeros([BLOCK_D], dtype=tl.float32)
-                for start_n in range((first // BLOCK_N) * BLOCK_N, Nk, BLOCK_N):
+                win_lo = Nk - window
+                for start_n in range((tl.maximum(first, win_lo) // BLOCK_N) * BLOCK_N, Nk,
+                                     BLOCK_N):
                     offs_n = start_n + tl.arange(0, BLOCK_N)
-                    k_ok = key_real(kpm_row, offs_n, Nk, HAS_KPM)
+                    k_ok = key_real(kpm_row, offs_n, Nk, HAS_KPM) & (offs_n >= win_lo)
                     s = _logits(q, k_base, offs_n, offs_n < Nk, stride_kn, offs_d, d_ok,
                                 stride_kd, qk_scale)
                     sink = (tl.math.exp2(s - lse2) > tau) & (offs_n != first)
@@ -241,13 +250,14 @@ def _decode_epilogue_kernel(
 
 
 def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calibrated=None,
-                     beta=0.0, tau=1.0, stable_rest=None, split_size=None):
+                     beta=0.0, tau=1.0, stable_rest=None, split_size=None, window=None):
     """One-query attention. Returns ``(out, lse2 [B*Hq, 1], u32, mass [B*Hq])``.
 
     ``calibrated``: None (plain only) or int8 [B*Hq]; then ``tau`` must satisfy
     ``candidate_slots(tau) is not None`` and the calibrated heads are corrected in the epilogue.
     ``stable_rest`` (default ``sinks.STABLE_REST``): non-sink mass below which a calibrated row
-    is recomputed directly (see the module docstring).
+    is recomputed directly (see the module docstring). ``window``: None or ``W >= 1`` (the
+    row sees the last ``W`` keys).
     """
     if stable_rest is None:
         stable_rest = STABLE_REST
@@ -257,7 +267,12 @@ def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calib
     bhn = bsz * hq
     dev = q.device
     block_d = configs.head_block(dim)
-    block_n, split, num_splits, num_warps = configs.decode_config(bhn, nk, dim, split_size)
+    win = window_arg(window, nk)
+    # the splits cover the keys from the block that holds the window's first key (BLOCK_N does
+    # not depend on the length)
+    block_n = configs.decode_config(bhn, nk, dim, split_size)[0]
+    span = nk - (nk - win) // block_n * block_n
+    block_n, split, num_splits, num_warps = configs.decode_config(bhn, span, dim, split_size)
     track = calibrated is not None
     cand = candidate_slots(tau) if track else 2
     if cand is None:
@@ -287,7 +302,7 @@ def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calib
         q, k, v, kpm_arg, first_valid, part_m, part_l, part_acc, cand_s, cand_i, overflow,
         *qs, *k.stride(), *v.stride(),
         hq, hq // hkv, nk, dim, qk_scale, split, num_splits,
-        math.log2(tau) - MARGIN if track else 0.0,
+        math.log2(tau) - MARGIN if track else 0.0, win,
         HAS_KPM=has_kpm, TRACK=track, BLOCK_N=block_n, BLOCK_D=block_d, CAND=cand,
         num_warps=num_warps)
     launch(_decode_epilogue_kernel, (bhn,),
@@ -295,7 +310,7 @@ def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calib
         part_m, part_l, part_acc, cand_s, cand_i,
         *qs, *k.stride(), *v.stride(), out.stride(0), out.stride(1), out.stride(3),
         hq, hq // hkv, nk, dim, qk_scale, num_splits, float(beta), float(tau), float(stable_rest),
-        HAS_KPM=has_kpm, TRACK=track, BLOCK_N=block_n, BLOCK_D=block_d, CAND=cand,
+        win, HAS_KPM=has_kpm, TRACK=track, BLOCK_N=block_n, BLOCK_D=block_d, CAND=cand,
         SPLIT_CHUNK=16, num_warps=num_warps)
     if track:
         LAST["overflow"] = overflow

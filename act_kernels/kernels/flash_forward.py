@@ -9,9 +9,13 @@ sum ``l``, fp32 accumulator), and writes
 * ``u32``  [n_slots, Nq, D] fp32, the un-rounded output, only for heads that will be calibrated
   (``u_slot[b*Hq + h] >= 0``): the calibration identity needs ``u`` without the bf16/fp16 rounding.
 
-Key blocks are visited in two stages, sharing one loop body (``common.attend_blocks``): blocks every row of the
-tile sees in full (no causal mask), then the blocks on the diagonal (causal + tail masks). Blocks
-past the diagonal and blocks entirely before the first real key (left padding) are skipped.
+Key blocks are visited in three stages, sharing one loop body (``common.attend_blocks``): the
+blocks at the left edge of a sliding window (window mask), the blocks every row of the tile sees
+in full (no mask but padding), then the blocks on the diagonal (causal + window + tail masks).
+Blocks past the diagonal, blocks entirely left of every row's window (``window`` is a runtime
+argument, ``Nk`` for none: then the first stage is empty) and blocks entirely before the first
+real key (left padding) are skipped: a windowed tile costs about ``(W + BLOCK_M) / BLOCK_N``
+blocks, not ``Nk / BLOCK_N``.
 GQA: query head ``h`` reads kv head ``h // group`` through its strides, nothing is copied.
 """
 import torch
@@ -20,7 +24,8 @@ import triton.language as tl
 
 from . import configs
 from .aot import launch
-from .common import LOG2E, attend_blocks, head_prologue, load_rows, row_real, store_rows
+from .common import (LOG2E, attend_blocks, head_prologue, load_rows, row_real, store_rows,
+                     window_arg, window_start)
 
 
 @configs.maybe_autotune("forward", key=["nq_key", "nk_key", "BLOCK_D"])
@@ -31,7 +36,7 @@ def _flash_forward_kernel(
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_on, stride_od,
-        Hq, group, Nq, Nk, D, qk_scale, nq_key, nk_key,
+        Hq, group, Nq, Nk, D, qk_scale, window, nq_key, nk_key,
         HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
         F32_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -50,21 +55,29 @@ def _flash_forward_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    lo = 0
+    # the first row's window starts the walk (block-aligned; 0 without a window)
+    lo = window_start(Nk - Nq + start_m, window, BLOCK_N)
     if HAS_KPM:
-        lo = (tl.load(FirstValid + b) // BLOCK_N) * BLOCK_N
+        lo = tl.maximum(lo, (tl.load(FirstValid + b) // BLOCK_N) * BLOCK_N)
     hi = tl.minimum(Nk, Nk - Nq + start_m + BLOCK_M)        # one past the last row's position
     mid = tl.maximum(lo, tl.minimum(hi, ((Nk - Nq + start_m + 1) // BLOCK_N) * BLOCK_N))
-    # stage 1: blocks every row of the tile sees entirely (only padding can mask a key)
+    # keys from `full` on are inside the last row's window, hence inside every row's
+    full = tl.minimum(mid, tl.maximum(lo, tl.cdiv(tl.maximum(hi - window, 0), BLOCK_N) * BLOCK_N))
+    # stage 1: the left edge of the window, window mask on (empty without a window)
     acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
-                                  stride_vn, stride_vd, kpm_row, Kpm, pos_m, offs_d, d_ok, lo, mid,
-                                  Nk, qk_scale, BLOCK_N, HAS_KPM, False, False, IN_PREC, UPCAST,
-                                  F32_PREC)
-    # stage 2: the diagonal blocks, causal mask on
+                                  stride_vn, stride_vd, kpm_row, Kpm, pos_m, window, offs_d, d_ok,
+                                  lo, full, Nk, qk_scale, BLOCK_N, HAS_KPM, True, False, IN_PREC,
+                                  UPCAST, F32_PREC)
+    # stage 2: blocks every row of the tile sees entirely (only padding can mask a key)
     acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
-                                  stride_vn, stride_vd, kpm_row, Kpm, pos_m, offs_d, d_ok, mid, hi,
-                                  Nk, qk_scale, BLOCK_N, HAS_KPM, True, False, IN_PREC, UPCAST,
-                                  F32_PREC)
+                                  stride_vn, stride_vd, kpm_row, Kpm, pos_m, window, offs_d, d_ok,
+                                  full, mid, Nk, qk_scale, BLOCK_N, HAS_KPM, False, False, IN_PREC,
+                                  UPCAST, F32_PREC)
+    # stage 3: the diagonal blocks, causal (and window) mask on
+    acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
+                                  stride_vn, stride_vd, kpm_row, Kpm, pos_m, window, offs_d, d_ok,
+                                  mid, hi, Nk, qk_scale, BLOCK_N, HAS_KPM, True, False, IN_PREC,
+                                  UPCAST, F32_PREC)
 
     r_ok = row_real(kpm_row, offs_m, Nq, Nk, HAS_KPM) & (l_i > 0)
     o = acc / tl.where(r_ok, l_i, 1.0)[:, None]
@@ -78,11 +91,11 @@ def _flash_forward_kernel(
         store_rows(U32 + slot * Nq * D, o, offs_m, offs_m < Nq, D, offs_d, d_ok, 1)
 
 
-def flash_forward(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots):
+def flash_forward(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, window=None):
     """Launch the plain pass. Returns ``(out, lse2 [B*Hq, Nq] fp32, u32 [n_slots, Nq, D] fp32)``.
 
     ``kpm_i8``: int8 [B, Nk] or None; ``first_valid``: int32 [B]; ``u_slot``: int32 [B*Hq]
-    (-1: head not calibrated, no fp32 copy written).
+    (-1: head not calibrated, no fp32 copy written); ``window``: None or ``W >= 1``.
     """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -99,7 +112,8 @@ def flash_forward(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots):
     launch(_flash_forward_kernel, grid,
         q, k, v, out, lse2, u32, kpm_arg, first_valid, u_slot,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        hq, hq // hkv, nq, nk, dim, scale * LOG2E, configs.len_bucket(nq), configs.len_bucket(nk),
+        hq, hq // hkv, nq, nk, dim, scale * LOG2E, window_arg(window, nk),
+        configs.len_bucket(nq), configs.len_bucket(nk),
         HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), F32_PREC=configs.F32_PREC,
         BLOCK_D=configs.head_block(dim), **meta)
     return out, lse2, u32

@@ -20,6 +20,10 @@ dense sink mask as skip mask), which gives the non-sink average
 subnormal, and ``1 - m_i = 2^(lse2_nonsink - lse2)`` (0 if it underflows: row unchanged). The
 flagged rows use ``o = beta w + (1 - beta m) a``. Other blocks never pay for the pass.
 
+Sliding window (``window``, a runtime argument, ``Nk`` for none): a sink outside a row's window
+adds nothing to that row's ``m`` and ``w``, and the direct pass walks only the key blocks from
+the first row's window on, with the window mask (``common.attend_blocks``).
+
 Pairs with ``slot < 0`` are stats-only (``return_stats`` on an uncalibrated head): only ``m`` is
 written. Reads Q, the sink rows of K and V, lse2, u32; writes ``out`` rows and ``mass`` [P, Nq].
 """
@@ -30,7 +34,7 @@ import triton.language as tl
 from . import configs
 from .aot import launch
 from .common import (LOG2E, attend_blocks, head_prologue, load_rows, load_rows_t, mma, row_real,
-                     store_rows)
+                     sees, store_rows, window_arg, window_start)
 
 
 @configs.maybe_autotune("correction", key=["nq_key", "nk_key", "BLOCK_D"])
@@ -41,7 +45,7 @@ def _sink_correction_kernel(
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_on, stride_od,
-        Hq, group, Nq, Nk, D, qk_scale, beta, stable_rest, nq_key, nk_key,
+        Hq, group, Nq, Nk, D, qk_scale, beta, stable_rest, window, nq_key, nk_key,
         HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
         F32_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -70,7 +74,7 @@ def _sink_correction_kernel(
         idx = tl.load(SinkIdx + pid_p * Nk + offs_s, mask=s_ok, other=0)
         kt = load_rows_t(k_base, idx, s_ok, stride_kn, offs_d, d_ok, stride_kd)
         s = mma(q, kt, IN_PREC, UPCAST) * qk_scale
-        vis = r_ok[:, None] & s_ok[None, :] & (idx[None, :] <= pos_m[:, None])
+        vis = r_ok[:, None] & s_ok[None, :] & sees(pos_m, idx, window)
         p = tl.math.exp2(tl.where(vis, s, float("-inf")) - lse2[:, None])
         mass += tl.sum(p, 1)
         v = load_rows(v_base, idx, s_ok, stride_vn, offs_d, d_ok, stride_vd).to(tl.float32)
@@ -88,14 +92,14 @@ def _sink_correction_kernel(
             m_ns = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             l_ns = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc_ns = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            lo = 0
+            lo = window_start(Nk - Nq + start_m, window, BLOCK_N)
             if HAS_KPM:
-                lo = (tl.load(FirstValid + b) // BLOCK_N) * BLOCK_N
+                lo = tl.maximum(lo, (tl.load(FirstValid + b) // BLOCK_N) * BLOCK_N)
             hi = tl.minimum(Nk, Nk - Nq + start_m + BLOCK_M)
             acc_ns, l_ns, m_ns = attend_blocks(
                 acc_ns, l_ns, m_ns, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                kpm_row, SinkMask + pid_p * Nk, pos_m, offs_d, d_ok, lo, hi, Nk, qk_scale,
-                BLOCK_N, HAS_KPM, True, True, IN_PREC, UPCAST, F32_PREC)
+                kpm_row, SinkMask + pid_p * Nk, pos_m, window, offs_d, d_ok, lo, hi, Nk,
+                qk_scale, BLOCK_N, HAS_KPM, True, True, IN_PREC, UPCAST, F32_PREC)
             has = l_ns > 0
             l_safe = tl.where(has, l_ns, 1.0)
             rest_ns = tl.where(has, tl.math.exp2(m_ns + tl.math.log2(l_safe) - lse2), 0.0)
@@ -129,11 +133,11 @@ def compact_sinks(sinks):
 
 
 def sink_correction(q, k, v, out, lse2, u32, pairs, slots, sinks, beta, scale, kpm_i8,
-                    first_valid, stable_rest):
+                    first_valid, stable_rest, window=None):
     """Rewrite ``out`` in place for pairs with ``slots >= 0``; return ``mass`` [P, Nq] fp32.
 
     ``pairs`` int32 [P] (b*Hq + h), ``slots`` int32 [P] (row of ``u32`` or -1 for stats only),
-    ``sinks`` bool [P, Nk].
+    ``sinks`` bool [P, Nk], ``window`` None or ``W >= 1``.
     """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -154,7 +158,7 @@ def sink_correction(q, k, v, out, lse2, u32, pairs, slots, sinks, beta, scale, k
         kpm_i8 if has_kpm else pairs, first_valid, mass,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         hq, hq // hkv, nq, nk, dim, scale * LOG2E, float(beta), float(stable_rest),
-        configs.len_bucket(nq), configs.len_bucket(nk),
+        window_arg(window, nk), configs.len_bucket(nq), configs.len_bucket(nk),
         HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), F32_PREC=configs.F32_PREC,
         BLOCK_D=configs.head_block(dim), **meta)
     return mass
