@@ -656,20 +656,46 @@ def windowed_attention(q, k, v, heads, beta, tau, scale, key_padding_mask, retur
     scores, sinks = select_sinks(sums.float()[:, None], counts, tau, first)
     scores, sinks = scores[:, 0], sinks[:, 0]
 
+    # The correction reads the sink keys only (the identity o = beta w + (1 - beta m) / (1 - m)
+    # (u - w)); rows whose 1 - m is too small to divide by are recomputed from the whole span.
     rewrite = (heads[b_idx, h_idx] if heads is not None
                else torch.zeros(len(b_idx), dtype=torch.bool, device=q.device))[:, None, None]
     mass = torch.zeros(len(b_idx), nq, dtype=torch.float32, device=q.device)
+    shaky_at = stable_rest(q.dtype)
     for r0, r1, lo, hi in blocks:
-        probs = block_probs(r0, r1, lo, hi)
-        sink = sinks[:, None, lo:hi]                                   # [P, 1, span]
-        m = torch.where(sink, probs, 0.0).sum(-1, keepdim=True)        # [P, R, 1]
+        keys = lo + sinks[:, lo:hi].any(0).nonzero().flatten()         # sink keys of any pair
+        if keys.numel() == 0:
+            continue
+        row_pos = torch.arange(nk - nq + r0, nk - nq + r1, device=q.device)[:, None]
+        seen = (keys[None, :] <= row_pos) & (keys[None, :] > row_pos - window)
+        s = torch.matmul(q[b_idx, h_idx, r0:r1].to(work),
+                         k[b_idx, kv_idx][:, keys].to(work).transpose(-1, -2))
+        p_sink = torch.exp(s * scale + neg_lse[:, r0:r1, None])
+        p_sink = torch.where(seen[None] & sinks[:, None, keys], p_sink, 0.0)   # [P, R, S]
+        m = p_sink.sum(-1, keepdim=True)
         mass[:, r0:r1] = m[..., 0]
-        rest = torch.where(sink, 0.0, probs).sum(-1, keepdim=True)     # 1 - m, summed directly
-        change = (m > 0) & (rest > 0) & rewrite
-        gain = (1.0 - beta * m) / torch.where(change, rest, torch.ones_like(rest))
-        new = torch.where(change, torch.where(sink, beta * probs, probs * gain), probs)
-        o = torch.matmul(new, v[b_idx, kv_idx, lo:hi].to(work)).to(q.dtype)   # [P, R, D]
-        out[b_idx, h_idx, r0:r1] = torch.where(change, o, out[b_idx, h_idx, r0:r1])
+        rest = 1.0 - m
+        # rows with 1 - m at or below the guard (even <= 0: m carries the LSE's rounding) are
+        # decided and computed from their directly summed non-sink mass below
+        change = (m > 0) & rewrite
+        if not bool(change.any()):
+            continue
+        w = torch.matmul(p_sink, v[b_idx, kv_idx][:, keys].to(work))         # [P, R, D]
+        u = out[b_idx, h_idx, r0:r1].to(work)
+        shaky = change & (rest < shaky_at)
+        gain = (1.0 - beta * m) / torch.where(shaky, torch.ones_like(rest), rest)
+        new = beta * w + gain * (u - w)
+        if bool(shaky.any()):
+            probs = block_probs(r0, r1, lo, hi)
+            sink = sinks[:, None, lo:hi]
+            direct = torch.where(sink, 0.0, probs)                 # non-sink part, exactly
+            left = direct.sum(-1, keepdim=True)
+            fixed = beta * w + torch.matmul(
+                direct * ((1.0 - beta * m) / torch.where(left > 0, left, torch.ones_like(left))),
+                v[b_idx, kv_idx, lo:hi].to(work))
+            new = torch.where(shaky & (left > 0), fixed, torch.where(shaky, u, new))
+        out[b_idx, h_idx, r0:r1] = torch.where(change, new.to(q.dtype),
+                                               out[b_idx, h_idx, r0:r1])
     if not return_stats:
         return out, None
     stats = {
