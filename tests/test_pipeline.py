@@ -184,7 +184,7 @@ def test_suffix_pass_equals_full_pass(setup):
 
 def test_search_eval_resume(setup, tmp_path):
     from act_kernels.evaluate import EvalConfig, run_eval
-    from act_kernels.profile import ACTProfile
+    from act_kernels.profiles import ACTProfile
     from act_kernels.search import run_search
     from act_kernels.search.core import CHECKPOINT
 
