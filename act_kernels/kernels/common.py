@@ -68,9 +68,11 @@ def row_real(kpm_row, offs_m, Nq, Nk, HAS_KPM: tl.constexpr):
 @triton.jit
 def sees(pos_m, offs_n, window):
     """bool [len(pos_m), len(offs_n)]: rows at positions ``pos_m`` see keys ``offs_n`` (causal and
-    window conditions only; padding is checked apart): ``pos - window < key <= pos``."""
-    return ((offs_n[None, :] <= pos_m[:, None])
-            & (offs_n[None, :] > (pos_m - window)[:, None]))
+    window conditions only; padding is checked apart): ``pos - window < key <= pos``, i.e.
+    ``0 <= pos - key < window``, one unsigned comparison (a negative difference wraps to a huge
+    one); positions and keys are < 2**31."""
+    dist = (pos_m[:, None] - offs_n[None, :]).to(tl.uint32, bitcast=True)
+    return dist < window
 
 
 @triton.jit
