@@ -16,6 +16,13 @@ Decode (``Nq == 1``, some heads calibrated, no stats, ``candidate_slots(tau)`` a
 K/V plus an epilogue. Otherwise ``Nq == 1`` runs the decode kernel as its plain pass and then the
 same steps 2-4 as prefill (so uncalibrated heads are always the decode kernel's plain output).
 
+Sliding windows (``window=W``, ``docs/spec.md``, "Attention windows"): ``W`` is a runtime
+argument of every kernel (``Nk`` when there is none, so plain calls run the same code), and each
+pass skips the key blocks outside the windows of its rows: the forward and the correction's direct
+pass start at the block of the first row's window, the column pass launches no program left of it
+and loops only over the rows at positions ``j .. j + W - 1``, decode walks the last ``W`` keys.
+The divisor is ``seen_counts(..., window)``; the sequence's first valid key stays excluded.
+
 LSE convention: base 2, ``lse2 = log2 sum_j 2^(scale * log2(e) * q.k_j)``; ``+inf`` for rows
 that see nothing (padded query rows), whose output is 0.
 """
