@@ -133,11 +133,11 @@ def attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride
     running max ``m``, sum ``l`` and fp32 accumulator ``acc`` of ``sum 2^(s - m) v``.
 
     ``CAUSAL``: apply the row's visibility ``pos_m - window < key <= pos_m`` (blocks that some
-    row sees only in part: the diagonal, and the left edge of a window). ``SKIP``: also drop the keys whose int8 flag at
-    ``skip_row`` is set (the sinks, for the softmax over non-sink keys) and multiply P V with
-    fp32 operands at ``F32_PREC`` (that path serves a cancellation guard, where precision
-    matters more than speed);
-    otherwise P is rounded to V's dtype for the tensor cores, as FlashAttention does.
+    row sees only in part: the diagonal, and the left edge of a window). ``SKIP``: also drop
+    the keys whose int8 flag at ``skip_row`` is set (the sinks, for the softmax over non-sink
+    keys) and multiply P V with fp32 operands at ``F32_PREC`` (that path serves a cancellation
+    guard, where precision matters more than speed); otherwise P is rounded to V's dtype for the
+    tensor cores, as FlashAttention does.
     """
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
