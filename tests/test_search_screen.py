@@ -135,7 +135,7 @@ def test_screen_stage_resumes(setup, tmp_path, monkeypatch):
 
 
 def test_greedy_rule_ties_need_a_margin_gain():
-    from act_kernels.search.core import beats, improves
+    from act_kernels.search.rules import beats, improves
 
     cur = {"acc": 0.5, "bal_acc": 0.5, "margin": 0.2}
     assert improves({"acc": 0.6, "bal_acc": 0.5, "margin": 0.1}, cur)       # accuracy gain

@@ -23,11 +23,11 @@ from ..runtime import Checkpoint, Dist
 from .data import (Sample, calibration_examples, encode_examples, fingerprint, parse_tasks,
                    split_score_val)
 from .report import progress, summarize, write_outputs
+from .rules import EPS, as_heads, improves, rank_key
 from .scoring import Results, Scorer, metrics
 
 CHECKPOINT = "search_checkpoint.jsonl"
 STRATEGIES = ("screen", "exhaustive")
-EPS = 1e-12
 
 
 @dataclass
@@ -268,27 +268,6 @@ def score_candidates(st: SearchState) -> None:
                            if res.pred[s.index] != st.baseline.pred[s.index])})
 
 
-def rank_key(row: dict) -> tuple:
-    """Best first: accuracy gain, class-balanced accuracy gain, margin gain, layer, head."""
-    return (-row["d_acc"], -row["d_bal_acc"], -row["d_margin"], row["layer"], row["head"])
-
-
-def improves(trial: dict, current: dict) -> bool:
-    """The greedy rule on the validation part: no loss of accuracy or class-balanced accuracy,
-    and a gain: higher accuracy, or the same accuracy with a higher margin."""
-    if trial["acc"] < current["acc"] - EPS or trial["bal_acc"] < current["bal_acc"] - EPS:
-        return False
-    return trial["acc"] > current["acc"] + EPS or trial["margin"] > current["margin"] + EPS
-
-
-def beats(final: dict, base: dict) -> bool:
-    """Does the final set beat the uncalibrated model (validation metrics)? Higher accuracy, or
-    equal accuracy with a higher margin."""
-    if abs(final["acc"] - base["acc"]) <= EPS:
-        return final["margin"] > base["margin"] + EPS
-    return final["acc"] > base["acc"]
-
-
 def select_greedy(st: SearchState) -> None:
     """Individually good heads (accuracy gain on the scoring part), best first, each kept only if
     it :func:`improves` the heads kept so far on the validation part."""
@@ -327,9 +306,3 @@ def measure_sets(st: SearchState) -> None:
         st.sets[name] = rec
 
 
-def as_heads(pairs: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
-    """``[(layer, head), ...]`` -> ``{layer: sorted heads}``."""
-    out: dict[int, list[int]] = {}
-    for layer, head in pairs:
-        out.setdefault(int(layer), []).append(int(head))
-    return {l: sorted(h) for l, h in sorted(out.items())}

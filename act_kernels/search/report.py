@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .rules import as_heads, beats, rank_key
 from .scoring import Results, metrics, paired_bootstrap
 
 SEARCH_RULE = """\
@@ -71,7 +72,6 @@ def _validation_interval(st, final: Results) -> dict:
 def summarize(st) -> dict:
     """The summary dict of a finished search (what :func:`write_outputs` writes)."""
     from ..profiles import ACTProfile
-    from .core import as_heads, beats
 
     cfg = st.cfg
     base = {"score": metrics(st.baseline, st.score), "val": metrics(st.baseline, st.val)}
@@ -210,7 +210,6 @@ def summary_md(s: dict, cfg) -> str:
                          f"{'yes' if st['kept'] else 'no'} |")
     else:
         lines.append("No head raised accuracy on the scoring part: the profile is empty.")
-    from .core import rank_key
 
     lines += ["", "## Best candidates alone (scoring part; all in heads.csv)", "",
               "| layer.head | accuracy (Δ) | balanced acc. (Δ) | margin (Δ) | estimate | status |",
