@@ -218,15 +218,12 @@ def run(args) -> int:
     from .profiles import ACTProfile
     from .modelinfo import model_device
     from .params import resolve_backend
-    from .search.common import load_for_args, parse_data
+    from .search.common import check_tasks, load_for_args, parse_data
 
     if not os.path.isfile(args.profile):
         raise SystemExit(f"act eval: no profile file {args.profile!r}")
     profile = ACTProfile.load(args.profile)
-    try:
-        parse_tasks(args.tasks)
-    except KeyError as exc:
-        raise SystemExit(f"act eval: {exc.args[0]}")
+    check_tasks(args.tasks, "act eval")
     dist = Dist()
     try:
         if args.model is None and profile.model_name not in (None, "SmolLM2-135M-Instruct"):

@@ -15,7 +15,6 @@ when a calibrated row has a sink. See ``csrc_notes/act_passes.md``.
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
@@ -530,6 +529,14 @@ def _calibrated(heads, bsz, hq, device):
     return heads.clone()
 
 
+def _stats(scores, sinks, mass, heads, q_shape, nk: int) -> dict:
+    """The statistics dict of a prefill call from the per-pair tensors (every (b, h) pair)."""
+    bsz, hq, nq, _ = q_shape
+    return {"scores": scores.reshape(bsz, hq, nk), "sinks": sinks.reshape(bsz, hq, nk),
+            "sink_mass": mass.reshape(bsz, hq, nq),
+            "calibrated": _calibrated(heads, bsz, hq, scores.device)}
+
+
 # --------------------------------------------------------------------------------------------
 # the backend
 # --------------------------------------------------------------------------------------------
@@ -580,13 +587,7 @@ def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, retu
                            beta, scale, key_padding_mask)
     if not return_stats:
         return out, None
-    stats = {
-        "scores": scores.reshape(bsz, hq, nk),
-        "sinks": sinks.reshape(bsz, hq, nk),
-        "sink_mass": mass.reshape(bsz, hq, nq),
-        "calibrated": _calibrated(heads, bsz, hq, q.device),
-    }
-    return out, stats
+    return out, _stats(scores, sinks, mass, heads, q.shape, nk)
 
 
 act_attention_torch.SUPPORTS_WINDOW = True
@@ -698,10 +699,4 @@ def windowed_attention(q, k, v, heads, beta, tau, scale, key_padding_mask, retur
                                                out[b_idx, h_idx, r0:r1])
     if not return_stats:
         return out, None
-    stats = {
-        "scores": scores.reshape(bsz, hq, nk),
-        "sinks": sinks.reshape(bsz, hq, nk),
-        "sink_mass": mass.reshape(bsz, hq, nq),
-        "calibrated": _calibrated(heads, bsz, hq, q.device),
-    }
-    return out, stats
+    return out, _stats(scores, sinks, mass, heads, q.shape, nk)

@@ -94,13 +94,10 @@ def run(args) -> int:
 
     from ..modelinfo import model_device, num_layers, num_query_heads
     from ..params import resolve_backend
-    from .common import eprint, load_for_args
+    from .common import check_tasks, eprint, load_for_args
     from .report import no_gain_line
 
-    try:
-        parse_tasks(args.tasks)
-    except KeyError as exc:
-        raise SystemExit(f"act search: {exc.args[0]}")
+    check_tasks(args.tasks, "act search")
     dist = Dist()
     try:
         start = time.time()

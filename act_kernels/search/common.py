@@ -43,6 +43,17 @@ def parse_data(items) -> dict:
     return out
 
 
+def check_tasks(spec, command: str) -> list:
+    """The task names of ``--tasks`` (built-in names or task files); an unknown one ends the
+    command with one line naming it."""
+    from .data import parse_tasks
+
+    try:
+        return parse_tasks(spec)
+    except KeyError as exc:
+        raise SystemExit(f"{command}: {exc.args[0]}")
+
+
 def load_for_args(args, device=None):
     """``(model, tokenizer)`` from the common flags (model in eval mode on ``device``)."""
     from ..hf import load_model
