@@ -1,4 +1,4 @@
-"""An independent float64 brute force of ACT, written straight from ``ACT_SPEC.md``.
+"""An independent float64 brute force of ACT, written straight from the contract, ``docs/spec.md``.
 
 Every backend is checked against this module, so it imports nothing from ``act_kernels`` and
 shares no code with the eager reference. It works one (batch row, head) at a time on a dense
