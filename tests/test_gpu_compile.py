@@ -28,7 +28,9 @@ and lengths past those two classes do not. So:
   claim), fp32 at D = 128 (tf32x3 dots, twice the bytes per element, its own pruning);
 * per path on sm_90: chunked prefill (Nq = 5, Nk = 77: no divisibility), prefill without
   padding or calibrated heads (forward only), decode without calibrated heads, and decode with
-  statistics (the decode kernels' plain pass, then column and correction at Nq = 1).
+  statistics (the decode kernels' plain pass, then column and correction at Nq = 1);
+* sliding windows: prefill at W = 17 on sm_80 and W = 1 on sm_90 (Triton specialises an
+  argument equal to 1), decode and chunked prefill at W = 17 on sm_90.
 
 About 100 kernels; on 2 cores it takes under 3 minutes (see the figures printed by the first
 test).
@@ -55,8 +57,9 @@ def case_list():
     """The compile set described in the module docstring (dicts sent to the workers)."""
     cases = []
 
-    def add(arch, path, dtype="bf16", dim=128, padded=True, heads="some"):
-        cases.append(dict(arch=arch, path=path, dtype=dtype, dim=dim, padded=padded, heads=heads))
+    def add(arch, path, dtype="bf16", dim=128, padded=True, heads="some", window=None):
+        cases.append(dict(arch=arch, path=path, dtype=dtype, dim=dim, padded=padded, heads=heads,
+                          window=window))
 
     for arch, dims in ((80, (128, 256)), (90, (64, 128, 256)), (100, (128,))):
         for dim in dims:
@@ -70,6 +73,11 @@ def case_list():
     add(90, "prefill", dim=128, padded=False, heads="none")
     add(90, "decode", dim=128, padded=False, heads="none")
     add(90, "decode_stats", dim=128)
+    # sliding windows: a runtime argument, but W = 1 is specialised by Triton (its own binary)
+    add(80, "prefill", window=17)
+    add(90, "prefill", window=1)
+    add(90, "decode", window=17)
+    add(90, "chunk", dim=80, window=17)
     return cases
 
 
@@ -100,7 +108,7 @@ def _compile_case(case, prune=True):
     start, cpu_start = time.time(), _cpu_seconds()
     with aot.compile_only(case["arch"]) as built:
         act_attention_triton(q, k, v, heads, 0.4, 0.1, dim ** -0.5, kpm,
-                             case["path"] == "decode_stats")
+                             case["path"] == "decode_stats", window=case.get("window"))
     records = []
     for kernel, meta in built:
         usage = aot.resource_usage(kernel)
@@ -198,7 +206,8 @@ def compiled(tmp_path_factory):
 def describe(r):
     meta = {k: r["meta"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_S", "BLOCK_D", "num_warps",
                                        "num_stages") if k in r["meta"]}
-    return f"sm_{r['arch']} {r['kernel']} {r['dtype']} D={r['dim']} {meta}"
+    window = f" W={r['window']}" if r.get("window") else ""
+    return f"sm_{r['arch']} {r['kernel']} {r['dtype']} D={r['dim']}{window} {meta}"
 
 
 AUTOTUNED = {"_flash_forward_kernel": "forward", "_column_scores_kernel": "column",
@@ -221,7 +230,8 @@ def estimate(r):
 def test_every_kernel_compiles_for_every_target(compiled):
     by_case = {}
     for r in compiled["records"]:
-        key = json.dumps({k: r[k] for k in ("arch", "path", "dtype", "dim", "padded", "heads")})
+        key = json.dumps({k: r[k] for k in ("arch", "path", "dtype", "dim", "padded", "heads",
+                                             "window")})
         by_case.setdefault(key, []).append(r)
     cases = case_list()
     assert len(by_case) == len(cases), "a case compiled nothing"
