@@ -66,3 +66,16 @@ def test_compiled_model_has_no_graph_break_and_generates_the_same():
     eager = model.generate(**kwargs)
     model.forward = torch.compile(model.forward, fullgraph=True)
     assert torch.equal(model.generate(**kwargs), eager)
+
+
+@torch.no_grad()
+def test_recording_inside_compile_is_refused_not_skipped():
+    from act_kernels import recording
+
+    model = tiny_llama()
+    ids, mask = batch()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with recording(model, lambda *args: None):
+        with pytest.raises(Exception, match="recording\\(\\) need eager execution"):
+            compiled(input_ids=ids, attention_mask=mask)

@@ -35,6 +35,12 @@ GLOBAL_RECORDERS: contextvars.ContextVar[tuple] = contextvars.ContextVar(
     "act_kernels_global_recorders", default=())
 
 
+@torch.compiler.assume_constant_result
+def _global_recording() -> bool:
+    """Is a deprecated model-less ``recording`` active (read once when a graph is traced)?"""
+    return bool(GLOBAL_RECORDERS.get())
+
+
 def _refuse_unsupported(name: str, module, dropout: float, is_causal, kwargs) -> None:
     for arg in _UNSUPPORTED_KWARGS:
         if kwargs.get(arg) is not None:
@@ -129,6 +135,10 @@ def _make_attention_forward(name: str):
         window = kwargs.get("sliding_window")
         position_ids = kwargs.get("position_ids")
         if torch.compiler.is_compiling():
+            if kwargs.get("output_attentions", False) or state.recorders or \
+                    _global_recording():
+                raise NotImplementedError(f"{name} attention: output_attentions and recording() "
+                                          "need eager execution, not torch.compile")
             scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
             out = hf_attention_op(query, key, value, attention_mask, heads, beta, tau, scale,
                                   backend, window, position_ids)
