@@ -56,13 +56,14 @@ def _refuse_unsupported(name: str, module, dropout: float, is_causal, kwargs) ->
         refuse("the layer is not causal (bidirectional attention)")
 
 
-def _eager_with_probs(query, key, value, heads, beta, tau, scaling, kpm, kv_len, window):
+def _eager_with_probs(query, key, value, heads, beta, tau, scaling, kpm, kv_len, window,
+                      front):
     """``output_attentions=True``: the eager reference, which also returns the calibrated
     probabilities (a stand-in first key dropped, padded back to the static cache's length)."""
     cal = normalize_heads(heads, query.shape[0], query.shape[1], query.device)
     out, probs, _ = act_attention_reference(query, key, value, heads=cal, beta=beta, tau=tau,
                                             scale=scaling, key_padding_mask=kpm, window=window)
-    probs = probs[..., probs.shape[-1] - min(probs.shape[-1], kv_len):]
+    probs = probs[..., front:]
     if probs.shape[-1] < kv_len:
         probs = torch.nn.functional.pad(probs, (0, kv_len - probs.shape[-1]))
     return out, probs.to(query.dtype)
@@ -70,15 +71,17 @@ def _eager_with_probs(query, key, value, heads, beta, tau, scaling, kpm, kv_len,
 
 def _visible_keys(query, key, value, attention_mask, cache=None, window=None,
                   position_ids=None):
-    """``(key, value, key_padding_mask)``: the mask checked and turned into a key-padding mask,
-    k/v cut to the keys the queries can see (a static cache's unfilled slots dropped)."""
+    """``(key, value, key_padding_mask, front)``: the mask checked and turned into a key-padding
+    mask, k/v cut to the keys the queries can see (a static cache's unfilled slots dropped);
+    ``front`` is 1 where a stand-in first key was put in front (see below), else 0."""
     kpm, keys_used = mask_to_key_padding(attention_mask, query.shape[0], query.shape[2],
                                          key.shape[2], cache=cache, window=window)
     if keys_used < key.shape[2]:
         key, value = key[:, :, :keys_used], value[:, :, :keys_used]
+    used = key.shape[2]
     if window is not None:
         key, value, kpm = _mark_dropped_start(key, value, kpm, position_ids)
-    return key, value, kpm
+    return key, value, kpm, key.shape[2] - used
 
 
 def _mark_dropped_start(key, value, kpm, position_ids):
@@ -109,7 +112,7 @@ def hf_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     beta: float, tau: float, scale: float, backend: str,
                     window: Optional[int] = None,
                     position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    key, value, kpm = _visible_keys(query, key, value, attention_mask, None, window,
+    key, value, kpm, _ = _visible_keys(query, key, value, attention_mask, None, window,
                                     position_ids)
     return act_attention(query, key, value, heads=heads, beta=beta, tau=tau, scale=scale,
                          key_padding_mask=kpm, backend=backend, window=window).contiguous()
@@ -145,11 +148,11 @@ def _make_attention_forward(name: str):
             return out.transpose(1, 2).contiguous(), None
 
         kv_len = key.shape[2]
-        key, value, kpm = _visible_keys(query, key, value, attention_mask, state.mask_cache,
-                                        window, position_ids)
+        key, value, kpm, front = _visible_keys(query, key, value, attention_mask,
+                                               state.mask_cache, window, position_ids)
         if kwargs.get("output_attentions", False):
             out, probs = _eager_with_probs(query, key, value, heads, beta, tau, scaling, kpm,
-                                           kv_len, window)
+                                           kv_len, window, front)
             return out.transpose(1, 2).contiguous(), probs
 
         recorders = state.recorders_for(getattr(module, "layer_idx", None),
