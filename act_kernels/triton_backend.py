@@ -29,10 +29,12 @@ that see nothing (padded query rows), whose output is 0.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from numbers import Integral
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from .params import as_index
 from .sinks import STABLE_REST, first_valid_index, seen_counts, select_sinks
 from .tensor_cache import TensorCache
 
@@ -52,11 +54,12 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class CalibratedPairs(NamedTuple):
-    """Which (batch row, head) pairs a heads mask calibrates, kept on the device.
+    """The (batch row, head) pairs that get the column and correction passes, on the device.
 
-    ``pairs`` int32 [P] (``b * Hq + h``, ascending), ``u_slot`` int32 [B*Hq] (row of the fp32
-    ``u`` buffer, -1 when not calibrated), ``cal_i8`` int8 [B*Hq] (the decode kernel's flags) and
-    the count ``n_cal`` (a host int: it sizes buffers and grids).
+    ``pairs`` int32 [P] (``b * Hq + h``, ascending), ``n_cal`` = P (a host int: it sizes buffers
+    and grids), ``u_slot`` int32 [B*Hq] (row of the fp32 ``u`` buffer for a calibrated pair, -1
+    otherwise), ``cal_i8`` int8 [B*Hq] (the decode kernel's flags). A pair is calibrated when it
+    is listed *and* set in the heads mask; a listed pair that is not calibrated only costs work.
     """
 
     pairs: torch.Tensor
@@ -66,11 +69,29 @@ class CalibratedPairs(NamedTuple):
 
     @classmethod
     def of_mask(cls, mask: torch.Tensor) -> "CalibratedPairs":
+        """Exactly the pairs ``mask`` sets (one host sync: their count sizes the buffers)."""
+        pairs = torch.nonzero(mask.reshape(-1)).reshape(-1).to(torch.int32)
+        return cls.covering(mask, pairs)
+
+    @classmethod
+    def covering(cls, mask: torch.Tensor, pairs: torch.Tensor) -> "CalibratedPairs":
+        """The pairs listed in ``pairs`` (int32 [P], ascending), calibrated where ``mask`` is set;
+        torch ops on host-known sizes only (traceable: no value is read on the host)."""
         flat = mask.reshape(-1)
-        pairs = torch.nonzero(flat).reshape(-1).to(torch.int32)       # the one host sync
-        u_slot = torch.full((flat.numel(),), -1, device=mask.device, dtype=torch.int32)
-        u_slot[pairs.long()] = torch.arange(pairs.numel(), device=mask.device, dtype=torch.int32)
-        return cls(pairs, pairs.numel(), u_slot, flat.to(torch.int8).contiguous())
+        index = pairs.long()
+        on = flat[index]
+        slot = torch.where(on, torch.arange(pairs.numel(), device=flat.device,
+                                            dtype=torch.int32), -1)
+        u_slot = torch.full((flat.numel(),), -1, device=flat.device, dtype=torch.int32)
+        cal_i8 = torch.zeros(flat.numel(), device=flat.device, dtype=torch.int8)
+        return cls(pairs, pairs.numel(), u_slot.scatter(0, index, slot),
+                   cal_i8.scatter(0, index, on.to(torch.int8)))
+
+    @classmethod
+    def none(cls, n_bh: int, device) -> "CalibratedPairs":
+        return cls(torch.empty(0, device=device, dtype=torch.int32), 0,
+                   torch.full((n_bh,), -1, device=device, dtype=torch.int32),
+                   torch.zeros(n_bh, device=device, dtype=torch.int8))
 
 
 # CalibratedPairs per heads mask: found once (one host sync), then reused without touching the
@@ -80,9 +101,7 @@ _PAIRS = TensorCache()
 
 @functools.lru_cache(maxsize=64)
 def _no_pairs(n_bh: int, device: torch.device) -> CalibratedPairs:
-    return CalibratedPairs(torch.empty(0, device=device, dtype=torch.int32), 0,
-                           torch.full((n_bh,), -1, device=device, dtype=torch.int32),
-                           torch.zeros(n_bh, device=device, dtype=torch.int8))
+    return CalibratedPairs.none(n_bh, device)
 
 
 def calibrated_pairs(heads, n_bh: int, device) -> CalibratedPairs:
@@ -122,6 +141,14 @@ def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, ret
     """The Triton backend (see the module docstring); ``window``: None or ``W >= 1``, a
     sliding window (``docs/spec.md``, "Attention windows"), a runtime argument of every kernel."""
     check_can_run(q)
+    # the calibrated (b, h) pairs, computed once per heads mask and kept on the device
+    cal = calibrated_pairs(heads, q.shape[0] * q.shape[1], q.device)
+    return _attend(q, k, v, cal, heads, beta, tau, scale, key_padding_mask, return_stats, window)
+
+
+def _attend(q, k, v, cal: CalibratedPairs, heads, beta, tau, scale, key_padding_mask,
+            return_stats, window):
+    """The launches of one call, the pairs given (``heads`` is only read for the statistics)."""
     bsz, hq, nq, dim = q.shape
     nk = k.shape[2]
     dev = q.device
@@ -129,18 +156,16 @@ def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, ret
     kpm_i8 = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
     first_valid = first_valid_index(key_padding_mask, bsz, dev)
     first_valid_i32 = first_valid.to(torch.int32)
-    # the calibrated (b, h) pairs, computed once per heads mask and kept on the device
-    cal = calibrated_pairs(heads, n_bh, dev)
 
     # Decode with calibration: one pass over K/V, candidates kept on the fly, exact (decode.py).
     if nq == 1 and cal.n_cal > 0 and not return_stats and candidate_slots(tau):
-        no_slot = calibrated_pairs(None, n_bh, dev).u_slot
+        no_slot = torch.full((n_bh,), -1, device=dev, dtype=torch.int32)
         out, _, _, _ = decode_attention(q, k, v, scale, kpm_i8, first_valid_i32, no_slot, 0,
                                         calibrated=cal.cal_i8, beta=beta, tau=tau,
                                         stable_rest=STABLE_REST, window=window)
         return out, None
 
-    # Which (b, h) pairs get column work: the calibrated ones (all of them for stats).
+    # Which (b, h) pairs get column work: the listed ones (all of them for stats).
     cal_pairs, n_cal, u_slot = cal.pairs, cal.n_cal, cal.u_slot
 
     # 1. plain pass: out, base-2 LSE, fp32 u of the calibrated heads
@@ -184,3 +209,105 @@ def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, ret
 
 
 act_attention_triton.SUPPORTS_WINDOW = True
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library: the backend as an op whose kernels a compiler sees
+# ---------------------------------------------------------------------------------------------
+# Every launch goes through ``kernels.aot.launch``, which, while a graph is traced, launches
+# through ``torch.library.wrap_triton``: Inductor gets one triton kernel node per launch, and
+# the torch ops between them (sink selection, compaction) as ordinary graph nodes. Nothing in the
+# body reads a device value on the host, and every buffer is sized from shapes and host ints, so
+# the traced graph has static shapes and can be captured in a CUDA graph.
+#
+# Under the Triton interpreter the kernels are plain Python functions that no tracer can record
+# (``wrap_triton`` hands them back unwrapped): there the same body is registered as an opaque
+# ``custom_op`` (same name, same schema), so that torch.compile still works on CPU; its fake
+# implementation is the body itself, whose launches ``aot.launch`` skips on fake tensors.
+
+OP_NAME = "act_kernels::act_attention_triton"
+INTERPRETED = configs.is_interpreted(_flash_forward_kernel)
+
+
+def _register(body):
+    if INTERPRETED:
+        op = torch.library.custom_op(OP_NAME, mutates_args=())(body)
+        op.register_fake(body)
+        return op
+    return torch.library.triton_op(OP_NAME, mutates_args=())(body)
+
+
+@_register
+def act_attention_triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            heads: Optional[torch.Tensor], pairs: Optional[torch.Tensor],
+                            key_padding_mask: Optional[torch.Tensor], beta: float, tau: float,
+                            scale: float, window: Optional[int] = None) -> torch.Tensor:
+    """``torch.ops.act_kernels.act_attention_triton``: the backend's output (no statistics).
+
+    ``heads`` bool ``[B, Hq]`` or None; ``pairs`` int32 ``[P]`` ascending ``b * Hq + h``, the
+    pairs given the column and correction passes: a head is calibrated when it is set in
+    ``heads`` and listed in ``pairs``, so ``pairs`` must list every calibrated pair (the exact
+    list where it is known on the host, every pair otherwise: correct, with column work for the
+    uncalibrated heads too). ``key_padding_mask`` bool ``[B, Nk]`` or None. The arguments are
+    assumed valid (see ``compiled_call``).
+    """
+    check_can_run(q)
+    if heads is None or pairs is None:
+        cal = CalibratedPairs.none(q.shape[0] * q.shape[1], q.device)
+    else:
+        cal = CalibratedPairs.covering(heads, pairs)
+    out, _ = _attend(q, k, v, cal, None, beta, tau, scale, key_padding_mask, False, window)
+    return out
+
+
+def compiled_call(q, k, v, heads, key_padding_mask, beta: float, tau: float, scale: float,
+                  window: Optional[int]) -> torch.Tensor:
+    """``act_attention`` inside torch.compile with ``backend="triton"``: the registered op, its
+    arguments built from host-known facts only. ``heads``: None, head indices (then exactly the
+    listed pairs get column work) or a bool tensor ``[Hq]`` / ``[B, Hq]`` (its values are not
+    known while tracing: every pair gets column work, the correction only the set ones).
+    ``key_padding_mask``: None or bool ``[B, Nk]`` (its values are not checked here; an
+    all-real mask runs the padded kernels). ``beta``, ``tau``, ``window`` already checked."""
+    bsz, hq = q.shape[0], q.shape[1]
+    mask, pairs = _compiled_heads(heads, bsz, hq, q.device)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("act_attention: inside torch.compile, backend='triton' needs a bool "
+                            "key_padding_mask [B, Nk] (True = real token)")
+        if tuple(key_padding_mask.shape) != (bsz, k.shape[2]) \
+                or key_padding_mask.device != q.device:
+            raise ValueError(f"act_attention: key_padding_mask must be [B, Nk]=[{bsz}, "
+                             f"{k.shape[2]}] on {q.device}, got {tuple(key_padding_mask.shape)} "
+                             f"on {key_padding_mask.device}")
+    return act_attention_triton_op(q, k, v, mask, pairs, key_padding_mask, beta, tau, scale,
+                                   window)
+
+
+def _compiled_heads(heads, bsz: int, hq: int, device):
+    """``(mask [B, Hq] or None, pairs int32 [P] or None)`` without reading device values."""
+    if heads is None:
+        return None, None
+    if isinstance(heads, torch.Tensor) and heads.dtype == torch.bool:
+        if tuple(heads.shape) not in ((hq,), (bsz, hq)):
+            raise ValueError(f"act_attention: bool heads must have shape [Hq]=[{hq}] or "
+                             f"[B, Hq]=[{bsz}, {hq}], got {tuple(heads.shape)}")
+        mask = heads.to(device).expand(bsz, hq)
+        return mask, torch.arange(bsz * hq, device=device, dtype=torch.int32)
+    if isinstance(heads, torch.Tensor):
+        raise TypeError("act_attention: inside torch.compile, heads must be a bool tensor or a "
+                        f"list of head indices, not a {heads.dtype} tensor")
+    if isinstance(heads, Integral):
+        heads = [heads]
+    if isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence):
+        raise TypeError("act_attention: heads must be None, a bool tensor [Hq] or [B, Hq], or a "
+                        f"sequence of head indices; got {type(heads).__name__}")
+    listed = sorted({as_index(h, "head indices", "act_attention", plural=True) for h in heads})
+    outside = [h for h in listed if not 0 <= h < hq]
+    if outside:
+        raise ValueError(f"act_attention: head index {outside[0]} out of range: there are {hq} "
+                         f"query heads (valid indices 0..{hq - 1})")
+    if not listed:
+        return None, None
+    pairs = torch.tensor([b * hq + h for b in range(bsz) for h in listed], dtype=torch.int32,
+                         device=device)
+    return torch.ones(bsz, hq, dtype=torch.bool, device=device), pairs

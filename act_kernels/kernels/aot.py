@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 from typing import List, Optional
 
+import torch
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 
@@ -72,13 +73,31 @@ def target_arch() -> Optional[int]:
 
 
 def launch(kernel, grid, *args, **kwargs):
-    """``kernel[grid](*args, **kwargs)``, or, inside ``compile_only``, compile and collect.
+    """``kernel[grid](*args, **kwargs)``; while a graph is traced, through ``wrap_triton``; inside
+    ``compile_only``, compile and collect.
+
+    Traced (also inside ``compile_only``, whose stand-in driver lets Triton analyse the kernel;
+    ``torch.library.triton_op`` under torch.compile, ``make_fx``, ...: the tensors are
+    fake or functional stand-ins, or a proxy mode records a graph): ``wrap_triton(kernel)``
+    records the launch as a triton kernel node. An interpreted kernel cannot be recorded: on
+    fake tensors alone (shape propagation) the launch is skipped, as there is nothing to compute,
+    and a graph being recorded is refused rather than left without the kernel.
 
     Collected entries are ``(compiled_kernel, meta)`` with ``meta`` the meta-parameters it was
     built with (the launcher's keyword arguments plus the autotune config: block sizes,
     ``num_warps``, ``num_stages``). An autotuned kernel yields one entry per config left after
     its ``early_config_prune`` (what ``Autotuner.warmup`` compiles, in the same way).
     """
+    recording = _recording_graph()
+    if recording or any(_is_stand_in(a) for a in args):
+        if not _interpreted(kernel):
+            return torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+        if recording:
+            raise RuntimeError(
+                "act_attention: a Triton kernel running in the interpreter (TRITON_INTERPRET=1) "
+                "cannot be traced into a graph; trace with compiled kernels (a GPU or "
+                "kernels.aot.compile_only)")
+        return None
     if _state["target"] is None:
         return kernel[grid](*args, **kwargs)
     if hasattr(kernel, "prune_configs"):          # triton.autotune wrapper
@@ -96,6 +115,23 @@ def launch(kernel, grid, *args, **kwargs):
                 **kwargs, **config}
         _state["compiled"].append((built, meta))
     return None
+
+
+def _recording_graph() -> bool:
+    """Is a proxy mode (make_fx, AOTAutograd) recording the torch calls into a graph?"""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+
+
+def _is_stand_in(arg) -> bool:
+    """A fake or functional tensor: the stand-in of a tensor while a graph is traced."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    return isinstance(arg, (FakeTensor, FunctionalTensor))
+
+
+def _interpreted(kernel) -> bool:
+    from .configs import is_interpreted
+    return is_interpreted(kernel)
 
 
 def _nvidia_tool(name: str) -> str:
