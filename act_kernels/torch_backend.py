@@ -15,6 +15,7 @@ when a calibrated row has a sink. See ``csrc_notes/act_passes.md``.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import warnings
 
@@ -93,6 +94,13 @@ def plain_attention(q, k, v, scale, key_padding_mask, window=None):
 
     Rows that see no key (padded queries) give 0 output and 0 lse.
     """
+    if window is not None and window < k.shape[2]:
+        return _windowed_plain(q, k, v, scale, key_padding_mask, window)
+    return _plain_in_one(q, k, v, scale, key_padding_mask, window)
+
+
+def _plain_in_one(q, k, v, scale, key_padding_mask, window=None):
+    """:func:`plain_attention` of every row over every key (the band, if any, as a mask)."""
     nq, nk = q.shape[2], k.shape[2]
     if q.device.type == "cpu" and q.dtype != torch.float64:
         causal = key_padding_mask is None and nq == nk and window is None
@@ -104,24 +112,69 @@ def plain_attention(q, k, v, scale, key_padding_mask, window=None):
     return _plain_blocked(q, k, v, scale, key_padding_mask, window)
 
 
+# Rows of one block of the windowed plain pass (see window_blocks).
+WINDOW_BLOCK_ROWS = 256
+
+
+def window_blocks(nq: int, nk: int, window: int):
+    """``(r0, r1, lo, hi)``: blocks of query rows and the key span ``[lo, hi)`` they see.
+
+    A block of ``R`` rows computes ``R (R + W - 1)`` entries for about ``R W`` visible ones, but
+    the fused CPU kernel runs short queries in small, slower tiles: ``R = 256`` (at most ``W``,
+    at least 64) measured best at W = 512 (``csrc_notes/act_passes.md``)."""
+    rows = max(64, min(WINDOW_BLOCK_ROWS, window))
+    for r0 in range(0, nq, rows):
+        r1 = min(nq, r0 + rows)
+        yield (r0, r1) + key_span(nk - nq + r0, nk - nq + r1 - 1, window)
+
+
+def _windowed_plain(q, k, v, scale, key_padding_mask, window):
+    """:func:`plain_attention` within a window, block by block: a block's rows are the last rows
+    of its span of keys, so the span is a bottom-right call with the band as its mask. Without
+    padding the fused kernel takes one band built for a full block, sliced for the others."""
+    bsz, hq, nq, dim = q.shape
+    nk = k.shape[2]
+    out = torch.empty(bsz, hq, nq, dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(bsz, hq, nq, dtype=_work_dtype(q.dtype), device=q.device)
+    shared_band = key_padding_mask is None and q.device.type == "cpu" and q.dtype != torch.float64
+    band = None
+    for r0, r1, lo, hi in window_blocks(nq, nk, window):
+        if not shared_band:
+            o, l = _plain_in_one(q[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], scale,
+                                 None if key_padding_mask is None
+                                 else key_padding_mask[:, lo:hi], window)
+            out[:, :, r0:r1], lse[:, :, r0:r1] = o, l
+            continue
+        if band is None:     # rows of a full block see columns [i, i + W - 1] of its span
+            rows = r1 - r0
+            band = visibility_bias(rows, rows + window - 1, None, q.dtype, q.device, window)
+        cut = lo - (nk - nq + r0 - window + 1)        # columns cut off at position 0
+        bias = band[..., :r1 - r0, cut:window - 1 + r1 - r0]
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], 0.0, False, attn_mask=bias,
+            scale=scale)
+        out[:, :, r0:r1], lse[:, :, r0:r1] = o, l
+    return out, lse
+
+
 # --------------------------------------------------------------------------------------------
 # column pass
 # --------------------------------------------------------------------------------------------
 
-def _column_block(q_rows, k_t, neg_lse_rows, first_pos: int, scale: float):
-    """``sum_i P_ij`` over one block of rows of ``G`` heads sharing a kv head: ``[G, kend]``.
+def _column_block(q_rows, k_t, neg_lse_rows, first_pos: int, scale: float, window: int):
+    """``sum_i P_ij`` over one block of rows of ``G`` heads sharing a kv head: ``[G, span]``.
 
-    ``q_rows [G, R, D]``, ``k_t [D, kend]``, ``neg_lse_rows [G, R]``; ``P_ij = exp(scale q_i.k_j -
-    lse_i)``; row ``i`` sits at ``first_pos + i`` and sees keys up to it. One matmul for the
-    ``G`` heads; plain tensor code so that ``torch.compile`` fuses mask, exp and the column sum
-    into one sweep after it.
+    ``q_rows [G, R, D]``, ``k_t [D, span]``, ``neg_lse_rows [G, R]``; ``P_ij = exp(scale q_i.k_j -
+    lse_i)``; row ``i`` sits at column ``first_pos + i`` of the span and sees the ``window``
+    columns up to it. One matmul for the ``G`` heads; plain tensor code so that
+    ``torch.compile`` fuses mask, exp and the column sum into one sweep after it.
     """
     heads, rows, dim = q_rows.shape
     s = torch.addmm(neg_lse_rows.reshape(-1, 1), q_rows.reshape(heads * rows, dim), k_t,
                     alpha=scale).view(heads, rows, -1)
     pos = first_pos + torch.arange(rows, device=q_rows.device)
-    cols = torch.arange(k_t.shape[1], device=q_rows.device)
-    s = torch.where(cols[None, :] <= pos[:, None], s, float("-inf"))
+    behind = pos[:, None] - torch.arange(k_t.shape[1], device=q_rows.device)[None, :]
+    s = torch.where((behind >= 0) & (behind < window), s, float("-inf"))
     return torch.exp(s).sum(1)
 
 
@@ -164,34 +217,39 @@ def _kv_groups(b_idx, h_idx, group: int) -> dict:
     return shared
 
 
-def key_span(first_pos: int, last_pos: int) -> tuple:
-    """Keys ``[lo, hi)`` that some row at positions ``first_pos..last_pos`` sees: ``[0, last_pos]``.
+def key_span(first_pos: int, last_pos: int, window=None) -> tuple:
+    """Keys ``[lo, hi)`` that some row at positions ``first_pos..last_pos`` sees: up to
+    ``last_pos``, from 0 or, within a window, from ``first_pos - W + 1``.
 
-    The one place that decides a block of rows' key range (a sliding window would raise ``lo``);
-    :func:`_hidden` and :func:`_rows_seeing` give the visibility inside the range.
+    The one place that decides a block of rows' key range; :func:`_hidden` and
+    :func:`_rows_seeing` give the visibility inside it.
     """
-    return 0, last_pos + 1
+    lo = 0 if window is None else max(0, first_pos - window + 1)
+    return lo, last_pos + 1
 
 
-def _hidden(row_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+def _hidden(row_pos: torch.Tensor, key_pos: torch.Tensor, window=None) -> torch.Tensor:
     """``[rows, keys]`` bool: True where the row at ``row_pos`` does not see the key at ``key_pos``."""
-    return key_pos[None, :] > row_pos[:, None]
+    behind = row_pos[:, None] - key_pos[None, :]
+    return behind < 0 if window is None else (behind < 0) | (behind >= window)
 
 
-def _rows_seeing(key_pos: torch.Tensor, first_pos: int, last_pos: int) -> torch.Tensor:
-    """How many rows at positions ``first_pos..last_pos`` see each key of ``key_pos`` (all in the
-    rows' :func:`key_span`)."""
-    return (last_pos + 1 - key_pos).clamp_(max=last_pos + 1 - first_pos)
+def _rows_seeing(key_pos: torch.Tensor, first_pos: int, last_pos: int, window=None):
+    """How many rows at positions ``first_pos..last_pos`` see each key of ``key_pos`` (keys of
+    the rows' :func:`key_span`): the rows from ``max(first_pos, j)`` to ``min(last_pos, j + W - 1)``."""
+    top = key_pos.clamp(min=first_pos)
+    end = last_pos if window is None else (key_pos + (window - 1)).clamp_(max=last_pos)
+    return (end + 1 - top).clamp_(min=0)
 
 
-def column_sums(q, k, neg_lse, b_idx, h_idx, scale):
+def column_sums(q, k, neg_lse, b_idx, h_idx, scale, window=None):
     """``[P, Nk]`` float32: ``sum_i P_ij`` over the rows that see ``j``, for each (b, h) pair.
 
     The exact column pass over every key (``return_stats`` uses it: it reports every score).
     ``neg_lse`` is ``-lse`` with ``-inf`` on rows that must not count (padded queries), so they
     add exact zeros. Pairs reading the same kv head share one matmul per block of rows; keys
-    past a block's last row are never computed. Padded keys get garbage sums, which the caller
-    discards (no row sees them, so they have no score).
+    outside a block's :func:`key_span` are never computed. Padded keys get garbage sums, which
+    the caller discards (no row sees them, so they have no score).
     """
     nq = q.shape[2]
     nk = k.shape[2]
@@ -205,12 +263,13 @@ def column_sums(q, k, neg_lse, b_idx, h_idx, scale):
         kt = k[b, kv_head].to(work).t()
         nl = neg_lse[pairs]
         acc = torch.zeros(len(pairs), nk, dtype=work, device=q.device)
-        rows = max(COLUMN_MIN_ROWS, COLUMN_BLOCK_FLOATS // (nk * len(pairs)))
+        width = nk if window is None else min(nk, 2 * window)        # about a span's keys
+        rows = max(COLUMN_MIN_ROWS, COLUMN_BLOCK_FLOATS // (width * len(pairs)))
         for r0 in range(0, nq, rows):
             r1 = min(nq, r0 + rows)
-            kend = nk - nq + r1
-            acc[:, :kend] += _run_block(block, q_heads[:, r0:r1], kt[:, :kend], nl[:, r0:r1],
-                                        nk - nq + r0, scale)
+            lo, hi = key_span(nk - nq + r0, nk - nq + r1 - 1, window)
+            acc[:, lo:hi] += _run_block(block, q_heads[:, r0:r1], kt[:, lo:hi], nl[:, r0:r1],
+                                        nk - nq + r0 - lo, scale, window or nk + 1)
         sums[pairs] = acc
     return sums.float()
 
@@ -241,7 +300,7 @@ def _bound_dtype(device) -> torch.dtype:
     return torch.float32
 
 
-def column_bounds(q, k, neg_lse, b_idx, h_idx, scale):
+def column_bounds(q, k, neg_lse, b_idx, h_idx, scale, window=None):
     """``[P, Nk]`` float32, an upper bound of ``sum_i P_ij`` over the rows that see ``j``.
 
     No exponential per entry: for each block of rows, one matmul gives ``max_i (s_ij - lse_i)``
@@ -275,27 +334,44 @@ def column_bounds(q, k, neg_lse, b_idx, h_idx, scale):
                           -1).transpose(0, 1).contiguous()
         k_aug = torch.cat([k_head.to(low), torch.ones(nk, 2, dtype=low, device=q.device)], -1)
         acc = torch.zeros(heads, nk, dtype=torch.float32, device=q.device)
-        rows = max(BOUND_MIN_ROWS, BOUND_BLOCK_FLOATS // (nk * heads))
-        buffer = torch.empty(min(rows, nq) * heads * nk, dtype=low, device=q.device)
+        rows = _bound_rows(nk, heads, window)
+        width = nk if window is None else min(nk, rows + window - 1)      # keys of a span
+        buffer = torch.empty(min(rows, nq) * heads * width, dtype=low, device=q.device)
         key_pos = torch.arange(nk, device=q.device)
         key_pos_f = key_pos.float()
-        row_pos = key_pos[nk - nq:]
+        # [rows, 1, rows], -inf where row i of a block does not see the key d > i places after
+        # the block's first row: the same tile for every block, added (cheaper than a fill)
+        tile = key_pos[:min(rows, nq)]
+        ahead = torch.zeros(len(tile), 1, len(tile), dtype=low, device=q.device).masked_fill_(
+            _hidden(tile, tile)[:, None, :], float("-inf"))
         for r0 in range(0, nq, rows):
             r1 = min(nq, r0 + rows)
             first_pos, last_pos = nk - nq + r0, nk - nq + r1 - 1
-            lo, hi = key_span(first_pos, last_pos)
+            lo, hi = key_span(first_pos, last_pos, window)
             s = torch.mm(q_aug[r0:r1].view((r1 - r0) * heads, dim + 2), k_aug[lo:hi].t(),
                          out=buffer[:(r1 - r0) * heads * (hi - lo)].view(-1, hi - lo))
             s = s.view(r1 - r0, heads, hi - lo)
-            edge = max(first_pos, lo)     # keys from here on are hidden from some rows
-            hidden = _hidden(row_pos[r0:r1], key_pos[edge:hi])
-            s[:, :, edge - lo:].masked_fill_(hidden[:, None, :], float("-inf"))
+            # Only keys past a row are masked: the keys a window has left behind stay in the max
+            # (a max over more entries is still a bound, and those entries are small).
+            edge = max(first_pos, lo)
+            s[:, :, edge - lo:].add_(ahead[:r1 - r0, :, edge - first_pos:hi - first_pos])
             # every key of the span is seen by some row, so the max is finite (no inf - inf)
             top = s.amax(0).float()                                        # [G, keys]
             top = top.abs().mul_(out_rounding).add_(top).add_(slack[lo:hi]).exp_()
-            acc[:, lo:hi].addcmul_(top, _rows_seeing(key_pos_f[lo:hi], first_pos, last_pos))
+            acc[:, lo:hi].addcmul_(top, _rows_seeing(key_pos_f[lo:hi], first_pos, last_pos,
+                                                     window))
         bounds[pairs] = acc * (1.0 + (2 * nq + 64) * 4 * _ROUNDING)       # rounding of sums
     return bounds
+
+
+def _bound_rows(nk: int, heads: int, window=None) -> int:
+    """Rows of one block of the bound pass: ``BOUND_BLOCK_FLOATS`` entries (rows x heads x
+    keys), at least ``BOUND_MIN_ROWS``; within a window at most ``W / 2`` rows, so that a block
+    computes at most 1.5 times the entries its rows see."""
+    if window is None:
+        return max(BOUND_MIN_ROWS, BOUND_BLOCK_FLOATS // (nk * heads))
+    width = min(nk, window + window // 2)
+    return max(BOUND_MIN_ROWS, min(window // 2, BOUND_BLOCK_FLOATS // (width * heads)))
 
 
 def _logit_slack(q_heads, k_head, neg_lse, scale, low) -> torch.Tensor:
@@ -319,7 +395,20 @@ def _logit_slack(q_heads, k_head, neg_lse, scale, low) -> torch.Tensor:
     return k_norms * (per_qk * abs(scale) * q_norm) + per_lse * lse_max
 
 
-def candidate_sums(q, k, neg_lse, b_idx, h_idx, candidates, scale):
+def _blocks_seeing(keys: list, nq: int, nk: int, rows: int, window=None):
+    """``(r0, r1, a, z)``: blocks of ``rows`` query rows that see some of the sorted key
+    positions ``keys``, with ``keys[a:z]`` those in the block's :func:`key_span`."""
+    first_row = max(0, keys[0] - (nk - nq))                    # earlier rows see none of them
+    end_row = nq if window is None else min(nq, keys[-1] + window - (nk - nq))
+    for r0 in range(first_row, end_row, rows):
+        r1 = min(end_row, r0 + rows)
+        lo, hi = key_span(nk - nq + r0, nk - nq + r1 - 1, window)
+        a, z = bisect.bisect_left(keys, lo), bisect.bisect_left(keys, hi)
+        if a < z:
+            yield r0, r1, a, z
+
+
+def candidate_sums(q, k, neg_lse, b_idx, h_idx, candidates, scale, window=None):
     """``[P, Nk]`` float32: the exact ``sum_i P_ij`` of the keys in ``candidates [P, Nk]``, 0 for
     the others. Each block of rows reads only the candidates it sees."""
     nq, nk = q.shape[2], k.shape[2]
@@ -334,17 +423,15 @@ def candidate_sums(q, k, neg_lse, b_idx, h_idx, candidates, scale):
         ks = k[b, h // group][idx].to(work)
         qp = q[b, h].to(work)
         acc = torch.zeros(idx.numel(), dtype=work, device=q.device)
-        rows = _block_rows(idx.numel())
-        for r0 in range(max(0, int(idx[0]) - (nk - nq)), nq, rows):
-            r1 = min(nq, r0 + rows)
-            seen = int(torch.searchsorted(idx, positions[r1 - 1], right=True))
-            acc[:seen] += _probs_on_keys(qp[r0:r1], ks[:seen], neg_lse[p, r0:r1], idx[:seen],
-                                         positions[r0:r1], scale).sum(0)
+        for r0, r1, a, z in _blocks_seeing(idx.tolist(), nq, nk, _block_rows(idx.numel()),
+                                           window):
+            acc[a:z] += _probs_on_keys(qp[r0:r1], ks[a:z], neg_lse[p, r0:r1], idx[a:z],
+                                       positions[r0:r1], scale, window).sum(0)
         sums[p, idx] = acc
     return sums.float()
 
 
-def pruned_column_sums(q, k, neg_lse, b_idx, h_idx, counts, first, tau, scale):
+def pruned_column_sums(q, k, neg_lse, b_idx, h_idx, counts, first, tau, scale, window=None):
     """``(sums, candidates)``: column sums exact for the keys that could be sinks (the
     candidates), 0 for the keys that provably cannot.
 
@@ -353,37 +440,37 @@ def pruned_column_sums(q, k, neg_lse, b_idx, h_idx, counts, first, tau, scale):
     just below tau are never skipped (the bound is at least their exact sum), nor is any key
     whose decision is close; the first valid key (never a sink) and keys no row sees are.
     """
-    bounds = column_bounds(q, k, neg_lse, b_idx, h_idx, scale)
+    bounds = column_bounds(q, k, neg_lse, b_idx, h_idx, scale, window)
     keys = torch.arange(k.shape[2], device=q.device)
     candidates = (bounds > tau * counts) & (counts > 0) & (keys[None, :] != first[:, None])
-    return candidate_sums(q, k, neg_lse, b_idx, h_idx, candidates, scale), candidates
+    return candidate_sums(q, k, neg_lse, b_idx, h_idx, candidates, scale, window), candidates
 
 
 # --------------------------------------------------------------------------------------------
 # sink correction
 # --------------------------------------------------------------------------------------------
 
-def _probs_on_keys(q_rows, keys, neg_lse_rows, key_pos, row_pos, scale):
+def _probs_on_keys(q_rows, keys, neg_lse_rows, key_pos, row_pos, scale, window=None):
     """``P_ij = exp(scale q_i.k_j - lse_i)`` of a few rows on a few keys, 0 where hidden."""
     s = torch.addmm(neg_lse_rows[:, None], q_rows, keys.t(), alpha=scale)
-    s.masked_fill_(_hidden(row_pos, key_pos), float("-inf"))
+    s.masked_fill_(_hidden(row_pos, key_pos, window), float("-inf"))
     return s.exp_()
 
 
-def _nonsink_rows(qp, kp, vp, lse_rows, positions, skip_keys, scale):
+def _nonsink_rows(qp, kp, vp, lse_rows, positions, key_pos, skip_keys, scale, window=None):
     """For a few rows, exactly: the non-sink average ``sum_{j not in S} P_ij v_j / (1 - m_i)``
     and the non-sink mass ``1 - m_i``, by blocks of rows.
 
     The average is a softmax over the non-sink keys, so it keeps full precision even when
-    ``1 - m_i`` is subnormal. ``skip_keys [Nk]`` marks the sinks and the padded keys.
+    ``1 - m_i`` is subnormal. ``kp``, ``vp`` are the keys at ``key_pos`` (the rows' span);
+    ``skip_keys`` marks the sinks and the padded keys among them.
     """
-    nk = kp.shape[0]
     averages, rests = [], []
-    rows = _block_rows(nk)
+    rows = _block_rows(kp.shape[0])
     for r0 in range(0, qp.shape[0], rows):
         r1 = min(qp.shape[0], r0 + rows)
         s = torch.mm(qp[r0:r1], kp.t()).mul_(scale)
-        hidden = _hidden(positions[r0:r1], torch.arange(nk, device=qp.device)) | skip_keys
+        hidden = _hidden(positions[r0:r1], key_pos, window) | skip_keys
         s.masked_fill_(hidden, float("-inf"))
         lse_rest = torch.logsumexp(s, dim=1, keepdim=True)
         finite = torch.isfinite(lse_rest)
@@ -394,7 +481,7 @@ def _nonsink_rows(qp, kp, vp, lse_rows, positions, skip_keys, scale):
 
 
 def sink_correction(out, q, k, v, neg_lse, b_idx, h_idx, sinks, calibrated, beta, scale,
-                    key_padding_mask):
+                    key_padding_mask, window=None):
     """Rewrite ``out`` in place for calibrated pairs; return ``sink_mass [P, Nq]`` for all pairs.
 
     For each row: ``m_i`` and ``w_i`` from the sink keys only, then the identity. Rows whose
@@ -414,27 +501,29 @@ def sink_correction(out, q, k, v, neg_lse, b_idx, h_idx, sinks, calibrated, beta
         kp, vp = k[b, h // group], v[b, h // group]
         ks, vs = kp[idx].to(work), vp[idx].to(work)
         qp = q[b, h].to(work)
-        first_row = max(0, int(idx[0]) - (nk - nq))   # earlier rows see no sink
-        rows = _block_rows(idx.numel())
-        for r0 in range(first_row, nq, rows):
-            r1 = min(nq, r0 + rows)
-            ps = _probs_on_keys(qp[r0:r1], ks, neg_lse[p, r0:r1], idx, positions[r0:r1], scale)
+        for r0, r1, a, z in _blocks_seeing(idx.tolist(), nq, nk, _block_rows(idx.numel()),
+                                           window):
+            ps = _probs_on_keys(qp[r0:r1], ks[a:z], neg_lse[p, r0:r1], idx[a:z],
+                                positions[r0:r1], scale, window)
             m = ps.sum(1, keepdim=True)
             mass[p, r0:r1] = m.squeeze(1).float()
             if not calibrated[p]:
                 continue
-            w = ps @ vs
+            w = ps @ vs[a:z]
             u = out[b, h, r0:r1].to(work)
             new = calibrate_rows(u, w, m, beta)
             shaky = ((1.0 - m) < threshold).squeeze(1) & (m.squeeze(1) > 0)
             if bool(shaky.any()):
                 sel = shaky.nonzero().squeeze(1)
-                skip = sinks[p].clone()
+                lo, hi = key_span(nk - nq + r0, nk - nq + r1 - 1, window)
+                skip = sinks[p, lo:hi].clone()
                 if key_padding_mask is not None:
-                    skip |= ~key_padding_mask[b]
-                average, rest = _nonsink_rows(qp[r0:r1][sel], kp.to(work), vp.to(work),
-                                              -neg_lse[p, r0:r1][sel], positions[r0:r1][sel],
-                                              skip, scale)
+                    skip |= ~key_padding_mask[b, lo:hi]
+                average, rest = _nonsink_rows(qp[r0:r1][sel], kp[lo:hi].to(work),
+                                              vp[lo:hi].to(work), -neg_lse[p, r0:r1][sel],
+                                              positions[r0:r1][sel],
+                                              torch.arange(lo, hi, device=q.device), skip,
+                                              scale, window)
                 fixed = beta * w[sel] + average * (1.0 - beta * m[sel])
                 new[sel] = torch.where(rest > 0, fixed, u[sel])
             out[b, h, r0:r1] = new.to(out.dtype)
@@ -553,30 +642,35 @@ def pair_neg_lse(lse, b_idx, h_idx, key_padding_mask, dtype):
 
 def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats,
                         window=None):
-    """Backend entry point (arguments normalised by :func:`act_kernels.op.act_attention`)."""
+    """Backend entry point (arguments normalised by :func:`act_kernels.op.act_attention`).
+
+    With a ``window`` every pass works on the span of keys a block of rows sees (its
+    :func:`key_span`), so a windowed call costs ``O(Nq W)``; the column sums still land in
+    full-length ``[pairs, Nk]`` arrays, so that the first valid key of the *sequence* is
+    excluded even when no row of the call sees it. A windowed decode step takes this path too.
+    """
     bsz, hq, nq, _ = q.shape
     nk = k.shape[2]
-    if window is not None:
-        return windowed_attention(q, k, v, heads, beta, tau, scale, key_padding_mask,
-                                  return_stats, window)
-    if nq == 1:
+    if nq == 1 and window is None:
         return _decode(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats)
 
-    out, lse = plain_attention(q, k, v, scale, key_padding_mask)
+    out, lse = plain_attention(q, k, v, scale, key_padding_mask, window)
     wanted = torch.ones(bsz, hq, dtype=torch.bool, device=q.device) if return_stats else heads
     if wanted is None:
         return out, None
 
     b_idx, h_idx = wanted.nonzero(as_tuple=True)
     neg_lse = pair_neg_lse(lse, b_idx, h_idx, key_padding_mask, q.dtype)
-    counts = seen_counts(nq, nk, key_padding_mask, bsz, q.device)[b_idx]
+    counts = seen_counts(nq, nk, key_padding_mask, bsz, q.device, window)[b_idx]
     first = first_valid_index(key_padding_mask, bsz, q.device)[b_idx]
-    sums, candidates = pruned_column_sums(q, k, neg_lse, b_idx, h_idx, counts, first, tau, scale)
+    sums, candidates = pruned_column_sums(q, k, neg_lse, b_idx, h_idx, counts, first, tau, scale,
+                                          window)
     if return_stats:
         # Report every key's score: the pruned keys' from the full column pass (all provably
         # <= tau), the candidates' from the very sums that decide them, so that the sinks are
         # the same with and without return_stats even where a score ties with tau.
-        sums = torch.where(candidates, sums, column_sums(q, k, neg_lse, b_idx, h_idx, scale))
+        sums = torch.where(candidates, sums, column_sums(q, k, neg_lse, b_idx, h_idx, scale,
+                                                         window))
     scores, sinks = select_sinks(sums[:, None], counts, tau, first)
     scores, sinks = scores[:, 0], sinks[:, 0]
 
@@ -584,7 +678,7 @@ def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, retu
                   else torch.zeros(len(b_idx), dtype=torch.bool, device=q.device))
     out = out.contiguous() if not out.is_contiguous() else out
     mass = sink_correction(out, q, k, v, neg_lse, b_idx, h_idx, sinks, calibrated.tolist(),
-                           beta, scale, key_padding_mask)
+                           beta, scale, key_padding_mask, window)
     if not return_stats:
         return out, None
     return out, _stats(scores, sinks, mass, heads, q.shape, nk)
@@ -592,111 +686,3 @@ def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, retu
 
 act_attention_torch.SUPPORTS_WINDOW = True
 
-
-# --------------------------------------------------------------------------------------------
-# sliding windows: every pass over the band of keys a block of rows sees, O(Nq W)
-# --------------------------------------------------------------------------------------------
-# A block of rows at positions p0..p1 sees keys [p0 - W + 1, p1] only: every pass works on that
-# span, so a windowed call never touches the N x N map and costs O(Nq (W + rows)). The rows of
-# a block are the last rows of their span, so the span is an ordinary bottom-right call with the
-# window as an extra band: the plain pass is the fused kernel on it. The column sums land in a
-# full-length [pairs, Nk] array, so the first valid key of the *sequence* is excluded even when
-# no row of the call sees it. Calibrated rows are recomputed from P directly (P' v), which needs
-# no identity and no cancellation guard.
-
-def _window_blocks(nq: int, nk: int, window: int):
-    """``(r0, r1, lo, hi)``: blocks of query rows and the key span ``[lo, hi)`` they see. Blocks
-    of about ``W / 2`` rows (64..256): spans of ~1.5 W keys, few enough tensor ops per call."""
-    rows = min(256, max(64, window // 2))
-    for r0 in range(0, nq, rows):
-        r1 = min(nq, r0 + rows)
-        yield r0, r1, max(0, nk - nq + r0 - window + 1), nk - nq + r1
-
-
-def windowed_attention(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats, window):
-    """ACT with a sliding window (see the section comment): plain pass, column sums, sinks, and
-    the calibrated rows rewritten, each block of rows over its own span of keys, every (b, h)
-    pair of a block in one batched matmul."""
-    bsz, hq, nq, dim = q.shape
-    nk = k.shape[2]
-    group = hq // k.shape[1]
-    work = _work_dtype(q.dtype)
-    kpm = key_padding_mask
-    out = torch.empty(bsz, hq, nq, dim, dtype=q.dtype, device=q.device)
-    lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device)
-    blocks = list(_window_blocks(nq, nk, window))
-    for r0, r1, lo, hi in blocks:
-        o, l = plain_attention(q[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], scale,
-                               None if kpm is None else kpm[:, lo:hi], window)
-        out[:, :, r0:r1], lse[:, :, r0:r1] = o, l
-    wanted = torch.ones(bsz, hq, dtype=torch.bool, device=q.device) if return_stats else heads
-    if wanted is None:
-        return out, None
-
-    b_idx, h_idx = wanted.nonzero(as_tuple=True)
-    kv_idx = h_idx // group
-    neg_lse = pair_neg_lse(lse, b_idx, h_idx, kpm, q.dtype)
-
-    def block_probs(r0, r1, lo, hi):
-        """``P [pairs, rows, span]`` of one block, 0 where a row does not see a key."""
-        row_pos = torch.arange(nk - nq + r0, nk - nq + r1, device=q.device)[:, None]
-        key_pos = torch.arange(lo, hi, device=q.device)[None, :]
-        hidden = ((key_pos > row_pos) | (key_pos <= row_pos - window))[None]
-        if kpm is not None:
-            hidden = hidden | ~kpm[b_idx, None, lo:hi]
-        s = torch.matmul(q[b_idx, h_idx, r0:r1].to(work),
-                         k[b_idx, kv_idx, lo:hi].to(work).transpose(-1, -2))
-        s = s * scale + neg_lse[:, r0:r1, None]
-        return torch.exp(s.masked_fill_(hidden, float("-inf")))
-
-    sums = torch.zeros(len(b_idx), nk, dtype=work, device=q.device)
-    for r0, r1, lo, hi in blocks:
-        sums[:, lo:hi] += block_probs(r0, r1, lo, hi).sum(1)
-    counts = seen_counts(nq, nk, kpm, bsz, q.device, window)[b_idx]
-    first = first_valid_index(kpm, bsz, q.device)[b_idx]
-    scores, sinks = select_sinks(sums.float()[:, None], counts, tau, first)
-    scores, sinks = scores[:, 0], sinks[:, 0]
-
-    # The correction reads the sink keys only (the identity o = beta w + (1 - beta m) / (1 - m)
-    # (u - w)); rows whose 1 - m is too small to divide by are recomputed from the whole span.
-    rewrite = (heads[b_idx, h_idx] if heads is not None
-               else torch.zeros(len(b_idx), dtype=torch.bool, device=q.device))[:, None, None]
-    mass = torch.zeros(len(b_idx), nq, dtype=torch.float32, device=q.device)
-    shaky_at = stable_rest(q.dtype)
-    for r0, r1, lo, hi in blocks:
-        keys = lo + sinks[:, lo:hi].any(0).nonzero().flatten()         # sink keys of any pair
-        if keys.numel() == 0:
-            continue
-        row_pos = torch.arange(nk - nq + r0, nk - nq + r1, device=q.device)[:, None]
-        seen = (keys[None, :] <= row_pos) & (keys[None, :] > row_pos - window)
-        s = torch.matmul(q[b_idx, h_idx, r0:r1].to(work),
-                         k[b_idx, kv_idx][:, keys].to(work).transpose(-1, -2))
-        p_sink = torch.exp(s * scale + neg_lse[:, r0:r1, None])
-        p_sink = torch.where(seen[None] & sinks[:, None, keys], p_sink, 0.0)   # [P, R, S]
-        m = p_sink.sum(-1, keepdim=True)
-        mass[:, r0:r1] = m[..., 0]
-        rest = 1.0 - m
-        # rows with 1 - m at or below the guard (even <= 0: m carries the LSE's rounding) are
-        # decided and computed from their directly summed non-sink mass below
-        change = (m > 0) & rewrite
-        if not bool(change.any()):
-            continue
-        w = torch.matmul(p_sink, v[b_idx, kv_idx][:, keys].to(work))         # [P, R, D]
-        u = out[b_idx, h_idx, r0:r1].to(work)
-        shaky = change & (rest < shaky_at)
-        gain = (1.0 - beta * m) / torch.where(shaky, torch.ones_like(rest), rest)
-        new = beta * w + gain * (u - w)
-        if bool(shaky.any()):
-            probs = block_probs(r0, r1, lo, hi)
-            sink = sinks[:, None, lo:hi]
-            direct = torch.where(sink, 0.0, probs)                 # non-sink part, exactly
-            left = direct.sum(-1, keepdim=True)
-            fixed = beta * w + torch.matmul(
-                direct * ((1.0 - beta * m) / torch.where(left > 0, left, torch.ones_like(left))),
-                v[b_idx, kv_idx, lo:hi].to(work))
-            new = torch.where(shaky & (left > 0), fixed, torch.where(shaky, u, new))
-        out[b_idx, h_idx, r0:r1] = torch.where(change, new.to(q.dtype),
-                                               out[b_idx, h_idx, r0:r1])
-    if not return_stats:
-        return out, None
-    return out, _stats(scores, sinks, mass, heads, q.shape, nk)
