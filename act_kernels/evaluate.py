@@ -144,8 +144,7 @@ def _loglik_results(model, tokenizer, task, examples, profile, heads, cfg, chat,
                                  normalize=cfg.normalize, batch_size=cfg.batch_size,
                                  max_length=max_length)
     res = Results.empty(len(examples))
-    res.put(torch.arange(len(examples)), {"correct": scored["correct"], "pred": scored["pred"],
-                                          "gold_logprob_margin": scored["gold_logprob_margin"]})
+    res.put(torch.arange(len(examples)), scored)
     return res
 
 

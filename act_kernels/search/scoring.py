@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Container, Mapping, Optional, Sequence
 
 import torch
 
@@ -23,46 +23,54 @@ from .runner import (Context, KVRecorder, LayerRunner, RowPrefixKV, act_mode, on
 @dataclass
 class Results:
     """Per-sample outcomes over the global sample index: ``correct`` (0/1), ``margin`` (gold
-    log-probability margin), ``pred`` (predicted option, -1 = none) as float64 tensors ``[N]``;
-    ``ran`` marks the samples actually computed (the others are filled from the baseline)."""
+    log-probability margin), ``pred`` (predicted option, -1 = none), ``decision`` (the margin
+    whose sign is ``correct``, see :func:`~act_kernels.tasks.score_last_logits`) as float64
+    tensors ``[N]``; ``ran`` marks the samples actually computed (the others are filled from
+    the baseline)."""
 
     correct: torch.Tensor
     margin: torch.Tensor
     pred: torch.Tensor
     ran: torch.Tensor
+    decision: torch.Tensor
+
+    FIELDS = ("correct", "margin", "pred", "ran", "decision")
 
     @classmethod
     def empty(cls, n: int) -> "Results":
-        z = lambda: torch.zeros(n, dtype=torch.float64)  # noqa: E731
-        return cls(z(), z(), z(), z())
+        return cls(*(torch.zeros(n, dtype=torch.float64) for _ in cls.FIELDS))
 
     def put(self, index: torch.Tensor, scored: Mapping[str, torch.Tensor]) -> None:
         self.correct[index] = scored["correct"].double().cpu()
         self.margin[index] = scored["gold_logprob_margin"].double().cpu()
         self.pred[index] = scored["pred"].double().cpu()
+        self.decision[index] = scored["decision_margin"].double().cpu()
         self.ran[index] = 1.0
 
     def reduce(self, dist: Dist) -> "Results":
-        stacked = dist.all_reduce(torch.stack([self.correct, self.margin, self.pred, self.ran]))
+        stacked = dist.all_reduce(torch.stack([getattr(self, f) for f in self.FIELDS]))
         return Results(*stacked.unbind(0))
 
     def fill_from(self, baseline: "Results") -> "Results":
         keep = self.ran > 0
-        return Results(torch.where(keep, self.correct, baseline.correct),
-                       torch.where(keep, self.margin, baseline.margin),
-                       torch.where(keep, self.pred, baseline.pred), self.ran.clone())
+        return Results(*(self.ran.clone() if f == "ran" else
+                         torch.where(keep, getattr(self, f), getattr(baseline, f))
+                         for f in self.FIELDS))
 
     def to_record(self) -> dict:
         return {"correct": "".join("1" if c > 0.5 else "0" for c in self.correct.tolist()),
                 "margin": [float(m) for m in self.margin.tolist()],
                 "pred": [int(p) for p in self.pred.tolist()],
-                "ran": "".join("1" if r > 0.5 else "0" for r in self.ran.tolist())}
+                "ran": "".join("1" if r > 0.5 else "0" for r in self.ran.tolist()),
+                "decision": [float(m) for m in self.decision.tolist()]}
 
     @classmethod
     def from_record(cls, rec: Mapping) -> "Results":
         f64 = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+        # records written before the decision margin existed: the margin stands in for it
         return cls(f64([c == "1" for c in rec["correct"]]), f64(rec["margin"]),
-                   f64(rec["pred"]), f64([r == "1" for r in rec["ran"]]))
+                   f64(rec["pred"]), f64([r == "1" for r in rec["ran"]]),
+                   f64(rec.get("decision", rec["margin"])))
 
 
 def metrics(res: Results, samples: Sequence[Sample]) -> dict:
@@ -187,7 +195,8 @@ class Scorer:
     def candidates(self, n_total: int, samples: Sequence[Sample], baseline: Results,
                    todo: Mapping[int, Sequence[int]],
                    on_layer: Callable[[int, dict[int, Results]], None],
-                   progress: Optional[Callable[[int], None]] = None) -> None:
+                   progress: Optional[Callable[[int], None]] = None,
+                   only: Optional[Mapping[tuple[int, int], Container[int]]] = None) -> None:
         """Score every candidate ``(layer, head)`` of ``todo`` alone, layer by layer.
 
         * Hidden states entering each layer are computed once per sample (plain) and reused
@@ -199,6 +208,9 @@ class Scorer:
           sink sees a sink), so the later layers run on the suffix only, with the prefix's keys
           and values recorded from one plain pass. Suffixes of similar length, from every
           batch of a group (:meth:`my_groups`), share a forward (:meth:`_run_suffixes`).
+
+        * ``only`` (optional): ``{(layer, head): global sample indices}``; a candidate runs on
+          those samples only and keeps the baseline's outcome on the others.
 
         ``on_layer(layer, {head: Results})`` receives each finished layer, reduced over ranks
         and completed from ``baseline``.
@@ -240,7 +252,8 @@ class Scorer:
                         mine = [_Row(st, r, h, min(first[r][h], total - 1) if self.reuse_prefix
                                      else 0)
                                 for r in range(len(st.batch)) for h in heads
-                                if not self.skip_sinkless or first[r][h] < total]
+                                if (not self.skip_sinkless or first[r][h] < total)
+                                and (only is None or st.batch[r].index in only[(layer, h)])]
                         self._run_candidate_layer(layer, st, mine)
                         st.hidden = out
                         rows += mine

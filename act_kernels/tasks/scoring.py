@@ -120,9 +120,12 @@ def score_last_logits(logits: torch.Tensor, items: Sequence[ScoreItem]) -> dict[
 
     Returns tensors on ``logits.device``: ``correct`` bool [n], ``pred`` long [n] (option index),
     ``gold`` long [n], ``pred_token`` long [n] (whole-vocab argmax), ``option_logprobs`` float [n, K]
-    (``-inf`` for options an example does not have) and ``gold_logprob_margin`` float [n] =
+    (``-inf`` for options an example does not have), ``gold_logprob_margin`` float [n] =
     log p(gold) - max over the other options of log p(option) (> 0 exactly when the gold option
-    beats every other option).
+    beats every other option) and ``decision_margin`` float [n], the margin whose sign is
+    ``correct``: the gold margin for classification; for multiple choice the best logit among
+    the gold letter's tokens minus the best logit of every other vocabulary token (the greedy
+    answer is right exactly when it is > 0). Both margins are differentiable in ``logits``.
     """
     if logits.dim() != 2:
         raise ValueError(f"expected logits [n, V], got {tuple(logits.shape)}")
@@ -147,8 +150,21 @@ def score_last_logits(logits: torch.Tensor, items: Sequence[ScoreItem]) -> dict[
     pred_mc = torch.where(hit.any(-1), hit.long().argmax(-1), torch.full_like(pred_token, -1))
     pred_cls = option_lp.argmax(-1)
     pred = torch.where(vocab, pred_mc, pred_cls)
+    margin = _margin(option_lp, gold)
     return {"correct": pred == gold, "pred": pred, "gold": gold, "pred_token": pred_token,
-            "option_logprobs": option_lp, "gold_logprob_margin": _margin(option_lp, gold)}
+            "option_logprobs": option_lp, "gold_logprob_margin": margin,
+            "decision_margin": torch.where(vocab, _vocab_margin(logits, ids, mask, gold), margin)}
+
+
+def _vocab_margin(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                  gold: torch.Tensor) -> torch.Tensor:
+    """Best logit among the gold option's tokens minus the best logit of every other token."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    gold_ids, gold_mask = ids[rows, gold], mask[rows, gold]                  # [n, m]
+    gold_best = logits.gather(1, gold_ids).masked_fill(~gold_mask, -math.inf).amax(-1)
+    is_gold = torch.zeros_like(logits, dtype=torch.bool)
+    is_gold[rows[:, None].expand_as(gold_ids)[gold_mask], gold_ids[gold_mask]] = True
+    return gold_best - logits.masked_fill(is_gold, -math.inf).amax(-1)
 
 
 # ---------------------------------------------------------------------- log-likelihood variant
@@ -159,7 +175,8 @@ def score_option_logprobs(option_logprobs: torch.Tensor, gold, *, lengths: torch
     ``option_logprobs`` [n, K]: summed continuation log-probs, ``-inf`` (or NaN) for missing
     options.  ``normalize=True`` divides by ``lengths`` [n, K] (token or character counts).
     Returns ``correct``, ``pred``, ``gold``, ``option_scores`` (what was compared) and
-    ``gold_logprob_margin`` (score of gold minus the best other score).
+    ``gold_logprob_margin`` (score of gold minus the best other score; also ``decision_margin``,
+    as its sign is ``correct`` here).
     """
     scores = option_logprobs.float()
     if normalize:
@@ -169,8 +186,9 @@ def score_option_logprobs(option_logprobs: torch.Tensor, gold, *, lengths: torch
     scores = torch.nan_to_num(scores, nan=-math.inf)
     gold = torch.as_tensor(gold, dtype=torch.long, device=scores.device)
     pred = scores.argmax(-1)
+    margin = _margin(scores, gold)
     return {"correct": pred == gold, "pred": pred, "gold": gold, "option_scores": scores,
-            "gold_logprob_margin": _margin(scores, gold)}
+            "gold_logprob_margin": margin, "decision_margin": margin}
 
 
 def encode_loglik(tokenizer, pairs: Sequence[tuple[str, str]], *, add_special_tokens: bool = True,
