@@ -37,10 +37,11 @@ def _estimate_and_exact(setup, beta: float, layers, batch):
     scorer = Scorer(model, tok, beta=beta, tau=LOW_TAU)
     ids, mask = pad_batch(batch, tok, "cpu")
     items = [s.item for s in batch]
-    estimate = FirstOrderScreen(scorer).estimate(ids, mask, items, layers)
+    estimate, value = FirstOrderScreen(scorer).estimate(ids, mask, items, layers)
     exact = torch.zeros_like(estimate)
     with torch.no_grad():
         plain = objective_values(scorer.runner.forward_last(ids, mask), items)
+        torch.testing.assert_close(value, plain, atol=1e-4, rtol=0.0)   # SDPA vs plain ACT
         for i, layer in enumerate(layers):
             for head in range(scorer.num_heads):
                 with head_override(model, {layer: [head]}, beta=beta, tau=LOW_TAU,
@@ -78,10 +79,31 @@ def test_objective_gradient_is_finite_on_mixed_batches(setup):
     assert {s.task for s in batch} == {"sst2", "arc_easy"}
     scorer = Scorer(setup["model"], setup["tok"], tau=LOW_TAU)
     ids, mask = pad_batch(batch, setup["tok"], "cpu")
-    for objective in ("margin", "logprob"):
-        grads = FirstOrderScreen(scorer, objective).gradients(
+    for objective in ("decision", "margin", "logprob"):
+        est, value = FirstOrderScreen(scorer, objective).estimate(
             ids, mask, [s.item for s in batch], [1, 3])
-        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+        assert torch.isfinite(est).all() and est.abs().sum() > 0, objective
+        assert torch.isfinite(value).all(), objective
+
+
+def test_decision_margin_sign_is_correctness():
+    """The screen's default objective: its sign is the answer's correctness, for label
+    classification and for greedy multiple choice over the whole vocabulary (where the option
+    margin is not: a non-option token can win)."""
+    from act_kernels.tasks import score_last_logits
+    from act_kernels.tasks.task import ScoreItem
+
+    gen = torch.Generator().manual_seed(0)
+    items = ([ScoreItem("multiple_choice", ((5, 6), (7, 8), (9,), (10, 11)), g)
+              for g in range(4)] * 40 + [ScoreItem("classification", ((5,), (7,)), g)
+                                         for g in range(2)] * 40)
+    logits = torch.randn(len(items), 30, generator=gen) * 2
+    logits[::3, 5:12] += 4                   # options often win, sometimes an outsider does
+    out = score_last_logits(logits, items)
+    assert ((out["decision_margin"] > 0) == out["correct"]).all()
+    mc = torch.tensor([it.kind == "multiple_choice" for it in items])
+    option_wrong = mc & ((out["gold_logprob_margin"] > 0) != out["correct"])
+    assert option_wrong.any(), "no outsider token wins: the MC case would be untested"
 
 
 def test_screen_and_exhaustive_end_to_end(setup, tmp_path):
@@ -89,12 +111,14 @@ def test_screen_and_exhaustive_end_to_end(setup, tmp_path):
 
     model, tok = setup["model"], setup["tok"]
     exhaustive = run_search(model, tok, _cfg(setup, tau=LOW_TAU), tmp_path / "exhaustive")
-    screen = run_search(model, tok, _cfg(setup, tau=LOW_TAU, strategy="screen", screen_top=3),
-                        tmp_path / "screen")
+    screen = run_search(model, tok, _cfg(setup, tau=LOW_TAU, strategy="screen", screen_top=3,
+                                         exact_check="all"), tmp_path / "screen")
     assert len(exhaustive["rows"]) == 8 and not exhaustive["estimates"]
     assert len(screen["rows"]) == 3 and len(screen["estimates"]) == 8
-    # the exactly scored heads are the estimate's top 3, with the exhaustive run's scores
-    top = sorted(screen["estimates"], key=lambda k: (-screen["estimates"][k], k))[:3]
+    # the exactly scored heads are the screen's top 3 (predicted answers gained, then mean
+    # estimate), recomputed here from the checkpoint's per-sample records
+    gained = _predicted_gains(tmp_path / "screen", screen)
+    top = sorted(gained, key=lambda k: (-gained[k], -screen["estimates"][k], k))[:3]
     assert sorted((r["layer"], r["head"]) for r in screen["rows"]) == sorted(top)
     by_key = {(r["layer"], r["head"]): r for r in exhaustive["rows"]}
     for r in screen["rows"]:
@@ -115,11 +139,69 @@ def test_screen_and_exhaustive_end_to_end(setup, tmp_path):
     assert prov["strategy"] == "screen" and prov["screen_top"] == 3
 
 
+def _predicted_gains(out, summary) -> dict:
+    """Per candidate: scoring samples whose decision margin the estimate makes positive minus
+    those it makes negative, from the screen records of ``out``'s checkpoint."""
+    from act_kernels.search.core import CHECKPOINT
+
+    recs = [json.loads(l) for l in (out / CHECKPOINT).read_text().splitlines()]
+    keys = summary["candidates"]
+    gained = dict.fromkeys(keys, 0)
+    for rec in (r for r in recs if r["kind"] == "screen"):
+        for index, value, row in zip(rec["index"], rec["value"], rec["estimate"]):
+            if index in summary["score_index"]:
+                for key, est in zip(keys, row):
+                    gained[key] += int(value + est > 0) - int(value > 0)
+    return gained
+
+
+def test_boundary_check_runs_only_samples_that_may_flip(setup, tmp_path, monkeypatch):
+    """``exact_check="boundary"``: each screened head runs exactly only on the scoring samples
+    with ``|margin| <= 3 |estimate| + 0.05`` and keeps the baseline outcome elsewhere; with a
+    boundary wide enough to hold every sample it equals ``exact_check="all"``."""
+    from act_kernels.search import run_search, screen
+    from act_kernels.search.core import CHECKPOINT
+
+    model, tok = setup["model"], setup["tok"]
+    cfg = lambda check: _cfg(setup, tau=LOW_TAU, strategy="screen", screen_top=4,  # noqa: E731
+                             exact_check=check)
+    every = run_search(model, tok, cfg("all"), tmp_path / "all")
+    near = run_search(model, tok, cfg("boundary"), tmp_path / "boundary")
+    recs = lambda d: [json.loads(l) for l in (d / CHECKPOINT).read_text().splitlines()]  # noqa
+    base = next(r for r in recs(tmp_path / "all") if r["kind"] == "baseline")
+    est = {}
+    for rec in (r for r in recs(tmp_path / "boundary") if r["kind"] == "screen"):
+        for index, row in zip(rec["index"], rec["estimate"]):
+            est[index] = row
+    keys = near["candidates"]
+    full = {(r["layer"], r["head"]): r for r in recs(tmp_path / "all") if r["kind"] == "candidate"}
+    partial = [r for r in recs(tmp_path / "boundary") if r["kind"] == "candidate"]
+    assert [(r["layer"], r["head"]) for r in partial] == sorted(full)   # same screened heads
+    checked = skipped = 0
+    for rec in partial:
+        k = keys.index((rec["layer"], rec["head"]))
+        for i in near["score_index"]:
+            near_it = abs(base["decision"][i]) <= 3 * abs(est[i][k]) + 0.05
+            ran = rec["ran"][i] == "1"
+            assert not ran or near_it, (rec["layer"], rec["head"], i)
+            ref = full[(rec["layer"], rec["head"])] if near_it else base
+            assert rec["correct"][i] == ref["correct"][i]
+            assert rec["margin"][i] == pytest.approx(ref["margin"][i], abs=1e-5)
+            checked += near_it
+            skipped += not near_it
+    assert checked and skipped, (checked, skipped)    # both kinds of samples occur
+    monkeypatch.setattr(screen, "BOUNDARY_SLACK", float("inf"))
+    wide = run_search(model, tok, cfg("boundary"), tmp_path / "wide")
+    assert [r["d_acc"] for r in wide["rows"]] == [r["d_acc"] for r in every["rows"]]
+    assert [s["val"] for s in wide["steps"]] == [s["val"] for s in every["steps"]]
+    assert wide["final"]["val"] == every["final"]["val"]
+
+
 def test_screen_stage_resumes(setup, tmp_path, monkeypatch):
     from act_kernels.search import run_search, screen
     from act_kernels.search.core import CHECKPOINT
 
-    monkeypatch.setattr(screen, "SCREEN_CHUNK", 4)      # 12 scoring samples: 3 records
+    monkeypatch.setattr(screen, "SCREEN_CHUNK", 4)      # 16 samples (score + val): 4 records
     cfg = _cfg(setup, tau=LOW_TAU, strategy="screen", screen_top=2)
     model, tok = setup["model"], setup["tok"]
     run_search(model, tok, cfg, tmp_path / "full")
@@ -130,7 +212,7 @@ def test_screen_stage_resumes(setup, tmp_path, monkeypatch):
     assert kinds.count("screen") == 2 and "candidate" not in kinds
     resumed = []
     run_search(model, tok, cfg, part, on_record=lambda rec: resumed.append(rec["kind"]))
-    assert resumed.count("screen") == 1             # only the missing chunk was screened
+    assert resumed.count("screen") == 2             # only the missing chunks were screened
     assert _files(part) == _files(tmp_path / "full")
 
 

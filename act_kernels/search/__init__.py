@@ -38,9 +38,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--screen-top exactly; exhaustive: score every candidate exactly")
     parser.add_argument("--screen-top", type=int, default=40,
                         help="screen: candidates scored exactly (default 40)")
-    parser.add_argument("--screen-objective", default="margin", choices=("margin", "logprob"),
-                        help="screen: the estimated quantity, the gold option's log-probability "
-                             "margin (default) or its log-probability")
+    parser.add_argument("--screen-objective", default="decision",
+                        choices=("decision", "margin", "logprob"),
+                        help="screen: the estimated quantity: the decision margin, whose sign "
+                             "is the answer's correctness (default; candidates are ranked by the "
+                             "answers it predicts they gain), the gold option's log-probability "
+                             "margin, or its log-probability")
+    parser.add_argument("--exact-check", default=None, choices=("boundary", "all"),
+                        help="screen: run the exact checks (each screened candidate alone, "
+                             "each greedy trial) only on the samples whose answer the "
+                             "candidate may flip by its estimate (default, an approximation "
+                             "measured in benchmarks/RESULTS.md; needs the decision objective), "
+                             "or on every sample (the default with other objectives)")
     parser.add_argument("--beta", type=float, default=DEFAULT_BETA,
                         help=f"ACT beta (default {DEFAULT_BETA})")
     parser.add_argument("--tau", type=float, default=DEFAULT_TAU,
@@ -82,7 +91,9 @@ def config_from_args(args, num_layers: int, num_heads: int) -> SearchConfig:
         heads=parse_index_list(args.heads, num_heads, "head"),
         beta=args.beta, tau=args.tau, seed=args.seed, val_fraction=args.val_fraction,
         max_greedy=args.max_greedy, strategy=args.strategy, screen_top=args.screen_top,
-        screen_objective=args.screen_objective, chat_template=args.chat_template,
+        screen_objective=args.screen_objective, exact_check=args.exact_check or (
+            "boundary" if args.screen_objective == "decision" else "all"),
+        chat_template=args.chat_template,
         max_length=args.max_length, model_name=args.model or "SmolLM2-135M-Instruct",
         data=parse_data(args.data), batch_size=args.batch_size, max_rows=args.max_rows,
         max_tokens=args.max_tokens, skip_sinkless=not args.no_skip,

@@ -28,6 +28,7 @@ from .scoring import Results, Scorer, metrics
 
 CHECKPOINT = "search_checkpoint.jsonl"
 STRATEGIES = ("screen", "exhaustive")
+EXACT_CHECKS = ("boundary", "all")
 
 
 @dataclass
@@ -49,7 +50,8 @@ class SearchConfig:
     data: dict = field(default_factory=dict)    # task -> local JSONL/CSV file
     strategy: str = "screen"                    # "screen" or "exhaustive"
     screen_top: int = 40                        # screen: candidates scored exactly
-    screen_objective: str = "margin"            # screen: "margin" or "logprob" (gold option)
+    screen_objective: str = "decision"          # screen: "decision", "margin" or "logprob"
+    exact_check: str = "boundary"               # screen: exact runs on "boundary" samples or "all"
     bootstrap: int = 2000                       # resamples of the final set's interval
     batch_size: int = 8
     max_rows: int = 64
@@ -123,6 +125,7 @@ class SearchState:
     # measure_baseline
     baseline: Optional[Results] = None
     # score_candidates
+    screen: Optional[object] = None                 # screen.ScreenResult (strategy "screen")
     estimates: dict = field(default_factory=dict)   # (layer, head) -> mean first-order estimate
     rows: list[dict] = field(default_factory=list)  # the candidates scored exactly
     # select_greedy
@@ -174,6 +177,12 @@ def new_state(model, tokenizer, cfg: SearchConfig, out: Path, dist: Dist,
         raise ValueError(f"unknown search strategy {cfg.strategy!r}; choose one of {STRATEGIES}")
     if cfg.strategy == "screen" and cfg.screen_top < 1:
         raise ValueError(f"screen_top must be at least 1, got {cfg.screen_top}")
+    if cfg.exact_check not in EXACT_CHECKS:
+        raise ValueError(f"unknown exact_check {cfg.exact_check!r}; choose one of {EXACT_CHECKS}")
+    if _boundary(cfg) and cfg.screen_objective != "decision":
+        raise ValueError("exact_check='boundary' needs screen_objective='decision' (the margin "
+                         f"whose sign is the answer), got {cfg.screen_objective!r}; use "
+                         "exact_check='all' with other objectives")
     scorer = Scorer(model, tokenizer, beta=cfg.beta, tau=cfg.tau, backend=cfg.backend,
                     batch_size=cfg.batch_size, max_rows=cfg.max_rows,
                     max_tokens=cfg.max_tokens, dist=dist,
@@ -209,7 +218,7 @@ def load_data(st: SearchState, tokenizer) -> None:
     st.scorer.check(st.samples)
     settings = {k: v for k, v in asdict(cfg).items() if k not in _SPEED_SETTINGS}
     if cfg.strategy == "exhaustive":     # the screen's settings do not change its results
-        for key in ("screen_top", "screen_objective"):
+        for key in ("screen_top", "screen_objective", "exact_check"):
             settings.pop(key)
     settings.update(tasks=st.tasks, layers=st.layers, heads=st.heads,
                     num_layers=st.scorer.num_layers, num_heads=st.scorer.num_heads,
@@ -229,22 +238,37 @@ def measure_baseline(st: SearchState) -> None:
     st.baseline = Results.from_record(rec)
 
 
+def _boundary(cfg: SearchConfig) -> bool:
+    """Do exact runs cover only the samples near the decision boundary (screen strategy)?"""
+    return cfg.strategy == "screen" and cfg.exact_check == "boundary"
+
+
 def score_candidates(st: SearchState) -> None:
     """Each candidate calibrated alone on the scoring part: every candidate (exhaustive), or the
-    ``screen_top`` best by the first-order screen (screen). Fills ``st.rows``."""
+    ``screen_top`` best by the first-order screen (screen), on every scoring sample or, with
+    ``exact_check="boundary"``, on the samples whose answer it may flip. Fills ``st.rows``."""
     exact = st.candidates
+    only = None
     if st.cfg.strategy == "screen":
-        from .screen import screen_candidates
+        from .screen import near_boundary, screen_candidates, screen_order
 
-        st.estimates = screen_candidates(st)
-        ranked = sorted(exact, key=lambda key: (-st.estimates[key], key))
-        exact = sorted(ranked[:st.cfg.screen_top])
+        st.screen = screen_candidates(st)
+        st.estimates = st.screen.means(st.score)
+        exact = sorted(screen_order(st.screen, st.score, exact)[:st.cfg.screen_top])
+        if _boundary(st.cfg):
+            only = {key: {s.index for s in near_boundary(st.score, st.baseline.decision,
+                                                         st.screen.column(key))}
+                    for key in exact}
     done = {(r["layer"], r["head"]) for r in st.ckpt.all("candidate")}
     todo: dict[int, list[int]] = {}
     for layer, head in exact:
         if (layer, head) not in done:
             todo.setdefault(layer, []).append(head)
-    bar = progress(sum(map(len, todo.values())) * len(st.score), "exact", st.dist.main)
+    samples = st.score
+    if only is not None:
+        runs = set().union(*(only[(l, h)] for l, hs in todo.items() for h in hs))
+        samples = [s for s in st.score if s.index in runs]
+    bar = progress(sum(map(len, todo.values())) * len(samples), "exact", st.dist.main)
 
     def on_layer(layer: int, results: dict) -> None:
         for head in sorted(results):
@@ -252,7 +276,8 @@ def score_candidates(st: SearchState) -> None:
                        **results[head].to_record()})
 
     try:
-        st.scorer.candidates(st.n, st.score, st.baseline, todo, on_layer, progress=bar.update)
+        st.scorer.candidates(st.n, samples, st.baseline, todo, on_layer, progress=bar.update,
+                             only=only)
     finally:
         bar.close()
     base = metrics(st.baseline, st.score)
@@ -263,6 +288,7 @@ def score_candidates(st: SearchState) -> None:
             "layer": layer, "head": head, **m,
             **{f"d_{k}": m[k] - base[k] for k in ("acc", "bal_acc", "margin")},
             "estimate": st.estimates.get((layer, head)),
+            "checked": len(only[(layer, head)]) if only is not None else len(st.score),
             "sink_samples": sum(1 for s in st.score if res.ran[s.index] > 0),
             "changed": sum(1 for s in st.score
                            if res.pred[s.index] != st.baseline.pred[s.index])})
@@ -270,32 +296,51 @@ def score_candidates(st: SearchState) -> None:
 
 def select_greedy(st: SearchState) -> None:
     """Individually good heads (accuracy gain on the scoring part), best first, each kept only if
-    it :func:`improves` the heads kept so far on the validation part."""
+    it :func:`improves` the heads kept so far on the validation part. With
+    ``exact_check="boundary"`` a trial runs only the validation samples whose answer the new
+    head may flip (by its first-order estimate, from the kept set's decision margins); the
+    others keep the kept set's outcome."""
     st.good = sorted((r for r in st.rows if r["d_acc"] > EPS), key=rank_key)
     tried = st.good[:max(0, st.cfg.max_greedy)]
-    current = metrics(st.baseline, st.val)
+    current, current_res = metrics(st.baseline, st.val), st.baseline
     bar = progress(len(tried) * len(st.val), "greedy", st.dist.main and bool(st.val))
     for step, cand in enumerate(tried):
         key = (cand["layer"], cand["head"])
         rec = st.ckpt.find("greedy", step=step)
         if rec is None:
-            res = st.scorer.plain(st.n, st.val, as_heads(st.kept + [key]), progress=bar.update)
+            runs = st.val
+            if _boundary(st.cfg):
+                from .screen import near_boundary
+                runs = near_boundary(st.val, current_res.decision, st.screen.column(key))
+            res = current_res
+            if runs:
+                res = st.scorer.plain(st.n, runs, as_heads(st.kept + [key]),
+                                      progress=bar.update).fill_from(current_res)
+            bar.update(len(st.val) - len(runs))
             m = metrics(res, st.val)
+            kept = bool(st.val) and improves(m, current)
             rec = st.record({"kind": "greedy", "step": step, "layer": key[0], "head": key[1],
-                             "val": m, "kept": bool(st.val) and improves(m, current)})
+                             "val": m, "kept": kept, "runs": len(runs),
+                             **({"results": res.to_record()} if kept else {})})
         else:
             bar.update(len(st.val))
         st.steps.append(rec)
         if rec["kept"]:
             st.kept.append(key)
             current = rec["val"]
+            if "results" in rec:
+                current_res = Results.from_record(rec["results"])
     bar.close()
 
 
 def measure_sets(st: SearchState) -> None:
-    """The final set and the reference's union of good heads on both parts; the final set's
-    per-sample validation outcomes are kept for the interval against the uncalibrated model."""
-    chosen = {"final": st.kept, "reference_union": [(r["layer"], r["head"]) for r in st.good]}
+    """The final set (every sample, exactly) and, for the exhaustive strategy, the reference's
+    union of good heads, on both parts; the final set's per-sample validation outcomes are kept
+    for the interval against the uncalibrated model. (The screen checks only its best
+    candidates, so its good heads are not the reference's union: that set is not measured.)"""
+    chosen = {"final": st.kept}
+    if st.cfg.strategy == "exhaustive":
+        chosen["reference_union"] = [(r["layer"], r["head"]) for r in st.good]
     for name, pairs in chosen.items():
         rec = st.ckpt.find("set", name=name)
         if rec is None:

@@ -19,31 +19,39 @@ SEARCH_RULE = """\
    task, the first part (1 - `--val-fraction`, default 2/3) is the *scoring* part, the rest the
    *validation* part.
 2. **Screen (`--strategy screen`, the default).** One plain forward and one backward per
-   scoring sample give the gradient of the gold label's log-probability margin with respect to
-   every head's attention output; the op, run once per layer with all heads calibrated, gives
-   the change calibration makes to each head's output. Their dot product, summed over positions,
-   is the first-order estimate of each candidate's margin change. The `--screen-top` candidates
-   with the largest mean estimate go on to step 3; the others are not run. The estimate only
-   decides which heads get the exact check (`--strategy exhaustive` checks every candidate).
+   calibration sample give the gradient of its *decision margin* (the margin whose sign is the
+   answer's correctness: the gold label's log-probability margin for classification, the gold
+   letter's best logit over every other token for greedy multiple choice) with respect to every
+   head's attention output; the op, run twice per layer (every head calibrated, none), gives the
+   change calibration makes to each head's output. Their dot product, summed over positions, is
+   the first-order estimate of each candidate's margin change on each sample. Candidates are
+   ranked by the answers the estimate predicts they gain on the scoring part (net), then by the
+   mean estimate; the `--screen-top` best go on to step 3, the others are not run.
 3. **Exact scoring (as the reference code).** Each candidate (by default all heads of layers
    2 .. L-2; the first two and the last layer are left alone) is calibrated alone and run on
    the scoring part. It is *individually good* when it raises accuracy over the uncalibrated
-   model (strictly more correct answers). The reference keeps all of them together.
+   model (strictly more correct answers). The reference keeps all of them together. With the
+   screen's `--exact-check boundary` (the default) a candidate runs only on the samples whose
+   answer it may flip, `|decision margin| <= 3 |estimate| + 0.05`, and keeps the uncalibrated
+   outcome on the others: an approximation, measured in the project's benchmarks (about a tenth
+   of the runs; a few flips in a thousand fall outside it). `--exact-check all` runs them all.
 4. **Greedy combination (ours).** The union of individually good heads can hurt, so the good
    heads are tried one at a time, best first (accuracy gain, then class-balanced accuracy gain,
    then margin gain, then layer/head index), each added to the heads kept so far and run on the
    *validation* part, which did not score them. A head is kept only if the combination loses
    neither accuracy nor class-balanced accuracy there and gains: higher accuracy, or the same
    accuracy with a higher margin (a tie with a lower margin is dropped: at these sample sizes a
-   tie is noise). At most `--max-greedy` heads are tried.
-5. **Does no harm.** The final set is compared with the uncalibrated model on the validation
-   part (paired bootstrap interval of the difference). If it does not beat it (lower accuracy,
-   or equal accuracy with a lower margin), the profile written is empty and the set is only
-   reported.
+   tie is noise). At most `--max-greedy` heads are tried. With `--exact-check boundary` a trial
+   runs the validation samples whose answer the new head may flip (its estimate against the
+   kept set's margins); the others keep the kept set's outcome.
+5. **Does no harm.** The final set is run exactly on every sample and compared with the
+   uncalibrated model on the validation part (paired bootstrap interval of the difference). If
+   it does not beat it (lower accuracy, or equal accuracy with a lower margin), the profile
+   written is empty and the set is only reported.
 6. **Reported.** For every candidate: the estimate (screen) and, when run exactly, accuracy,
    class-balanced accuracy (mean over the (task, gold option) groups) and mean margin, with
-   deltas, on the scoring part; for the final set and for the reference's union: the same on
-   the scoring and validation parts.
+   deltas, on the scoring part, and the samples it ran on; for the final set (and, for the
+   exhaustive strategy, the reference's union): the same on the scoring and validation parts.
 """
 
 
@@ -75,7 +83,7 @@ def summarize(st) -> dict:
 
     cfg = st.cfg
     base = {"score": metrics(st.baseline, st.score), "val": metrics(st.baseline, st.val)}
-    fin, ref = st.sets["final"], st.sets["reference_union"]
+    fin, ref = st.sets["final"], st.sets.get("reference_union")
     no_gain = bool(st.kept) and not beats(fin["val"], base["val"])
     chosen = {} if no_gain else as_heads(st.kept)
     provenance = {
@@ -92,7 +100,8 @@ def summarize(st) -> dict:
         "best_set": [list(k) for k in st.kept], "no_gain": no_gain,
     }
     if cfg.strategy == "screen":
-        provenance.update(screen_top=cfg.screen_top, screen_objective=cfg.screen_objective)
+        provenance.update(screen_top=cfg.screen_top, screen_objective=cfg.screen_objective,
+                          exact_check=cfg.exact_check)
     profile = ACTProfile(heads=chosen, beta=cfg.beta, tau=cfg.tau, model_name=cfg.model_name,
                          num_layers=st.scorer.num_layers, num_heads=st.scorer.num_heads,
                          provenance=provenance)
@@ -108,6 +117,7 @@ def summarize(st) -> dict:
             "validation_interval": _validation_interval(st, Results.from_record(fin["results"])),
             "tasks": st.tasks, "n": st.n, "n_score": len(st.score), "n_val": len(st.val),
             "layers": st.layers, "heads": st.heads, "candidates": st.candidates,
+            "score_index": [smp.index for smp in st.score],
             "calibration_ids": [smp.id for smp in st.samples]}
 
 
@@ -143,12 +153,13 @@ def heads_csv(s: dict) -> str:
     """One line per candidate: exact scores where it was run exactly, the first-order estimate
     where it was screened, its status."""
     rows = {(r["layer"], r["head"]): r for r in s["rows"]}
-    lines = [",".join(("layer", "head") + CSV_EXACT + ("estimate", "changed", "sink_samples",
-                                                       "status"))]
+    lines = [",".join(("layer", "head") + CSV_EXACT + ("estimate", "checked", "changed",
+                                                       "sink_samples", "status"))]
     for key in s["candidates"]:
         r = rows.get(key, {})
         vals = [str(key[0]), str(key[1])] + [_f(r.get(k), 6) for k in CSV_EXACT]
-        vals += [_f(s["estimates"].get(key), 6), str(r.get("changed", "")),
+        vals += [_f(s["estimates"].get(key), 6), str(r.get("checked", "")),
+                 str(r.get("changed", "")),
                  str(r.get("sink_samples", "")), s["status"][key]]
         lines.append(",".join(vals))
     return "\n".join(lines) + "\n"
@@ -170,7 +181,9 @@ def summary_md(s: dict, cfg) -> str:
     b = s["baseline"]
     fin, ref = s["final"], s["reference_union"]
     strategy = (f"screen (first-order estimate for all {len(s['candidates'])} candidates, the "
-                f"best {len(s['rows'])} scored exactly)" if cfg.strategy == "screen"
+                f"best {len(s['rows'])} scored exactly on "
+                f"{'the samples whose answer they may flip' if cfg.exact_check == 'boundary' else 'every scoring sample'})"
+                if cfg.strategy == "screen"
                 else f"exhaustive (all {len(s['rows'])} candidates scored exactly)")
     lines = [
         "# ACT head search", "",
@@ -190,8 +203,10 @@ def summary_md(s: dict, cfg) -> str:
     lines += ["", "## Final set vs the uncalibrated model", "",
               "| heads | part | n | accuracy | balanced acc. | margin |",
               "|---|---|---:|---:|---:|---:|"]
-    for name, rec in (("none (uncalibrated)", b), (f"final ({len(fin['heads'])})", fin),
-                      (f"reference union ({len(ref['heads'])})", ref)):
+    sets = [("none (uncalibrated)", b), (f"final ({len(fin['heads'])})", fin)]
+    if ref is not None:
+        sets.append((f"reference union ({len(ref['heads'])})", ref))
+    for name, rec in sets:
         for part in ("score", "val"):
             m = rec[part]
             if m["n"]:

@@ -2,24 +2,30 @@
 
 Calibrating head ``h`` of layer ``l`` changes only that head's attention output at that layer,
 by ``delta_o[l, h, i] = o_act - o_plain`` at each position ``i``. To first order the change of
-the objective ``f`` (the gold option's log-probability margin at the last position, or its
-log-probability) is ``sum_i <df / do[l, h, i], delta_o[l, h, i]>``:
+the objective ``f`` is ``sum_i <df / do[l, h, i], delta_o[l, h, i]>``. The objective is one of:
 
-* :meth:`FirstOrderScreen.gradients`: one plain differentiable forward (SDPA) and one backward
-  give ``df / do`` for every layer and head at once (the input of each layer's ``o_proj`` is
-  the concatenation of its heads' attention outputs);
-* :meth:`FirstOrderScreen.deltas`: one no-grad forward with the ACT attention (nothing
-  calibrated: each layer's own output is ``o_plain``) records each layer's query/key/value
-  (:func:`~act_kernels.hf.recording`) and runs the op once more on them with every head
-  calibrated, for every head's ``delta_o`` of that layer;
-* :meth:`FirstOrderScreen.estimate`: their dot products, ``[B, layers, heads]``.
+* ``"decision"`` (default): the margin whose sign is the sample's correctness
+  (:func:`~act_kernels.tasks.score_last_logits`'s ``decision_margin``: the gold label's
+  log-probability margin for classification, the gold letter's best logit over every other
+  token for greedy multiple choice), so the estimate also predicts which answers flip;
+* ``"margin"``: the gold option's log-probability margin over the other options;
+* ``"logprob"``: the gold option's log-probability.
 
-So a sample costs about four forwards whatever the number of candidates; the search then
-checks the best candidates exactly (:func:`screen_candidates`).
+:meth:`FirstOrderScreen.estimate` makes one plain differentiable forward (Transformers' SDPA,
+wrapped so that each screened layer's query/key/value are kept) and one backward, for ``df/do``
+of every layer and head at once (the input of each layer's ``o_proj`` is its heads' attention
+outputs side by side); then, without gradients, two op calls per screened layer on the kept
+query/key/value (every head calibrated, nothing calibrated) give every head's ``delta_o``.
+A sample costs about three forwards whatever the number of candidates.
+
+:func:`screen_candidates` averages the estimates over the scoring part and keeps each sample's
+estimate and plain objective value, for :func:`screen_order` (predicted answers gained first)
+and :func:`boundary_samples` (which samples an exact check must run).
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -28,24 +34,47 @@ from ..tasks import score_last_logits
 from .data import Sample, pad_batch
 from .report import progress
 
-OBJECTIVES = ("margin", "logprob")
+OBJECTIVES = ("decision", "margin", "logprob")
 SCREEN_CHUNK = 64    # scoring samples per checkpoint record (fixed: results do not depend on it)
+SCREEN_ATTENTION = "act_screen"   # SDPA that keeps the query/key/value of the screened layers
+_KEEP = "_act_screen_inputs"      # attention module attribute holding the dict they go into
 
 
-def objective_values(logits: torch.Tensor, items, objective: str = "margin") -> torch.Tensor:
-    """Per row: the gold option's log-probability margin over the best other option, or its
-    log-probability (``objective="logprob"``), differentiable in ``logits [B, V]``. Rows are
-    scored one by one so no row carries another's padded (-inf) options into the gradient."""
+def objective_values(logits: torch.Tensor, items, objective: str = "decision") -> torch.Tensor:
+    """Per row: the decision margin, the gold option's margin, or its log-probability (see the
+    module doc), differentiable in ``logits [B, V]``. Rows are scored one by one so no row
+    carries another's padded (-inf) options into the gradient."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown screen objective {objective!r}; choose one of {OBJECTIVES}")
     values = []
     for r, item in enumerate(items):
         scored = score_last_logits(logits[r:r + 1], [item])
-        if objective == "margin":
+        if objective == "decision":
+            values.append(scored["decision_margin"][0])
+        elif objective == "margin":
             values.append(scored["gold_logprob_margin"][0])
         else:
             values.append(scored["option_logprobs"][0, item.gold])
     return torch.stack(values)
+
+
+def _screen_attention(module, query, key, value, attention_mask, **kwargs):
+    """Transformers' SDPA attention; also keeps the inputs when the module asks for them."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    keep = module.__dict__.get(_KEEP)
+    if keep is not None:
+        keep[module.layer_idx] = (query.detach(), key.detach(), value.detach(),
+                                  kwargs.get("scaling"), kwargs.get("sliding_window"))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_screen_attention() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(SCREEN_ATTENTION, _screen_attention)
+    AttentionMaskInterface.register(SCREEN_ATTENTION, sdpa_mask)
 
 
 @contextlib.contextmanager
@@ -62,7 +91,7 @@ class FirstOrderScreen:
     """The first-order estimate of every candidate's objective change (see the module doc);
     uses a :class:`~act_kernels.search.scoring.Scorer`'s model, runner and settings."""
 
-    def __init__(self, scorer, objective: str = "margin"):
+    def __init__(self, scorer, objective: str = "decision"):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown screen objective {objective!r}; choose one of "
                              f"{OBJECTIVES}")
@@ -74,123 +103,184 @@ class FirstOrderScreen:
                 raise ValueError(f"act search --strategy screen: layer {idx} of "
                                  f"{type(scorer.model).__name__} has no self_attn.o_proj; use "
                                  "--strategy exhaustive")
+        _register_screen_attention()
 
     @contextlib.contextmanager
-    def _attention_outputs(self, layers: Sequence[int]):
-        """Within the block, ``{layer: input of its o_proj [B, T, Hq * D]}`` of every forward
-        (the layer's attention output, its heads side by side)."""
-        inputs: dict[int, torch.Tensor] = {}
+    def _kept(self, layers: Sequence[int]):
+        """Within the block, ``(outputs, inputs)``: ``{layer: input of its o_proj [B, T, Hq*D]}``
+        (the attention output, in the graph) and ``{layer: (q, k, v, scaling, window)}``
+        (detached) of every forward of the screened layers."""
+        outputs: dict[int, torch.Tensor] = {}
+        inputs: dict[int, tuple] = {}
 
         def keep(layer):
             def hook(module, args):
-                inputs[layer] = args[0]
+                outputs[layer] = args[0]
             return hook
 
-        handles = [self.runner.layers[l].self_attn.o_proj.register_forward_pre_hook(keep(l))
-                   for l in layers]
+        attns = [self.runner.layers[l].self_attn for l in layers]
+        handles = [a.o_proj.register_forward_pre_hook(keep(l)) for l, a in zip(layers, attns)]
+        for a in attns:
+            a.__dict__[_KEEP] = inputs
         try:
-            yield inputs
+            with _attention(self.runner.config, SCREEN_ATTENTION):
+                yield outputs, inputs
         finally:
             for h in handles:
                 h.remove()
+            for a in attns:
+                a.__dict__.pop(_KEEP, None)
 
-    def _per_head(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(x.shape[0], x.shape[1], self.runner.num_heads, -1)
+    @torch.no_grad()
+    def _delta(self, q, k, v, scaling, window, key_mask) -> torch.Tensor:
+        """``o_act - o_plain [B, T, Hq, D]`` of every head of one layer."""
+        from ..op import act_attention
 
-    def gradients(self, ids, mask, items, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """``{layer: df/do [B, T, Hq, D]}`` from one plain (SDPA) forward and one backward."""
-        with self._attention_outputs(layers) as inputs, torch.enable_grad(), \
-                _attention(self.runner.config, "sdpa"):
+        sc = self.scorer
+        common = dict(beta=sc.beta, tau=sc.tau, scale=scaling, key_padding_mask=key_mask,
+                      backend=sc.backend, window=window)
+        every = torch.ones(q.shape[0], q.shape[1], dtype=torch.bool, device=q.device)
+        return (act_attention(q, k, v, heads=every, **common)
+                - act_attention(q, k, v, heads=None, **common)).transpose(1, 2)
+
+    def estimate(self, ids, mask, items, layers: Sequence[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, len(layers), Hq] first-order objective change of each candidate,
+        [B] objective value of the plain model)``."""
+        with self._kept(layers) as (outputs, inputs), torch.enable_grad():
             hidden, ctx = self.runner.context(ids, mask)
             hidden = hidden.detach().requires_grad_(True)   # a graph even if weights are frozen
             hidden = self.runner.run_layers(hidden, ctx, 0, self.runner.num_layers)
-            total = objective_values(self.runner.last_logits(hidden), items,
-                                     self.objective).sum()
-            grads = torch.autograd.grad(total, [inputs[l] for l in layers], allow_unused=True)
-        return {l: self._per_head(torch.zeros_like(inputs[l]) if g is None else g.detach())
-                for l, g in zip(layers, grads)}
-
-    @torch.no_grad()
-    def deltas(self, ids, mask, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """``{layer: o_act - o_plain [B, T, Hq, D]}``: ``o_plain`` is the layer's own output in
-        a plain ACT forward (nothing calibrated), ``o_act`` one more op call on the same
-        query/key/value with every head calibrated."""
-        from ..hf import recording
-        from ..op import act_attention
-        from .runner import act_mode
-
-        sc, calibrated = self.scorer, {}
-
-        def recorder(module, stats, query, key, value, key_padding_mask):
-            every = torch.ones(query.shape[0], query.shape[1], dtype=torch.bool,
-                               device=query.device)
-            calibrated[module.layer_idx] = act_attention(
-                query, key, value, heads=every, beta=sc.beta, tau=sc.tau, scale=module.scaling,
-                key_padding_mask=key_padding_mask, backend=sc.backend)
-
-        with act_mode(sc.model, beta=sc.beta, tau=sc.tau, backend=sc.backend), \
-                recording(sc.model, recorder, layers=layers), \
-                self._attention_outputs(layers) as plain:
-            hidden, ctx = self.runner.context(ids, mask)
-            self.runner.run_layers(hidden, ctx, 0, max(layers) + 1)
-        missing = set(layers) - set(calibrated)
+            values = objective_values(self.runner.last_logits(hidden), items, self.objective)
+            grads = torch.autograd.grad(values.sum(), [outputs[l] for l in layers],
+                                        allow_unused=True)
+        missing = set(layers) - set(inputs)
         if missing:
-            raise RuntimeError(f"act search: no ACT attention call was recorded for layers "
+            raise RuntimeError(f"act search: no attention call was seen for layers "
                                f"{sorted(missing)} (the model does not call Transformers' "
                                "attention interface)")
-        return {l: calibrated[l].transpose(1, 2) - self._per_head(plain[l]) for l in layers}
-
-    def estimate(self, ids, mask, items, layers: Sequence[int]) -> torch.Tensor:
-        """``[B, len(layers), Hq]``: the first-order objective change of each candidate."""
-        grads = self.gradients(ids, mask, items, layers)
-        deltas = self.deltas(ids, mask, layers)
-        real = mask.bool()[:, :, None, None]
+        real = ctx.key_mask[:, :, None, None]
         per_layer = []
-        for l in layers:
-            prod = torch.where(real, grads[l].float() * deltas[l].float(), 0.0)
-            per_layer.append(prod.sum(dim=(1, 3)))
-        return torch.stack(per_layer, dim=1)
+        for l, grad in zip(layers, grads):
+            if grad is None:              # the objective does not depend on this layer
+                per_layer.append(torch.zeros(ids.shape[0], self.runner.num_heads,
+                                             device=ids.device))
+                continue
+            delta = self._delta(*inputs[l], ctx.key_mask)
+            prod = grad.view(delta.shape).float() * delta.float()
+            per_layer.append(torch.where(real, prod, 0.0).sum(dim=(1, 3)))
+        return torch.stack(per_layer, dim=1), values.detach()
 
     def run(self, n_total: int, samples: Sequence[Sample], layers: Sequence[int],
-            progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
-        """``[n_total, len(layers), Hq]`` float64 estimates at the samples' global indices (zero
-        elsewhere), this process's batches computed, all ranks reduced."""
+            progress: Optional[Callable[[int], None]] = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([n_total, len(layers), Hq], [n_total])`` float64 estimates and plain objective
+        values at the samples' global indices (zero elsewhere), this process's batches
+        computed, all ranks reduced."""
         sc = self.scorer
         est = torch.zeros(n_total, len(layers), self.runner.num_heads, dtype=torch.float64)
+        val = torch.zeros(n_total, dtype=torch.float64)
         for batch in sc.my_batches(samples):
             ids, mask = pad_batch(batch, sc.tokenizer, sc.device)
             index = torch.as_tensor([s.index for s in batch], dtype=torch.long)
-            est[index] = self.estimate(ids, mask, [s.item for s in batch], layers).double().cpu()
+            e, v = self.estimate(ids, mask, [s.item for s in batch], layers)
+            est[index], val[index] = e.double().cpu(), v.double().cpu()
             if progress:
                 progress(len(batch))
-        return sc.dist.all_reduce(est)
+        return sc.dist.all_reduce(est), sc.dist.all_reduce(val)
 
 
-def screen_candidates(st) -> dict[tuple[int, int], float]:
-    """Screen stage of :func:`~act_kernels.search.core.run_search`: the mean first-order
-    estimate over the scoring part of every candidate of ``st``, by chunks of
+# Which samples an exact run must cover (the approximation of ``--exact-check boundary``): a
+# sample's answer can flip only if the change of its decision margin reaches the margin itself.
+# Measured on SmolLM2 (120 samples x 243 heads, benchmarks/RESULTS.md): the first-order
+# estimate is within 40% of the exact change for 90% of (sample, head) pairs, and
+# ``|margin| <= 3 |estimate| + 0.05`` selects 10% of the pairs yet holds 394 of the 396
+# answers that flip.
+BOUNDARY_FACTOR = 3.0
+BOUNDARY_SLACK = 0.05
+
+
+@dataclass
+class ScreenResult:
+    """Per-sample first-order estimates ``est [n, layers, heads]`` (float64, by global sample
+    index; zero for samples not screened), the plain model's objective values ``value [n]``,
+    and the objective they are for."""
+
+    est: torch.Tensor
+    value: torch.Tensor
+    objective: str
+    layers: list
+    heads: list
+
+    def column(self, key: tuple[int, int]) -> torch.Tensor:
+        """``[n]`` estimates of candidate ``(layer, head)``."""
+        return self.est[:, self.layers.index(key[0]), self.heads.index(key[1])]
+
+    def means(self, samples: Sequence[Sample]) -> dict[tuple[int, int], float]:
+        idx = torch.as_tensor([s.index for s in samples], dtype=torch.long)
+        mean = self.est[idx].mean(0) if len(idx) else self.est[:0].sum(0)
+        return {(l, h): float(mean[i, j]) for i, l in enumerate(self.layers)
+                for j, h in enumerate(self.heads)}
+
+    def gained(self, samples: Sequence[Sample]) -> dict[tuple[int, int], int]:
+        """Predicted answers gained minus lost on ``samples`` per candidate (the decision
+        objective only: its sign is the answer's correctness)."""
+        idx = torch.as_tensor([s.index for s in samples], dtype=torch.long)
+        value = self.value[idx][:, None, None]
+        net = ((value + self.est[idx] > 0).long() - (value > 0).long()).sum(0)
+        return {(l, h): int(net[i, j]) for i, l in enumerate(self.layers)
+                for j, h in enumerate(self.heads)}
+
+
+def screen_order(screen: ScreenResult, samples: Sequence[Sample],
+                 candidates: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Candidates best first: predicted answers gained on ``samples`` (decision objective),
+    then the mean estimate, then layer and head."""
+    mean = screen.means(samples)
+    gained = screen.gained(samples) if screen.objective == "decision" else {}
+    return sorted(candidates, key=lambda k: (-gained.get(k, 0), -mean[k], k))
+
+
+def near_boundary(samples: Sequence[Sample], margins: torch.Tensor,
+                  estimate: torch.Tensor) -> list[Sample]:
+    """The samples whose answer a candidate may flip: ``|margin| <= BOUNDARY_FACTOR *
+    |estimate| + BOUNDARY_SLACK`` (``margins``: the decision margins the candidate would change,
+    ``estimate``: its first-order change, both ``[n]`` by global index)."""
+    return [s for s in samples
+            if abs(float(margins[s.index])) <= BOUNDARY_FACTOR * abs(float(estimate[s.index]))
+            + BOUNDARY_SLACK]
+
+
+def screen_candidates(st) -> ScreenResult:
+    """Screen stage of :func:`~act_kernels.search.core.run_search`: the first-order estimate of
+    every candidate of ``st`` on every calibration sample (the scoring part ranks the
+    candidates, the validation part bounds the greedy step's runs), by chunks of
     :data:`SCREEN_CHUNK` samples, each a checkpoint record (values as recorded, so a resumed
     search ranks exactly as an uninterrupted one)."""
     screen = FirstOrderScreen(st.scorer, st.cfg.screen_objective)
-    chunks = [st.score[i:i + SCREEN_CHUNK] for i in range(0, len(st.score), SCREEN_CHUNK)]
+    ordered = list(st.score) + list(st.val)
+    chunks = [ordered[i:i + SCREEN_CHUNK] for i in range(0, len(ordered), SCREEN_CHUNK)]
     todo = sum(len(c) for k, c in enumerate(chunks) if st.ckpt.find("screen", chunk=k) is None)
     bar = progress(todo, "screen", st.dist.main)
-    sums = torch.zeros(len(st.layers), len(st.heads), dtype=torch.float64)
+    est = torch.zeros(st.n, len(st.layers), len(st.heads), dtype=torch.float64)
+    value = torch.zeros(st.n, dtype=torch.float64)
     head_idx = torch.as_tensor(st.heads, dtype=torch.long)
     try:
         for k, chunk in enumerate(chunks):
             rec = st.ckpt.find("screen", chunk=k)
             if rec is None:
-                est = screen.run(st.n, chunk, st.layers, bar.update)[:, :, head_idx]
-                rows = est[torch.as_tensor([s.index for s in chunk], dtype=torch.long)]
+                e, v = screen.run(st.n, chunk, st.layers, bar.update)
+                index = torch.as_tensor([s.index for s in chunk], dtype=torch.long)
+                rows = e[:, :, head_idx][index]
                 rec = st.record({"kind": "screen", "chunk": k,
                                  "index": [s.index for s in chunk],
-                                 "estimate": [[float(f"{v:.6g}") for v in row.flatten().tolist()]
+                                 "value": [float(f"{x:.6g}") for x in v[index].tolist()],
+                                 "estimate": [[float(f"{x:.6g}") for x in row.flatten().tolist()]
                                               for row in rows]})
-            sums += torch.tensor(rec["estimate"], dtype=torch.float64).view(
-                -1, len(st.layers), len(st.heads)).sum(0)
+            index = torch.as_tensor(rec["index"], dtype=torch.long)
+            est[index] = torch.tensor(rec["estimate"], dtype=torch.float64).view(
+                -1, len(st.layers), len(st.heads))
+            value[index] = torch.tensor(rec["value"], dtype=torch.float64)
     finally:
         bar.close()
-    means = sums / max(len(st.score), 1)
-    return {(l, h): float(means[i, j]) for i, l in enumerate(st.layers)
-            for j, h in enumerate(st.heads)}
+    return ScreenResult(est, value, st.cfg.screen_objective, list(st.layers), list(st.heads))
