@@ -25,6 +25,7 @@ SHAPES = [
     (1, 2, 2, 150, 150, 8, (), None),
 ]
 NEAR = 1e-4   # relative distance of tau from a key's score: far above float32 noise (1e-6)
+WINDOWS = [None, 13]   # causal, and a window that bites on every shape (spans, both edges)
 
 
 def shape_id(shape):
@@ -48,24 +49,25 @@ def inputs(shape, seed, **kw):
     return q, k, v, (None if pads is None else left_padding(nk, pads))
 
 
-def pairs_and_lse(q, k, v, kpm, scale):
+def pairs_and_lse(q, k, v, kpm, scale, window=None):
     """Every (b, h) pair with its ``-lse`` as the backend computes them."""
     bsz, hq = q.shape[:2]
-    _, lse = tb.plain_attention(q, k, v, scale, kpm)
+    _, lse = tb.plain_attention(q, k, v, scale, kpm, window)
     b_idx, h_idx = torch.ones(bsz, hq, dtype=torch.bool).nonzero(as_tuple=True)
     return b_idx, h_idx, tb.pair_neg_lse(lse, b_idx, h_idx, kpm, q.dtype)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("q_scale", [1.0, 4.0])
-def test_bound_is_at_least_the_exact_column_sum(shape, q_scale, tiny_blocks):
+@pytest.mark.parametrize("window", WINDOWS)
+def test_bound_is_at_least_the_exact_column_sum(shape, q_scale, window, tiny_blocks):
     q, k, v, kpm = inputs(shape, seed=3, q_scale=q_scale)
     scale = q.shape[-1] ** -0.5
-    b_idx, h_idx, neg_lse = pairs_and_lse(q, k, v, kpm, scale)
-    bounds = tb.column_bounds(q, k, neg_lse, b_idx, h_idx, scale).double()
-    bf = bruteforce_details(q, k, v, None, 0.4, 0.1, scale, kpm)
+    b_idx, h_idx, neg_lse = pairs_and_lse(q, k, v, kpm, scale, window)
+    bounds = tb.column_bounds(q, k, neg_lse, b_idx, h_idx, scale, window).double()
+    bf = bruteforce_details(q, k, v, None, 0.4, 0.1, scale, kpm, window=window)
     nq, nk = q.shape[2], k.shape[2]
-    counts = seen_counts(nq, nk, kpm, q.shape[0], q.device)[b_idx].double()
+    counts = seen_counts(nq, nk, kpm, q.shape[0], q.device, window)[b_idx].double()
     truth = bf.scores[b_idx, h_idx] * counts                # sum_i P_ij over the rows that see j
     seen = counts > 0
     assert bool((bounds[seen] >= truth[seen] - 1e-37).all()), float((truth - bounds)[seen].max())
@@ -109,24 +111,25 @@ def near_tau_targets(bf, first, count=3):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("side", ["just_above", "just_below"])
-def test_keys_next_to_tau_keep_their_decision(shape, side, tiny_blocks):
+@pytest.mark.parametrize("window", WINDOWS)
+def test_keys_next_to_tau_keep_their_decision(shape, side, window, tiny_blocks):
     """tau a hair (1e-4 relative) below or above a key's score: with and without return_stats
     the key is a sink exactly when the brute force says so, and the output follows."""
     q, k, v, kpm = inputs(shape, seed=11)
     bsz, hq = q.shape[:2]
     heads = torch.ones(bsz, hq, dtype=torch.bool)
     heads[:, 1::2] = False                                      # odd heads stay plain
-    bf_any = bruteforce_details(q, k, v, heads, 0.4, 0.1, None, kpm)
+    bf_any = bruteforce_details(q, k, v, heads, 0.4, 0.1, None, kpm, window=window)
     targets = near_tau_targets(bf_any, first_valid_index(kpm, bsz, q.device))
     assert len(targets) >= 3, targets
     for score in targets:
         tau = score * (1 - NEAR) if side == "just_above" else score * (1 + NEAR)
-        bf = bruteforce_details(q, k, v, heads, 0.4, tau, None, kpm)
+        bf = bruteforce_details(q, k, v, heads, 0.4, tau, None, kpm, window=window)
         assert int(((bf.scores - tau).abs() < 2 * NEAR * tau).sum()) == 1   # exactly the target
         out, stats = act_attention(q, k, v, heads=heads, tau=tau, key_padding_mask=kpm,
-                                   backend="torch", return_stats=True)
+                                   backend="torch", return_stats=True, window=window)
         out_only = act_attention(q, k, v, heads=heads, tau=tau, key_padding_mask=kpm,
-                                 backend="torch")
+                                 backend="torch", window=window)
         assert torch.equal(stats.sinks, bf.sinks), f"tau={tau}"
         assert torch.equal(out, out_only)
         alive = bf.row_valid[:, None, :, None].expand_as(out)
