@@ -224,3 +224,33 @@ def test_sink_dominated_rows_in_a_window(backend, dtype):
                        dtype=dtype)
     _, stats, bf = check(backend, q, k, v, heads=[0, 1, 2, 3], tau=0.05, window=10, seed=21)
     assert bool((bf.changed & (bf.rest < 0.2)).any()), "no sink-dominated row: case too easy"
+
+
+def test_windowed_passes_read_only_the_span_of_each_block(monkeypatch):
+    """O(Nq W): every matmul of the bound pass and every fused plain call of a windowed prefill
+    covers one block of rows and at most its span of W - 1 + rows keys, never the prefix."""
+    import act_kernels.torch_backend as tb
+
+    n, w = 700, 40
+    q, k, v = make_qkv(1, 4, 2, n, n, 16, seed=33, planted=[100, 400])
+    widths = []
+    real_mm, real_sdpa = torch.mm, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def mm_spy(a, b, *, out=None):
+        if a.shape[1] == 16 + 2:             # the bound pass: (q, -lse high, -lse low)
+            widths.append(("bound", a.shape[0] // 2, b.shape[1]))   # rows x 2 heads, keys
+        return real_mm(a, b, out=out)
+
+    def sdpa_spy(q_, k_, v_, *args, **kwargs):
+        widths.append(("plain", q_.shape[2], k_.shape[2]))
+        return real_sdpa(q_, k_, v_, *args, **kwargs)
+    monkeypatch.setattr(tb.torch, "mm", mm_spy)
+    monkeypatch.setattr(tb.torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu",
+                        sdpa_spy)
+    out = act_attention(q, k, v, heads=[0, 1, 2, 3], window=w, tau=0.05, backend="torch")
+    monkeypatch.undo()
+    assert {kind for kind, _, _ in widths} == {"plain", "bound"}
+    assert all(keys <= rows + w - 1 for _, rows, keys in widths), widths
+    assert sum(rows for kind, rows, _ in widths if kind == "plain") == n
+    want = act_attention(q, k, v, heads=[0, 1, 2, 3], window=w, tau=0.05, backend="eager")
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
