@@ -48,13 +48,14 @@ def sdpa_best(q, k, v, causal=True):
     return gqa, repeated
 
 
-def random_inputs(nq, nk, sinks=()):
+def random_inputs(nq, nk, sinks=(), sink_logit=SINK_LOGIT):
     """q ``[1, Hq, Nq, D]``, k, v ``[1, Hkv, Nk, D]``, standard normal; ``sinks`` lists key
-    positions planted as attention sinks (they share a direction with every query)."""
+    positions planted as attention sinks (they share a direction with every query, which adds
+    about ``sink_logit`` to their logits)."""
     torch.manual_seed(0)
     q, k, v = torch.randn(1, HQ, nq, D), torch.randn(1, HKV, nk, D), torch.randn(1, HKV, nk, D)
     if sinks:
-        u = torch.nn.functional.normalize(torch.randn(D), dim=0) * (SINK_LOGIT * D ** 0.5) ** 0.5
+        u = torch.nn.functional.normalize(torch.randn(D), dim=0) * (sink_logit * D ** 0.5) ** 0.5
         q += u
         k[:, :, list(sinks)] = u + 0.3 * torch.randn(1, HKV, len(sinks), D)
     return q, k, v
