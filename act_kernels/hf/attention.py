@@ -1,10 +1,11 @@
 """ACT as a Transformers attention implementation: ``"act_torch"`` and ``"act_triton"``.
 
 Each name is registered with ``transformers.AttentionInterface`` (the attention function below)
-and ``transformers.AttentionMaskInterface`` (Transformers' sdpa mask builder, which gives a
-boolean ``[B, 1, Lq, Lk]`` mask, or ``None`` when plain causal attention needs none; without a
-mask builder Transformers would pass no mask to a custom implementation and left padding would
-be ignored).
+and ``transformers.AttentionMaskInterface`` (``masks.act_sdpa_mask``: Transformers' sdpa mask
+builder, which gives a boolean ``[B, 1, Lq, Lk]`` mask, or ``None`` when plain causal attention
+needs none, plus a host record of what it built the mask from, so that steady-state calls read
+nothing from the device; without a mask builder Transformers would pass no mask to a custom
+implementation and left padding would be ignored).
 
 One call: check what the op cannot do (refused with a clear error) -> the layer's heads, beta
 and tau from the model's :class:`~act_kernels.hf.state.ACTModelState` -> the mask as a key
@@ -20,7 +21,7 @@ import torch
 
 from ..op import act_attention, normalize_heads
 from ..reference import act_attention_reference
-from .masks import mask_to_key_padding, refuse
+from .masks import act_sdpa_mask, keys_dropped, mask_to_key_padding, refuse
 from .state import state_of_module
 
 ACT_ATTENTION_BACKENDS = types.MappingProxyType({"act_torch": "torch", "act_triton": "triton"})
@@ -80,27 +81,39 @@ def _visible_keys(query, key, value, attention_mask, cache=None, window=None,
         key, value = key[:, :, :keys_used], value[:, :, :keys_used]
     used = key.shape[2]
     if window is not None:
-        key, value, kpm = _mark_dropped_start(key, value, kpm, position_ids)
+        key, value, kpm = _mark_dropped_start(key, value, kpm, position_ids,
+                                              keys_dropped(attention_mask), cache)
     return key, value, kpm, key.shape[2] - used
 
 
-def _mark_dropped_start(key, value, kpm, position_ids):
+def _mark_dropped_start(key, value, kpm, position_ids, dropped_any: Optional[bool] = None,
+                        cache=None):
     """Sliding-window caches drop the keys before the window, the sequence's first key among
     them. The contract never makes the *sequence's* first valid key a sink, not the first key
     of the call: where the call's keys cannot hold the whole sequence (the last query's
     position, which counts at most every earlier token, is past the number of keys), one zero
     key, real but outside every row's window, is put in front to stand for the dropped start.
-    Rows whose sequence is whole get it as padding."""
-    if position_ids is None or position_ids.dim() != 2:
+    Rows whose sequence is whole get it as padding. ``dropped_any``: whether the cache dropped
+    any key, when the mask's record says so on the host (``masks.keys_dropped``); else the
+    position ids are read. The new key-padding mask is made once per forward (``cache``)."""
+    if position_ids is None or position_ids.dim() != 2 or dropped_any is False:
         return key, value, kpm
     bsz, nk = key.shape[0], key.shape[2]
-    dropped = (position_ids[:, -1].to(key.device) + 1 > nk).expand(bsz)          # [B]
-    if not bool(dropped.any()):
+
+    def marked():
+        dropped = (position_ids[:, -1].to(key.device) + 1 > nk).expand(bsz)          # [B]
+        if dropped_any is None and not bool(dropped.any()):
+            return None
+        real = kpm if kpm is not None else torch.ones(bsz, nk, dtype=torch.bool,
+                                                      device=key.device)
+        return torch.cat([dropped[:, None], real], dim=1)
+
+    marked_kpm = marked() if cache is None else \
+        cache.derived("dropped start", (kpm, position_ids), (bsz, nk, dropped_any), marked)
+    if marked_kpm is None:
         return key, value, kpm
     pad = key.new_zeros(key.shape[0], key.shape[1], 1, key.shape[3])
-    real = kpm if kpm is not None else torch.ones(bsz, nk, dtype=torch.bool, device=key.device)
-    kpm = torch.cat([dropped[:, None], real], dim=1)
-    return torch.cat([pad, key], dim=2), torch.cat([pad, value], dim=2), kpm
+    return torch.cat([pad, key], dim=2), torch.cat([pad, value], dim=2), marked_kpm
 
 
 # Inside torch.compile the whole call, mask check included (it reads the mask's values and cuts
@@ -180,9 +193,8 @@ def register() -> None:
     """Register ``act_torch`` and ``act_triton`` with Transformers (done on import of
     :mod:`act_kernels.hf`; registering again is harmless)."""
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
 
     for impl, forward in (("act_torch", act_torch_attention_forward),
                           ("act_triton", act_triton_attention_forward)):
         AttentionInterface.register(impl, forward)
-        AttentionMaskInterface.register(impl, sdpa_mask)
+        AttentionMaskInterface.register(impl, act_sdpa_mask)

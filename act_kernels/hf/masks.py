@@ -11,11 +11,25 @@ With a window, a cached key (one before the call's queries) that no row sees may
 lie before every row's window; the mask cannot tell them apart. Such keys before the earliest
 real row's window are taken as real (Transformers' sliding caches keep no such keys, so this
 only matters for hand-built masks); every other key that no row sees is padding.
+
+No host read in the steady state. Checking a mask's values reads them on the host (a device
+synchronisation, and a CUDA graph cannot hold one), and Transformers builds a new mask tensor for
+every forward. So the masks are built by :func:`act_sdpa_mask` (the mask builder registered for
+``act_torch`` / ``act_triton``: Transformers' ``sdpa_mask`` plus a record of what it was built
+from, kept beside the mask): when its query and key offsets are host ints (dynamic caches) the
+mask is ``structure AND padding[b, key]`` by construction, with the structure a function of
+positions only. When the mask is built, that structure is evaluated on the host (CPU tensors,
+no device value) and the windows it agrees with are recorded; a layer then takes the mask when
+its own window is one of them (every entry compared, as strictly as the full check), with the
+padding rows as the key-padding mask, and reads nothing from the device. Masks built any other
+way, edited in place, built with tensor offsets (static caches) or too large to evaluate
+cheaply (``MAX_STRUCTURE``) get the full check.
 """
 from __future__ import annotations
 
+import inspect
 import weakref
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -33,15 +47,16 @@ def refuse(reason: str):
 
 
 class MaskCheckCache:
-    """One-entry memo of the last checked mask, by identity and version: every layer of a
-    forward receives the same mask tensor, so it is checked once per forward. One per model
-    (held by its :class:`~act_kernels.hf.state.ACTModelState`)."""
+    """Memo of the last checked mask per layer window, by identity and version: every layer of a
+    forward (of one window kind) receives the same mask tensor, so it is checked once per
+    forward, and the layers get the same key-padding mask tensor. One per model (held by its
+    :class:`~act_kernels.hf.state.ACTModelState`)."""
 
     def __init__(self):
-        self._entry = None
+        self._entries = {}          # window -> (weak ref, version, shape, result); or derived()
 
     def get(self, mask: torch.Tensor, shape):
-        entry = self._entry
+        entry = self._entries.get(shape[-1])
         if entry is None:
             return None
         ref, version, cached_shape, result = entry
@@ -51,9 +66,137 @@ class MaskCheckCache:
 
     def put(self, mask: torch.Tensor, shape, result) -> None:
         try:
-            self._entry = (weakref.ref(mask), mask._version, shape, result)
+            self._entries[shape[-1]] = (weakref.ref(mask), mask._version, shape, result)
         except TypeError:
-            self._entry = None
+            self._entries.pop(shape[-1], None)
+
+    def derived(self, name: str, tensors: tuple, extra, compute):
+        """``compute()`` once while ``tensors`` (each None or the same tensor, unedited) and
+        ``extra`` stay the same, one entry per ``name``: a value every layer of a forward
+        derives alike gets one tensor (and so one entry in the op's caches)."""
+        key = tuple((None, None) if t is None else (id(t), t._version) for t in tensors)
+        entry = self._entries.get(name)
+        if entry is not None and entry[0] == key and entry[2] == extra \
+                and all(r is None or r() is t for r, t in zip(entry[1], tensors)):
+            return entry[3]
+        value = compute()
+        refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        self._entries[name] = (key, refs, extra, value)
+        return value
+
+
+class BuiltMask(NamedTuple):
+    """What :func:`act_sdpa_mask` built a mask from, all on the host but ``padding``: the
+    windows its structure agrees with (every ``W`` with ``window_lo <= W <= window_hi``;
+    ``window_hi`` None: no upper bound, plain causal included), the key padding (bool
+    ``[B, Lk]`` on the mask's device, or None), the first query and key positions and the
+    shape ``(B, Lq, Lk)``."""
+
+    window_lo: int
+    window_hi: Optional[int]
+    padding: Optional[torch.Tensor]
+    q_offset: int
+    kv_offset: int
+    shape: Tuple[int, int, int]
+
+    def agrees_with(self, window: Optional[int]) -> bool:
+        if window is None:
+            return self.window_hi is None
+        return self.window_lo <= window and (self.window_hi is None or window <= self.window_hi)
+
+
+# the attribute of a mask built by act_sdpa_mask that holds (its version then, BuiltMask)
+_RECORD = "_act_built_from"
+
+# largest structure (Lq x Lk per batch row) evaluated on the host; larger masks (long prefills,
+# not the steady state) get the full check on the device
+MAX_STRUCTURE = 1 << 22
+
+
+def act_sdpa_mask(*args, **kwargs):
+    """Transformers' ``sdpa_mask``, plus a record of what the mask was built from (see the
+    module docstring). Registered as the mask builder of ``act_torch`` and ``act_triton``."""
+    from transformers.masking_utils import prepare_padding_mask, sdpa_mask
+
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is None or torch.compiler.is_compiling():     # compiled: the opaque op checks it
+        return mask
+    call = inspect.signature(sdpa_mask).bind(*args, **kwargs)
+    call.apply_defaults()
+    a = call.arguments
+    batch, q_len, kv_len = a["batch_size"], a["q_length"], a["kv_length"]
+    q_offset, kv_offset = a["q_offset"], a["kv_offset"]
+    if not (type(q_offset) is int and type(kv_offset) is int) or q_len * kv_len > MAX_STRUCTURE:
+        return mask
+    structure = _structure(a["mask_function"], batch, q_len, kv_len, q_offset, kv_offset)
+    windows = None if structure is None else _causal_windows(structure, q_offset, kv_offset)
+    if windows is not None:
+        padding = prepare_padding_mask(a["attention_mask"], kv_len, kv_offset)
+        if padding is not None:      # indexed by key position: the call's keys from kv_offset
+            padding = padding[:, kv_offset:kv_offset + kv_len].to(torch.bool)
+        setattr(mask, _RECORD, (mask._version, BuiltMask(*windows, padding, q_offset, kv_offset,
+                                                         (batch, q_len, kv_len))))
+    return mask
+
+
+def _structure(mask_function, batch: int, q_len: int, kv_len: int, q_offset: int,
+               kv_offset: int) -> Optional[torch.Tensor]:
+    """The mask function on the call's positions, evaluated on CPU tensors: bool
+    ``[B or 1, Lq, Lk]``, or None where it is not a function of positions alone (it raises or
+    answers with a tensor that is not a CPU bool tensor: it reads something else)."""
+    b = torch.arange(batch)[:, None, None, None]
+    h = torch.zeros(1, dtype=torch.long)[None, :, None, None]
+    q = (torch.arange(q_len) + q_offset)[None, None, :, None]
+    k = (torch.arange(kv_len) + kv_offset)[None, None, None, :]
+    try:
+        got = mask_function(b, h, q, k)
+    except Exception:       # noqa: BLE001 - any failure: not evaluable here, full check instead
+        return None
+    if not isinstance(got, torch.Tensor) or got.device.type != "cpu" or got.dtype != torch.bool:
+        return None
+    return got.expand(-1, 1, q_len, kv_len)[:, 0]
+
+
+def _causal_windows(structure: torch.Tensor, q_offset: int, kv_offset: int):
+    """``(lo, hi)``: the windows ``W`` for which ``structure`` (CPU, ``[B', Lq, Lk]``) is the
+    causal pattern ``0 <= query pos - key pos < W`` (every ``lo <= W <= hi``; ``hi`` None: any
+    larger ``W`` and no window at all), or None when it is no such pattern."""
+    q_len, kv_len = structure.shape[1:]
+    lag = (torch.arange(q_len)[:, None] + q_offset) - (torch.arange(kv_len)[None, :] + kv_offset)
+    causal = lag >= 0
+    lo = max(int(torch.where(structure, lag, -1).max()) + 1, 1)   # the longest lag seen, + 1
+    if not torch.equal(structure, (causal & (lag < lo)).expand_as(structure)):
+        return None
+    unseen = lag[causal & (lag >= lo)]                    # lags a window of lo leaves out
+    return lo, (int(unseen.min()) if unseen.numel() else None)
+
+
+def built_from(mask: torch.Tensor) -> Optional[BuiltMask]:
+    """The record of a mask :func:`act_sdpa_mask` built and nobody edited since, else None."""
+    record = getattr(mask, _RECORD, None)
+    if record is None or record[0] != mask._version:
+        return None
+    return record[1]
+
+
+def _from_built(built: BuiltMask, batch: int, q_len: int, kv_len: int, window: Optional[int]):
+    """``(kpm, keys_used)`` of a built mask from its record (host ints and slicing: nothing is
+    read from the device), or None when the record does not show the causal pattern of the
+    layer's window at bottom-right (then the full check decides)."""
+    keys_used = built.q_offset + q_len - built.kv_offset     # one past the last query
+    if built.shape != (batch, q_len, kv_len) or not q_len <= keys_used <= kv_len \
+            or not built.agrees_with(window):
+        return None
+    if built.padding is None:
+        return None, keys_used
+    return built.padding[:, :keys_used].contiguous(), keys_used
+
+
+def keys_dropped(mask: Optional[torch.Tensor]) -> Optional[bool]:
+    """Did the cache drop keys before the call's first key (a sliding cache past its window)?
+    From the record of a built mask (``kv_offset > 0``); None when not known on the host."""
+    built = None if mask is None else built_from(mask)
+    return None if built is None else built.kv_offset > 0
 
 
 def mask_to_key_padding(attention_mask: Optional[torch.Tensor], batch: int, q_len: int,
@@ -84,7 +227,10 @@ def mask_to_key_padding(attention_mask: Optional[torch.Tensor], batch: int, q_le
         hit = cache.get(attention_mask, shape)
         if hit is not None:
             return hit
-    result = _check_mask(attention_mask, batch, q_len, kv_len, window)
+    built = built_from(attention_mask)
+    result = None if built is None else _from_built(built, batch, q_len, kv_len, window)
+    if result is None:
+        result = _check_mask(attention_mask, batch, q_len, kv_len, window)
     if cache is not None:
         cache.put(attention_mask, shape, result)
     return result
