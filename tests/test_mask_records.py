@@ -1,0 +1,97 @@
+"""Masks built by ``act_sdpa_mask`` carry a host record of what they were built from, which
+lets a layer skip reading the mask from the device (``act_kernels/hf/masks.py``). The record
+must give exactly what the full check gives, and never accept a mask the full check refuses."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+masking_utils = pytest.importorskip("transformers.masking_utils")
+
+from act_kernels.hf.masks import (ACTMaskError, _check_mask, act_sdpa_mask,  # noqa: E402
+                                  built_from, keys_dropped, mask_to_key_padding)
+
+causal = masking_utils.causal_mask_function
+
+
+def padding(total: int, pads) -> torch.Tensor:
+    mask = torch.ones(len(pads), total, dtype=torch.bool)
+    for b, p in enumerate(pads):
+        mask[b, :p] = False
+    return mask
+
+
+def build(q_len, kv_len, q_offset=0, kv_offset=0, function=causal, pads=(0, 3)):
+    return act_sdpa_mask(batch_size=len(pads), q_length=q_len, kv_length=kv_len,
+                         q_offset=q_offset, kv_offset=kv_offset, mask_function=function,
+                         attention_mask=padding(kv_offset + kv_len, pads),
+                         allow_is_causal_skip=False)
+
+
+def same(a, b) -> bool:
+    """Equal key-padding results; an all-real mask stands for None."""
+    (ka, na), (kb, nb) = a, b
+    ka = None if ka is None or bool(ka.all()) else ka
+    kb = None if kb is None or bool(kb.all()) else kb
+    return na == nb and (ka is None) == (kb is None) and (ka is None or torch.equal(ka, kb))
+
+
+CALLS = {  # name: (q_len, kv_len, q_offset, kv_offset, window of the function and the layer)
+    "prefill": (7, 7, 0, 0, None),
+    "chunked prefill": (3, 10, 7, 0, None),
+    "decode": (1, 12, 11, 0, None),
+    "sliding prefill": (9, 9, 0, 0, 4),
+    "sliding decode, start dropped": (1, 6, 14, 9, 6),
+    "sliding chunk, start dropped": (3, 8, 12, 7, 6),
+}
+
+
+@pytest.mark.parametrize("call", list(CALLS.values()), ids=list(CALLS))
+def test_the_record_gives_what_the_full_check_gives(call):
+    q_len, kv_len, q_offset, kv_offset, window = call
+    function = causal if window is None else \
+        masking_utils.sliding_window_causal_mask_function(window)
+    mask = build(q_len, kv_len, q_offset, kv_offset, function, pads=(0, 3))
+    assert built_from(mask) is not None
+    got = mask_to_key_padding(mask, 2, q_len, kv_len, window=window)
+    assert same(got, _check_mask(mask, 2, q_len, kv_len, window))
+    assert keys_dropped(mask) is (kv_offset > 0)
+
+
+@pytest.mark.parametrize("name,function", [
+    ("bidirectional", masking_utils.bidirectional_mask_function),
+    ("chunked", masking_utils.chunked_causal_mask_function(3, torch.zeros(2, dtype=torch.long))),
+])
+def test_masks_the_op_cannot_express_have_no_record_and_are_refused(name, function):
+    mask = build(6, 6, function=function)
+    assert built_from(mask) is None
+    with pytest.raises(ACTMaskError):
+        mask_to_key_padding(mask, 2, 6, 6)
+
+
+def test_a_window_the_record_disagrees_with_gets_the_full_check():
+    mask = build(6, 6)                                        # plain causal
+    assert built_from(mask) is not None
+    with pytest.raises(ACTMaskError, match="sliding-window \\(2\\)"):
+        mask_to_key_padding(mask, 2, 6, 6, window=2)
+    sliding = build(6, 6, function=masking_utils.sliding_window_causal_mask_function(3))
+    with pytest.raises(ACTMaskError):
+        mask_to_key_padding(sliding, 2, 6, 6)                 # a full-attention layer
+    assert same(mask_to_key_padding(sliding, 2, 6, 6, window=3),
+                _check_mask(sliding, 2, 6, 6, 3))
+
+
+def test_an_edited_mask_loses_its_record():
+    mask = build(5, 5)
+    mask[0, 0, 4, 0] = False                                  # in place: no longer causal
+    assert built_from(mask) is None
+    with pytest.raises(ACTMaskError):
+        mask_to_key_padding(mask, 2, 5, 5)
+
+
+def test_tensor_offsets_static_caches_get_no_record():
+    mask = act_sdpa_mask(batch_size=2, q_length=1, kv_length=9, q_offset=torch.tensor(4),
+                         kv_offset=0, mask_function=causal, attention_mask=padding(9, (0, 2)),
+                         allow_is_causal_skip=False)
+    assert built_from(mask) is None
+    assert same(mask_to_key_padding(mask, 2, 1, 9), _check_mask(mask, 2, 1, 9))
