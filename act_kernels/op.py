@@ -11,8 +11,10 @@ with ``heads`` either ``None`` (nothing calibrated) or a bool tensor ``[B, Hq]``
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Optional, Sequence, Union
@@ -172,17 +174,127 @@ _eager.SUPPORTS_WINDOW = True
 
 def _backend_fn(name: str):
     """The backend function; each takes ``(q, k, v, heads, beta, tau, scale, key_padding_mask,
-    return_stats)`` and, where its ``SUPPORTS_WINDOW`` attribute is true, ``window=``."""
+    return_stats)`` and, where its ``SUPPORTS_WINDOW`` attribute is true, ``window=``.
+
+    Read from its module on every call (tests and benchmarks swap it there)."""
     if name == "eager":
         return _eager
     if name == "torch":
-        from .torch_backend import act_attention_torch
-        return act_attention_torch
-    from .triton_backend import act_attention_triton  # raises a clear error if it cannot run
-    return act_attention_triton
+        return _backend_module("torch_backend").act_attention_torch
+    # importing the Triton backend raises a clear error if it cannot run
+    return _backend_module("triton_backend").act_attention_triton
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_module(name: str):
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the steady-state call: the same shapes, parameters and masks as an earlier, validated call
+# ---------------------------------------------------------------------------------------------
+# A decode step costs SDPA 0.1-0.2 ms on the CPU, so the op's Python checks (tens of us) matter.
+# Layers call the op with the same shapes, dtypes, devices, parameters and mask tensors step
+# after step: _steady_args recognises such a call from facts it reads in a few attribute
+# lookups (no isinstance chain, no ABC check) and reuses what the full validation of an earlier
+# call established. Anything else (an argument of another type, a first sight) returns None and
+# takes the full path, which raises the one clear error for bad input.
+
+_VALID_TENSORS = set()          # (shapes, dtypes, devices) of q, k, v that passed _check_tensors
+_VALID_LIMIT = 4096
+_BACKEND_NAMES = {}             # (backend, device type) -> resolved backend name
+# id(heads tensor) -> (weak reference to it, its version, {(B, Hq, device): answer}); an answer
+# is normalize_heads' result, or _ITSELF / _EXPANDED when that is the mask itself or its expand
+# to [B, Hq], rebuilt per call so that the cache holds no reference to the mask
+_STEADY_HEADS = {}
+_ITSELF, _EXPANDED, _UNSEEN = object(), object(), object()
+
+
+def _tensor_facts(q, k, v):
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device)
+
+
+def _owner(t: torch.Tensor) -> torch.Tensor:
+    return t if t._base is None else t._base
+
+
+def _steady_heads(heads, bsz: int, hq: int, device):
+    """:func:`normalize_heads` of a heads tensor, computed once per tensor, version and call
+    shape (an in-place edit of the mask bumps its version and is seen)."""
+    version = None if heads.is_inference() else heads._version   # inference: no counter
+    entry = _STEADY_HEADS.get(id(heads))
+    if entry is None or entry[0]() is not heads or entry[1] != version:
+        ref = weakref.ref(heads, lambda _, key=id(heads): _STEADY_HEADS.pop(key, None))
+        entry = _STEADY_HEADS[id(heads)] = (ref, version, {})
+    answer = entry[2].get((bsz, hq, device), _UNSEEN)
+    if answer is _UNSEEN:
+        mask = answer = normalize_heads(heads, bsz, hq, device)      # raises for a bad mask
+        if mask is not None and _owner(mask) is _owner(heads):
+            answer = _ITSELF if mask is heads else _EXPANDED
+        entry[2][(bsz, hq, device)] = answer
+    if answer is _ITSELF:
+        return heads
+    return heads[None, :].expand(bsz, hq) if answer is _EXPANDED else answer
+
+
+def _steady_args(q, k, v, heads, beta, tau, scale, backend, window):
+    """``(calibrated, beta, tau, scale, name, window)`` for a call whose arguments are of the
+    plain types a layer passes and were all seen valid before, else None (full validation)."""
+    tensor = torch.Tensor
+    if (type(q) is not tensor or type(k) is not tensor or type(v) is not tensor
+            or type(beta) is not float or type(tau) is not float or type(backend) is not str
+            or not (scale is None or type(scale) is float)
+            or not (window is None or type(window) is int)
+            or not (heads is None or type(heads) is tensor)):
+        return None
+    facts = _tensor_facts(q, k, v)
+    name = _BACKEND_NAMES.get((backend, facts[6].type))
+    if (facts not in _VALID_TENSORS or name is None or not 0.0 <= beta <= 1.0
+            or not tau > 0.0 or (window is not None and window < 1)):
+        return None
+    if scale is None:
+        scale = facts[0][3] ** -0.5
+    elif not (math.isfinite(scale) and scale != 0.0):
+        return None
+    if window is not None and window >= facts[1][2]:
+        window = None
+    calibrated = None if heads is None else _steady_heads(heads, facts[0][0], facts[0][1],
+                                                          facts[6])
+    return calibrated, beta, tau, scale, name, window
+
+
+def _remember_valid(q, k, v, backend, name) -> None:
+    if len(_VALID_TENSORS) >= _VALID_LIMIT:
+        _VALID_TENSORS.clear()
+    _VALID_TENSORS.add(_tensor_facts(q, k, v))
+    _BACKEND_NAMES[(backend, q.device.type)] = name
 
 
 _warned_grad = False
+
+
+def _validated_args(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, window):
+    """The full validation of :func:`act_attention`'s arguments: one clear error for bad input,
+    else ``(calibrated, key_padding_mask, beta, tau, scale, name, window)``, normalised."""
+    _check_tensors(q, k, v)
+    bsz, hq, nq, dim = q.shape
+    beta = check_beta(beta)
+    tau = check_tau(tau)
+    if scale is None:
+        scale = dim ** -0.5
+    else:
+        scale = as_real(scale, "scale", "act_attention")
+        if not math.isfinite(scale) or scale == 0.0:
+            raise ValueError(f"act_attention: scale must be finite and non-zero, got {scale}")
+    calibrated = (_steady_heads(heads, bsz, hq, q.device) if type(heads) is torch.Tensor
+                  else normalize_heads(heads, bsz, hq, q.device))
+    kpm = normalize_key_padding_mask(key_padding_mask, bsz, k.shape[2], q.device)
+    window = check_window(window)
+    if window is not None and window >= k.shape[2]:
+        window = None                              # every row sees all its causal keys
+    name = resolve_backend(backend, q.device)
+    _remember_valid(q, k, v, backend, name)
+    return calibrated, kpm, beta, tau, scale, name, window
 
 
 def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -213,23 +325,13 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if torch.compiler.is_compiling():
         return _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend,
                               return_stats, window)
-    _check_tensors(q, k, v)
-    bsz, hq, nq, dim = q.shape
-    nk = k.shape[2]
-    beta = check_beta(beta)
-    tau = check_tau(tau)
-    if scale is None:
-        scale = dim ** -0.5
+    steady = _steady_args(q, k, v, heads, beta, tau, scale, backend, window)
+    if steady is not None:
+        calibrated, beta, tau, scale, name, window = steady
+        kpm = normalize_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], q.device)
     else:
-        scale = as_real(scale, "scale", "act_attention")
-        if not math.isfinite(scale) or scale == 0.0:
-            raise ValueError(f"act_attention: scale must be finite and non-zero, got {scale}")
-    calibrated = normalize_heads(heads, bsz, hq, q.device)
-    kpm = normalize_key_padding_mask(key_padding_mask, bsz, nk, q.device)
-    window = check_window(window)
-    if window is not None and window >= nk:
-        window = None                              # every row sees all its causal keys
-    name = resolve_backend(backend, q.device)
+        calibrated, kpm, beta, tau, scale, name, window = _validated_args(
+            q, k, v, heads, beta, tau, scale, key_padding_mask, backend, window)
     fn = _backend_fn(name)
     extra = {}
     if window is not None:

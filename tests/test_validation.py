@@ -250,3 +250,73 @@ def test_validation_happens_before_the_backend_runs():
         act_attention(q, k, v, tau=0.0, backend="triton")
     with pytest.raises(ValueError, match="head index 7 out of range"):
         act_attention(q, k, v, heads=[7], backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# the steady-state fast path (a layer's repeated call skips the checks it passed before)
+# ----------------------------------------------------------------------------------------------
+
+def test_steady_calls_skip_the_full_checks_but_still_refuse_bad_arguments(backend, monkeypatch):
+    """After one valid call, a call with the same shapes, parameters and mask takes the fast
+    path (no full validation); each bad argument of the same call is still refused by name."""
+    from act_kernels import op
+
+    q, k, v = qkv()
+    heads = torch.tensor([True, False, False, True])
+    want = act_attention(q, k, v, heads=heads, backend=backend)
+
+    def full_path(*args, **kwargs):
+        raise AssertionError("the steady call ran the full validation")
+    with monkeypatch.context() as patch:
+        patch.setattr(op, "_check_tensors", full_path)
+        patch.setattr(op, "normalize_heads", full_path)
+        assert torch.equal(act_attention(q, k, v, heads=heads, backend=backend), want)
+    bad = [(dict(beta=1.5), ValueError, "beta must be in"),
+           (dict(beta=math.nan), ValueError, "beta must be in"),
+           (dict(tau=-0.1), ValueError, "tau must be > 0"),
+           (dict(tau=math.nan), ValueError, "tau must be > 0"),
+           (dict(scale=math.inf), ValueError, "scale must be finite"),
+           (dict(scale=0.0), ValueError, "scale must be finite and non-zero"),
+           (dict(window=0), ValueError, "window must be >= 1"),
+           (dict(window=True), TypeError, "window must be None or a positive integer"),
+           (dict(backend="Torch"), ValueError, "unknown backend"),
+           (dict(heads=torch.ones(HQ + 1, dtype=torch.bool)), ValueError,
+            "bool heads must have"),
+           (dict(heads=torch.ones(HQ)), TypeError, "heads must be a bool mask"),
+           (dict(heads=torch.tensor([0, HQ])), ValueError, f"head index {HQ} out of range")]
+    for change, error, message in bad:
+        args = {"heads": heads, "backend": backend, **change}
+        for _ in range(2):                # a refused call is never remembered as valid
+            with pytest.raises(error, match=message):
+                act_attention(q, k, v, **args)
+    with pytest.raises(ValueError, match="k and v shapes differ"):
+        act_attention(q, k, v[:, :, :-1], heads=heads, backend=backend)
+
+
+def test_steady_heads_follow_in_place_edits_and_are_not_kept_alive(backend):
+    """The fast path's answer for a mask follows the mask's edits (its version), and the cache
+    holds no reference to the mask."""
+    import gc
+    import weakref
+
+    q, k, v = make_planted()
+    heads = torch.tensor([True, False, False, False])
+    first = act_attention(q, k, v, heads=heads, tau=0.05, backend=backend)
+    heads[0], heads[3] = False, True
+    moved = act_attention(q, k, v, heads=heads, tau=0.05, backend=backend)
+    assert torch.equal(moved, act_attention(q, k, v, heads=[3], tau=0.05, backend=backend))
+    assert not torch.equal(moved, first)
+    heads.zero_()                                  # calibrates nothing: the plain output
+    assert torch.equal(act_attention(q, k, v, heads=heads, tau=0.05, backend=backend),
+                       act_attention(q, k, v, tau=0.05, backend=backend))
+    gone = weakref.ref(heads)
+    del heads
+    gc.collect()
+    assert gone() is None
+
+
+def make_planted():
+    """qkv() with key 2 made a sink of every row (so calibrating a head changes it)."""
+    q, k, v = qkv()
+    k[:, :, 2] = q.mean(2).mean(1, keepdim=True) * 4
+    return q, k, v
