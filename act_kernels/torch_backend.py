@@ -236,7 +236,8 @@ def _hidden(row_pos: torch.Tensor, key_pos: torch.Tensor, window=None) -> torch.
 
 def _rows_seeing(key_pos: torch.Tensor, first_pos: int, last_pos: int, window=None):
     """How many rows at positions ``first_pos..last_pos`` see each key of ``key_pos`` (keys of
-    the rows' :func:`key_span`): the rows from ``max(first_pos, j)`` to ``min(last_pos, j + W - 1)``."""
+    the rows' :func:`key_span`):
+    those from ``max(first_pos, j)`` to ``min(last_pos, j + W - 1)``."""
     top = key_pos.clamp(min=first_pos)
     end = last_pos if window is None else (key_pos + (window - 1)).clamp_(max=last_pos)
     return (end + 1 - top).clamp_(min=0)
