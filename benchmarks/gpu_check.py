@@ -15,6 +15,13 @@ Writes one JSON file (``--out``, default ``benchmarks/gpu_check.json``) with:
   TFLOP/s as FlashAttention's benchmarks count a causal forward, ``4 B H N^2 D / 2``;
 * ``decode``: one query, B = 8, Hq = 32, Hkv = 8, D = 128, Nk = 1k..32k: latency and the K/V
   bytes read per second, against SDPA;
+* ``compiled``: the Triton backend inside ``torch.compile(fullgraph=True)`` through its
+  registered op (``triton_backend.compiled_call``: a ``torch.library.triton_op`` whose kernels
+  Inductor sees), prefill and decode: graph breaks, the kernels in the AOT graph, the output
+  against eager ``act_triton`` on three fresh inputs (the decode step with
+  ``mode="reduce-overhead"``: replayed from a CUDA graph; the Inductor counters say whether it
+  was), and eager vs compiled time. Dry run: the interpreter's op is opaque (no kernel nodes),
+  no CUDA graph;
 * ``goals``: the figures issue 11 sets (stated in ``csrc_notes/triton_kernels.md``), measured
   against their targets -- recorded, not asserted;
 * ``end_to_end``: SmolLM2 (``act_kernels.load_model()``) with a small profile
@@ -155,6 +162,86 @@ def correctness(plan):
 
 
 # ---------------------------------------------------------------------------------------------
+# torch.compile and CUDA graphs
+# ---------------------------------------------------------------------------------------------
+def compiled_case(plan, name, nq, mode):
+    """One compiled call of the registered Triton op, checked against eager ``act_triton``."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    from act_kernels import act_attention
+    from act_kernels import triton_backend as tb
+    from inputs import left_padding, make_qkv
+    from test_triton_op import _kernel_name
+
+    n, d, heads, tau = plan.correct_n, plan.correct_d, [0, 3], 0.1
+    kpm = left_padding(n, [0, n // 3]).to(plan.device)
+    dtype = torch.float32 if plan.dry else torch.bfloat16
+
+    def inputs(seed):
+        return [t.to(plan.device) for t in make_qkv(2, 4, 2, nq, n, d, seed=seed, dtype=dtype,
+                                                   planted=(n // 5,), sink_logit=5.0)]
+
+    def step(q, k, v):
+        return tb.compiled_call(q, k, v, heads, kpm, 0.4, tau, d ** -0.5, None)
+
+    def eager(q, k, v):
+        return act_attention(q, k, v, heads=heads, tau=tau, key_padding_mask=kpm,
+                             backend="triton")
+
+    torch._dynamo.reset()
+    graphs = []
+    explained = torch._dynamo.explain(step)(*inputs(0))
+    torch.compile(step, fullgraph=True, backend=aot_autograd(
+        fw_compiler=lambda gm, _: graphs.append(gm) or gm))(*inputs(0))
+    kernels = [_kernel_name(kernel_side_table.get_kernel(node.kwargs["kernel_idx"]))
+               for node in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(node.target)]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    fn = torch.compile(step, fullgraph=True, mode=mode)
+    errors = []
+    for seed in (1, 2, 3):                   # fresh values each call: a replayed graph too
+        q, k, v = inputs(seed)
+        want = eager(q, k, v)
+        got = fn(q, k, v)
+        errors.append(((got.double() - want.double()).abs().max() / v.double().abs().max())
+                      .item())
+    q, k, v = inputs(4)
+    row = {"case": name, "mode": mode or "default", "graph_breaks": explained.graph_break_count,
+           "graph_kernels": kernels, "max_err_vs_eager": max(errors),
+           "eager_ms": _time_ms(plan, lambda: eager(q, k, v)),
+           "compiled_ms": _time_ms(plan, lambda: fn(q, k, v)),
+           "inductor_counters": {key: dict(val) for key, val in
+                                 torch._dynamo.utils.counters.items() if key == "inductor"}}
+    row["ok"] = (row["graph_breaks"] == 0 and row["max_err_vs_eager"] <= OUT_TOL[dtype]
+                 and (plan.dry or bool(kernels)))     # on a GPU the kernels are graph nodes
+    return row
+
+
+def _time_ms(plan, fn, reps=None):
+    reps = reps or (1 if plan.dry else 20)
+    fn()
+    sync = torch.cuda.synchronize if plan.device == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def compiled(plan):
+    rows = [compiled_case(plan, "prefill", plan.correct_n, None),
+            compiled_case(plan, "decode", 1, None if plan.dry else "reduce-overhead")]
+    for row in rows:
+        print(f"  {'ok ' if row['ok'] else 'BAD'} {row['case']} ({row['mode']}): "
+              f"{row['graph_breaks']} graph breaks, kernels {row['graph_kernels']}, "
+              f"err {row['max_err_vs_eager']:.2e}, eager {row['eager_ms']:.2f} ms, compiled "
+              f"{row['compiled_ms']:.2f} ms", flush=True)
+    return {"cases": rows, "all_ok": all(r["ok"] for r in rows)}
+
+
+# ---------------------------------------------------------------------------------------------
 # speed
 # ---------------------------------------------------------------------------------------------
 def goals(plan, pre, dec):
@@ -231,6 +318,8 @@ def run(plan, out_path):
     report = {"environment": environment(plan)}
     print("correctness:", flush=True)
     report["correctness"] = correctness(plan)
+    print("torch.compile:", flush=True)
+    report["compiled"] = compiled(plan)
     print("prefill (causal):", flush=True)
     pre = prefill(plan.sizes, plan.dims, [0.0, 0.25, 1.0], methods=("triton",),
                   device=plan.device, tokens=plan.tokens, width=plan.width)
@@ -259,7 +348,7 @@ def main(argv=None):
         print("gpu_check: no CUDA device; run with --dry-run to check the code path on the CPU")
         return 2
     report = run(Plan(args.dry_run), args.out)
-    return 0 if report["correctness"]["all_ok"] else 1
+    return 0 if report["correctness"]["all_ok"] and report["compiled"]["all_ok"] else 1
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ def test_gpu_check_dry_run(tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     report = json.loads(out.read_text())
-    assert set(report) >= {"environment", "correctness", "prefill", "decode", "goals",
-                           "end_to_end"}
+    assert set(report) >= {"environment", "correctness", "compiled", "prefill", "decode",
+                           "goals", "end_to_end"}
     assert report["environment"]["dry_run"] is True
 
     cases = report["correctness"]["cases"]
@@ -38,6 +38,13 @@ def test_gpu_check_dry_run(tmp_path):
                  "bfloat16", "float32"):
         assert path in names, path
     assert report["correctness"]["all_ok"], [c for c in cases if not c["ok"]]
+
+    # the registered Triton op under torch.compile: no graph break, the eager output
+    compiled = report["compiled"]
+    assert [c["case"] for c in compiled["cases"]] == ["prefill", "decode"]
+    assert compiled["all_ok"], compiled
+    assert all(c["graph_breaks"] == 0 and c["max_err_vs_eager"] == 0.0
+               for c in compiled["cases"])
 
     # every (D, N, fraction) row has finite SDPA and act_triton times and TFLOP/s
     assert {r["calibrated"] for r in report["prefill"]} == {"0%", "25%", "100%"}

@@ -89,7 +89,7 @@ def launch(kernel, grid, *args, **kwargs):
     its ``early_config_prune`` (what ``Autotuner.warmup`` compiles, in the same way).
     """
     recording = _recording_graph()
-    if recording or any(_is_stand_in(a) for a in args):
+    if recording or any(is_stand_in(a) for a in args):
         if not _interpreted(kernel):
             return torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
         if recording:
@@ -122,7 +122,7 @@ def _recording_graph() -> bool:
     return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
 
 
-def _is_stand_in(arg) -> bool:
+def is_stand_in(arg) -> bool:
     """A fake or functional tensor: the stand-in of a tensor while a graph is traced."""
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor
