@@ -560,22 +560,35 @@ def _decode(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
     logits = logits.view(bsz, hq, nk)
     probs = torch.softmax(logits, dim=-1)
 
-    stats = None
-    if heads is not None or return_stats:
+    stats = sinks = None
+    if return_stats:
         sinks = _decode_sinks(probs, tau, key_padding_mask, alive)
-        if return_stats:
-            mass = torch.where(sinks, probs, 0.0).sum(-1, keepdim=True)   # m, [B, Hq, 1]
-            scores = probs if alive is None else probs * alive[:, None, None]
-            stats = {"scores": scores.float(), "sinks": sinks, "sink_mass": mass.float(),
-                     "calibrated": _calibrated(heads, bsz, hq, q.device)}
-        if heads is not None:
-            sinks = sinks & heads[:, :, None]
-            if bool(sinks.any()):     # else no calibrated row has a sink: every row unchanged
-                probs = _calibrate_decode_rows(probs, logits, sinks, beta, q.dtype)
+        mass = torch.where(sinks, probs, 0.0).sum(-1, keepdim=True)   # m, [B, Hq, 1]
+        scores = probs if alive is None else probs * alive[:, None, None]
+        stats = {"scores": scores.float(), "sinks": sinks, "sink_mass": mass.float(),
+                 "calibrated": _calibrated(heads, bsz, hq, q.device)}
+    if heads is not None and (sinks is not None
+                              or _calibrated_row_may_have_sink(probs, heads, tau, key_padding_mask)):
+        if sinks is None:
+            sinks = _decode_sinks(probs, tau, key_padding_mask, alive)
+        sinks = sinks & heads[:, :, None]
+        if bool(sinks.any()):     # else no calibrated row has a sink: every row unchanged
+            probs = _calibrate_decode_rows(probs, logits, sinks, beta, q.dtype)
     out = torch.matmul(probs.view(bsz, hkv, group, nk), _as(v, work)).reshape(bsz, hq, 1, dim)
     if alive is not None:
         out = out * alive[:, None, None, None]
     return out.to(q.dtype), stats
+
+
+def _calibrated_row_may_have_sink(probs, heads, tau, key_padding_mask) -> bool:
+    """False when no calibrated row has a key other than its first valid one with ``P > tau``
+    (then no row changes): one max per row, cheaper than the sink mask. With padding the first
+    valid key differs per row, so the max covers every key (a false alarm only costs the exact
+    test)."""
+    keys = probs[:, :, 1:] if key_padding_mask is None else probs
+    if keys.shape[-1] == 0:
+        return False
+    return bool(((keys.amax(-1) > tau) & heads).any())
 
 
 def _decode_sinks(probs, tau, key_padding_mask, alive):

@@ -200,6 +200,22 @@ def test_decode_without_sinks_skips_the_calibration(monkeypatch):
     assert torch.equal(out, act_attention(q, k, v, backend="torch"))
 
 
+@pytest.mark.parametrize("pads", [0, 5], ids=["no-pad", "pad"])
+def test_decode_with_only_the_first_valid_key_above_tau_is_plain(pads):
+    """The first valid key takes most of every row's attention (P > tau = 0.3) and no other key
+    does: the quick sink test (one max per row) may fire, the exact one finds no sink, and the
+    step is the plain one bit for bit."""
+    kpm = left_padding(60, [pads, pads]) if pads else None
+    q, k, v = make_qkv(2, 4, 2, 1, 60, 16, seed=37, planted=[pads], sink_logit=8.0)
+    _, stats = act_attention(q, k, v, key_padding_mask=kpm, tau=0.3, backend="torch",
+                             return_stats=True)
+    assert bool((stats.scores[:, :, pads] > 0.5).all())
+    assert not stats.sinks.any()
+    calibrated = act_attention(q, k, v, heads=[0, 1, 2, 3], key_padding_mask=kpm, tau=0.3,
+                               backend="torch")
+    assert torch.equal(calibrated, act_attention(q, k, v, key_padding_mask=kpm, backend="torch"))
+
+
 def test_bound_pass_holds_one_block_of_rows(monkeypatch):
     """Extra memory is O(N): every matmul output of the bound pass fits one block."""
     q, k, v = make_qkv(1, 6, 2, 400, 400, 16, seed=31)
