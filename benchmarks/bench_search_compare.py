@@ -100,7 +100,7 @@ def screen_chunk(scorer, samples, objective) -> tuple[torch.Tensor, torch.Tensor
     from act_kernels.search.screen import FirstOrderScreen
 
     cpu0 = time.process_time()
-    est, value = FirstOrderScreen(scorer, objective).run(len(samples), samples, LAYERS)
+    est, value, _ = FirstOrderScreen(scorer, objective).run(len(samples), samples, LAYERS)
     return est, value, time.process_time() - cpu0
 
 

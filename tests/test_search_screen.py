@@ -37,11 +37,12 @@ def _estimate_and_exact(setup, beta: float, layers, batch):
     scorer = Scorer(model, tok, beta=beta, tau=LOW_TAU)
     ids, mask = pad_batch(batch, tok, "cpu")
     items = [s.item for s in batch]
-    estimate, value = FirstOrderScreen(scorer).estimate(ids, mask, items, layers)
+    estimate, value, scored = FirstOrderScreen(scorer).estimate(ids, mask, items, layers)
     exact = torch.zeros_like(estimate)
     with torch.no_grad():
         plain = objective_values(scorer.runner.forward_last(ids, mask), items)
         torch.testing.assert_close(value, plain, atol=1e-4, rtol=0.0)   # SDPA vs plain ACT
+        torch.testing.assert_close(scored["decision_margin"], value, atol=1e-6, rtol=0.0)
         for i, layer in enumerate(layers):
             for head in range(scorer.num_heads):
                 with head_override(model, {layer: [head]}, beta=beta, tau=LOW_TAU,
@@ -80,7 +81,7 @@ def test_objective_gradient_is_finite_on_mixed_batches(setup):
     scorer = Scorer(setup["model"], setup["tok"], tau=LOW_TAU)
     ids, mask = pad_batch(batch, setup["tok"], "cpu")
     for objective in ("decision", "margin", "logprob"):
-        est, value = FirstOrderScreen(scorer, objective).estimate(
+        est, value, _ = FirstOrderScreen(scorer, objective).estimate(
             ids, mask, [s.item for s in batch], [1, 3])
         assert torch.isfinite(est).all() and est.abs().sum() > 0, objective
         assert torch.isfinite(value).all(), objective

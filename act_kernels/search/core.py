@@ -228,12 +228,18 @@ def load_data(st: SearchState, tokenizer) -> None:
 
 
 def measure_baseline(st: SearchState) -> None:
-    """The uncalibrated model on every calibration sample."""
+    """The uncalibrated model on every calibration sample (screen strategy: from the screen's
+    own plain forward, which it runs on every sample anyway)."""
     rec = st.ckpt.find("baseline")
     if rec is None:
-        bar = progress(st.n, "baseline", st.dist.main)
-        baseline = st.scorer.plain(st.n, st.samples, progress=bar.update)
-        bar.close()
+        if st.cfg.strategy == "screen":
+            from .screen import screen_candidates
+
+            st.screen, baseline = screen_candidates(st)
+        else:
+            bar = progress(st.n, "baseline", st.dist.main)
+            baseline = st.scorer.plain(st.n, st.samples, progress=bar.update)
+            bar.close()
         rec = st.record({"kind": "baseline", **baseline.to_record()})
     st.baseline = Results.from_record(rec)
 
@@ -252,7 +258,8 @@ def score_candidates(st: SearchState) -> None:
     if st.cfg.strategy == "screen":
         from .screen import near_boundary, screen_candidates, screen_order
 
-        st.screen = screen_candidates(st)
+        if st.screen is None:                  # resumed after the screen: read its records
+            st.screen = screen_candidates(st)[0]
         st.estimates = st.screen.means(st.score)
         exact = sorted(screen_order(st.screen, st.score, exact)[:st.cfg.screen_top])
         if _boundary(st.cfg):

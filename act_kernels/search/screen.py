@@ -33,6 +33,7 @@ import torch
 from ..tasks import score_last_logits
 from .data import Sample, pad_batch
 from .report import progress
+from .scoring import Results
 
 OBJECTIVES = ("decision", "margin", "logprob")
 SCREEN_CHUNK = 64    # scoring samples per checkpoint record (fixed: results do not depend on it)
@@ -144,16 +145,22 @@ class FirstOrderScreen:
                 - act_attention(q, k, v, heads=None, **common)).transpose(1, 2)
 
     def estimate(self, ids, mask, items, layers: Sequence[int]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """``([B, len(layers), Hq] first-order objective change of each candidate,
-        [B] objective value of the plain model)``."""
-        with self._kept(layers) as (outputs, inputs), torch.enable_grad():
-            hidden, ctx = self.runner.context(ids, mask)
-            hidden = hidden.detach().requires_grad_(True)   # a graph even if weights are frozen
-            hidden = self.runner.run_layers(hidden, ctx, 0, self.runner.num_layers)
-            values = objective_values(self.runner.last_logits(hidden), items, self.objective)
-            grads = torch.autograd.grad(values.sum(), [outputs[l] for l in layers],
-                                        allow_unused=True)
+        [B] objective value of the plain model, the plain model's scores)`` (the scores are
+        :func:`~act_kernels.tasks.score_last_logits` of its logits)."""
+        first = min(layers)
+        with self._kept(layers) as (outputs, inputs):
+            with torch.no_grad():                 # no gradient is needed below the first layer
+                hidden, ctx = self.runner.context(ids, mask)
+                hidden = self.runner.run_layers(hidden, ctx, 0, first)
+            with torch.enable_grad():
+                hidden = hidden.detach().requires_grad_(True)   # a graph even if frozen
+                hidden = self.runner.run_layers(hidden, ctx, first, self.runner.num_layers)
+                logits = self.runner.last_logits(hidden)
+                values = objective_values(logits, items, self.objective)
+                grads = torch.autograd.grad(values.sum(), [outputs[l] for l in layers],
+                                            allow_unused=True)
         missing = set(layers) - set(inputs)
         if missing:
             raise RuntimeError(f"act search: no attention call was seen for layers "
@@ -169,25 +176,28 @@ class FirstOrderScreen:
             delta = self._delta(*inputs[l], ctx.key_mask)
             prod = grad.view(delta.shape).float() * delta.float()
             per_layer.append(torch.where(real, prod, 0.0).sum(dim=(1, 3)))
-        return torch.stack(per_layer, dim=1), values.detach()
+        return (torch.stack(per_layer, dim=1), values.detach(),
+                score_last_logits(logits.detach(), items))
 
     def run(self, n_total: int, samples: Sequence[Sample], layers: Sequence[int],
             progress: Optional[Callable[[int], None]] = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([n_total, len(layers), Hq], [n_total])`` float64 estimates and plain objective
-        values at the samples' global indices (zero elsewhere), this process's batches
-        computed, all ranks reduced."""
+            ) -> tuple[torch.Tensor, torch.Tensor, Results]:
+        """``([n_total, len(layers), Hq], [n_total], Results)``: float64 estimates, plain
+        objective values and the plain model's outcomes at the samples' global indices (zero
+        elsewhere), this process's batches computed, all ranks reduced."""
         sc = self.scorer
         est = torch.zeros(n_total, len(layers), self.runner.num_heads, dtype=torch.float64)
         val = torch.zeros(n_total, dtype=torch.float64)
+        plain = Results.empty(n_total)
         for batch in sc.my_batches(samples):
             ids, mask = pad_batch(batch, sc.tokenizer, sc.device)
             index = torch.as_tensor([s.index for s in batch], dtype=torch.long)
-            e, v = self.estimate(ids, mask, [s.item for s in batch], layers)
+            e, v, scored = self.estimate(ids, mask, [s.item for s in batch], layers)
             est[index], val[index] = e.double().cpu(), v.double().cpu()
+            plain.put(index, scored)
             if progress:
                 progress(len(batch))
-        return sc.dist.all_reduce(est), sc.dist.all_reduce(val)
+        return sc.dist.all_reduce(est), sc.dist.all_reduce(val), plain.reduce(sc.dist)
 
 
 # Which samples an exact run must cover (the approximation of ``--exact-check boundary``): a
@@ -251,10 +261,11 @@ def near_boundary(samples: Sequence[Sample], margins: torch.Tensor,
             + BOUNDARY_SLACK]
 
 
-def screen_candidates(st) -> ScreenResult:
+def screen_candidates(st) -> tuple[ScreenResult, Results]:
     """Screen stage of :func:`~act_kernels.search.core.run_search`: the first-order estimate of
     every candidate of ``st`` on every calibration sample (the scoring part ranks the
-    candidates, the validation part bounds the greedy step's runs), by chunks of
+    candidates, the validation part bounds the greedy step's runs), and the uncalibrated
+    model's outcomes, which its forward computes anyway (the search's baseline), by chunks of
     :data:`SCREEN_CHUNK` samples, each a checkpoint record (values as recorded, so a resumed
     search ranks exactly as an uninterrupted one)."""
     screen = FirstOrderScreen(st.scorer, st.cfg.screen_objective)
@@ -264,23 +275,29 @@ def screen_candidates(st) -> ScreenResult:
     bar = progress(todo, "screen", st.dist.main)
     est = torch.zeros(st.n, len(st.layers), len(st.heads), dtype=torch.float64)
     value = torch.zeros(st.n, dtype=torch.float64)
+    plain = Results.empty(st.n)
     head_idx = torch.as_tensor(st.heads, dtype=torch.long)
     try:
         for k, chunk in enumerate(chunks):
             rec = st.ckpt.find("screen", chunk=k)
             if rec is None:
-                e, v = screen.run(st.n, chunk, st.layers, bar.update)
+                e, v, res = screen.run(st.n, chunk, st.layers, bar.update)
                 index = torch.as_tensor([s.index for s in chunk], dtype=torch.long)
                 rows = e[:, :, head_idx][index]
                 rec = st.record({"kind": "screen", "chunk": k,
                                  "index": [s.index for s in chunk],
                                  "value": [float(f"{x:.6g}") for x in v[index].tolist()],
+                                 "plain": {f: getattr(res, f)[index].tolist()
+                                           for f in Results.FIELDS},
                                  "estimate": [[float(f"{x:.6g}") for x in row.flatten().tolist()]
                                               for row in rows]})
             index = torch.as_tensor(rec["index"], dtype=torch.long)
             est[index] = torch.tensor(rec["estimate"], dtype=torch.float64).view(
                 -1, len(st.layers), len(st.heads))
             value[index] = torch.tensor(rec["value"], dtype=torch.float64)
+            for f in Results.FIELDS:
+                getattr(plain, f)[index] = torch.tensor(rec["plain"][f], dtype=torch.float64)
     finally:
         bar.close()
-    return ScreenResult(est, value, st.cfg.screen_objective, list(st.layers), list(st.heads))
+    return (ScreenResult(est, value, st.cfg.screen_objective, list(st.layers), list(st.heads)),
+            plain)
