@@ -94,3 +94,22 @@ def test_decode_path_is_vectorised_over_heads(monkeypatch):
     ref, _, _ = act_attention_reference(q.double(), k.double(), v.double(),
                                         heads=torch.ones(2, 8, dtype=torch.bool), beta=0.4, tau=0.1)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_float_max_reads_the_bits_as_amax_does(dtype):
+    """The bound pass's column max through integer bits: equal to ``amax(0)`` for mixed signs,
+    both zeros, -inf, tiny and huge values, and all-negative columns."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 3, 50, generator=gen, dtype=torch.float64)
+    x[:, :, :20] -= 30.0                               # all-negative columns
+    x[:, 0, 20:25] = -0.0
+    x[5, 0, 22] = 0.0                                  # +0 beats -0 and every negative
+    x[:, 1, 25:30] = float("-inf")
+    x[3, 1, 25:30] = -1e-30                            # one finite entry among -inf
+    x[:, 2, 30:35] *= 1e30
+    x = x.to(dtype)
+    want = x.amax(0)
+    got = tb.float_max(x)
+    assert torch.equal(got, want)
+    assert not torch.signbit(got[0, 22]) and bool(torch.signbit(got[0, 20]))   # +0 > -0
