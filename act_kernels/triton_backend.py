@@ -141,14 +141,20 @@ def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, ret
     """The Triton backend (see the module docstring); ``window``: None or ``W >= 1``, a
     sliding window (``docs/spec.md``, "Attention windows"), a runtime argument of every kernel."""
     check_can_run(q)
+    if aot.is_stand_in(q):      # its caches would keep traced tensors; nonzero() cannot trace
+        raise RuntimeError("act_attention: the eager Triton backend cannot be traced; inside "
+                           "torch.compile use triton_backend.compiled_call (the registered op)")
     # the calibrated (b, h) pairs, computed once per heads mask and kept on the device
-    cal = calibrated_pairs(heads, q.shape[0] * q.shape[1], q.device)
-    return _attend(q, k, v, cal, heads, beta, tau, scale, key_padding_mask, return_stats, window)
+    n_bh = q.shape[0] * q.shape[1]
+    cal = calibrated_pairs(heads, n_bh, q.device)
+    return _attend(q, k, v, cal, _no_pairs(n_bh, q.device).u_slot, heads, beta, tau, scale,
+                   key_padding_mask, return_stats, window)
 
 
-def _attend(q, k, v, cal: CalibratedPairs, heads, beta, tau, scale, key_padding_mask,
+def _attend(q, k, v, cal: CalibratedPairs, no_slot, heads, beta, tau, scale, key_padding_mask,
             return_stats, window):
-    """The launches of one call, the pairs given (``heads`` is only read for the statistics)."""
+    """The launches of one call, the pairs given; ``no_slot`` int32 ``[B*Hq]`` of -1 (no fp32
+    copy of ``u``, for the one-pass decode); ``heads`` is only read for the statistics."""
     bsz, hq, nq, dim = q.shape
     nk = k.shape[2]
     dev = q.device
@@ -159,7 +165,6 @@ def _attend(q, k, v, cal: CalibratedPairs, heads, beta, tau, scale, key_padding_
 
     # Decode with calibration: one pass over K/V, candidates kept on the fly, exact (decode.py).
     if nq == 1 and cal.n_cal > 0 and not return_stats and candidate_slots(tau):
-        no_slot = torch.full((n_bh,), -1, device=dev, dtype=torch.int32)
         out, _, _, _ = decode_attention(q, k, v, scale, kpm_i8, first_valid_i32, no_slot, 0,
                                         calibrated=cal.cal_i8, beta=beta, tau=tau,
                                         stable_rest=STABLE_REST, window=window)
@@ -252,11 +257,10 @@ def act_attention_triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     assumed valid (see ``compiled_call``).
     """
     check_can_run(q)
-    if heads is None or pairs is None:
-        cal = CalibratedPairs.none(q.shape[0] * q.shape[1], q.device)
-    else:
-        cal = CalibratedPairs.covering(heads, pairs)
-    out, _ = _attend(q, k, v, cal, None, beta, tau, scale, key_padding_mask, False, window)
+    none = CalibratedPairs.none(q.shape[0] * q.shape[1], q.device)   # fresh: traced tensors
+    cal = none if heads is None or pairs is None else CalibratedPairs.covering(heads, pairs)
+    out, _ = _attend(q, k, v, cal, none.u_slot, None, beta, tau, scale, key_padding_mask, False,
+                     window)
     return out
 
 

@@ -129,14 +129,19 @@ def test_interpreted_kernels_are_not_traced_into_a_graph():
 
     def body(q, k, v, mask, kpm):      # the registered op's body, the pairs built traceably
         cal = tb.CalibratedPairs.covering(mask, torch.arange(8, dtype=torch.int32))
-        return tb._attend(q, k, v, cal, None, BETA, TAU, q.shape[-1] ** -0.5, kpm, False,
-                          None)[0]
+        no_slot = torch.full((8,), -1, dtype=torch.int32)
+        return tb._attend(q, k, v, cal, no_slot, None, BETA, TAU, q.shape[-1] ** -0.5, kpm,
+                          False, None)[0]
 
     q, k, v, kpm, _ = inputs(CASES["prefill, padded"])
     mask = HEADS["index list"][1]
     assert torch.equal(body(q, k, v, mask, kpm), op_call(q, k, v, [0, 3], kpm, None))
     with pytest.raises(RuntimeError, match="cannot be traced into a graph"):
         make_fx(body, tracing_mode="fake")(q, k, v, mask, kpm)
+    with pytest.raises(RuntimeError, match="eager Triton backend cannot be traced"):
+        make_fx(lambda q, k, v, mask, kpm: tb.act_attention_triton(
+            q, k, v, mask, BETA, TAU, 0.25, kpm, False)[0], tracing_mode="fake")(q, k, v, mask,
+                                                                                kpm)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ machine), and warming the Triton cache for a GPU ahead of time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -79,9 +80,11 @@ def launch(kernel, grid, *args, **kwargs):
     Traced (also inside ``compile_only``, whose stand-in driver lets Triton analyse the kernel;
     ``torch.library.triton_op`` under torch.compile, ``make_fx``, ...: the tensors are
     fake or functional stand-ins, or a proxy mode records a graph): ``wrap_triton(kernel)``
-    records the launch as a triton kernel node. An interpreted kernel cannot be recorded: on
-    fake tensors alone (shape propagation) the launch is skipped, as there is nothing to compute,
-    and a graph being recorded is refused rather than left without the kernel.
+    records the launch as a triton kernel node (the first tensor argument tells: a trace's
+    tensors are all stand-ins; the check costs about a microsecond per launch). An interpreted
+    kernel cannot be recorded: on fake tensors alone (shape propagation) the launch is skipped,
+    as there is nothing to compute, and a graph being recorded is refused rather than left
+    without the kernel.
 
     Collected entries are ``(compiled_kernel, meta)`` with ``meta`` the meta-parameters it was
     built with (the launcher's keyword arguments plus the autotune config: block sizes,
@@ -89,7 +92,7 @@ def launch(kernel, grid, *args, **kwargs):
     its ``early_config_prune`` (what ``Autotuner.warmup`` compiles, in the same way).
     """
     recording = _recording_graph()
-    if recording or any(is_stand_in(a) for a in args):
+    if recording or is_stand_in(next((a for a in args if isinstance(a, torch.Tensor)), None)):
         if not _interpreted(kernel):
             return torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
         if recording:
@@ -124,9 +127,15 @@ def _recording_graph() -> bool:
 
 def is_stand_in(arg) -> bool:
     """A fake or functional tensor: the stand-in of a tensor while a graph is traced."""
+    return isinstance(arg, torch.Tensor) and type(arg) is not torch.Tensor \
+        and isinstance(arg, _stand_in_types())
+
+
+@functools.lru_cache(maxsize=None)
+def _stand_in_types() -> tuple:
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor
-    return isinstance(arg, (FakeTensor, FunctionalTensor))
+    return FakeTensor, FunctionalTensor
 
 
 def _interpreted(kernel) -> bool:
