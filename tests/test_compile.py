@@ -81,3 +81,21 @@ def test_recording_inside_compile_is_refused_not_skipped():
     with recording(model, lambda *args: None):
         with pytest.raises(Exception, match="recording\\(\\) need eager execution"):
             compiled(input_ids=ids, attention_mask=mask)
+
+
+@torch.no_grad()
+def test_the_hf_op_is_kept_out_of_cuda_graphs():
+    """The Transformers path's op reads the mask on the host and cuts k/v to a length of its
+    call: Inductor's cudagraph check (what mode="reduce-overhead" asks) must find it unsafe."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    model = tiny_llama()
+    ids, mask = batch()
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(model, fullgraph=True, backend=aot_autograd(
+        fw_compiler=lambda gm, _: graphs.append(gm) or gm))(input_ids=ids, attention_mask=mask)
+    (gm,) = graphs
+    unsafe = get_first_incompatible_cudagraph_node(gm)
+    assert unsafe is not None and "act_kernels.hf_attention" in str(unsafe.target)

@@ -118,8 +118,11 @@ def _mark_dropped_start(key, value, kpm, position_ids, dropped_any: Optional[boo
 
 # Inside torch.compile the whole call, mask check included (it reads the mask's values and cuts
 # k/v to a data-dependent length), is one registered op: the compiler sees its output shape
-# (the fake below) and the eager code runs when the graph executes.
-@torch.library.custom_op("act_kernels::hf_attention", mutates_args=())
+# (the fake below) and the eager code runs when the graph executes. That eager code is not
+# replayable from a CUDA graph (its host reads and the cut length belong to one call), so the op
+# is tagged cudagraph_unsafe: mode="reduce-overhead" leaves it out of any captured graph.
+@torch.library.custom_op("act_kernels::hf_attention", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,))
 def hf_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: Optional[torch.Tensor], heads: Optional[torch.Tensor],
                     beta: float, tau: float, scale: float, backend: str,
