@@ -345,8 +345,8 @@ def column_bounds(q, k, neg_lse, b_idx, h_idx, scale, window=None):
         # cheaper than a fill), and how many of its rows see the key d places after its first
         # row, for d = full - width .. full - 1
         full = min(rows, nq)
-        ahead = torch.zeros(full, 1, full, dtype=low, device=q.device).masked_fill_(
-            _hidden(key_pos[:full], key_pos[:full])[:, None, :], float("-inf"))
+        ahead = torch.full((full, full), float("-inf"), dtype=low,
+                           device=q.device).triu_(1)[:, None, :]
         seen_full = _rows_seeing(torch.arange(full - width, full, device=q.device).float(), 0,
                                  full - 1, window)
         for r0 in range(0, nq, rows):
