@@ -14,7 +14,8 @@ On this CPU-only machine:
   (Dynamo, then AOTAutograd with a backend that keeps the graph and runs nothing), inside
   ``kernels.aot.compile_only(90)`` (the stand-in driver lets Triton analyse each kernel for the
   functionalization): every launch is a ``triton_kernel_wrapper_functional`` node, the sink
-  selection is aten ops, no node reads a device value on the host and every shape is static.
+  selection is aten ops, no node reads a device value on the host, every shape is static and
+  Inductor's cudagraph check (what ``mode="reduce-overhead"`` asks before capturing) passes.
   Inductor itself is not run: it cannot lower user Triton kernels on CPU tensors, and the graph
   cannot be executed without a GPU.
 """
@@ -172,6 +173,7 @@ def _trace(name):
     """Compile one TRACED case with Dynamo + AOTAutograd; return what the graph holds."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
 
     from act_kernels.kernels import aot
 
@@ -212,7 +214,9 @@ def _trace(name):
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
             static &= all(isinstance(s, int) for s in val.shape)
-    return dict(kernels=kernels, targets=targets, static=static)
+    unsafe = get_first_incompatible_cudagraph_node(gm)
+    return dict(kernels=kernels, targets=targets, static=static,
+                cudagraph_unsafe=None if unsafe is None else str(unsafe.target))
 
 
 def _worker_main():
@@ -248,3 +252,4 @@ def test_compiled_graph_holds_the_triton_kernels(traced, name):
     aten = [t.split(".")[1] for t in got["targets"] if t.startswith("aten.")]
     assert aten and not HOST_READS.intersection(aten)
     assert got["static"]
+    assert got["cudagraph_unsafe"] is None       # Inductor's own check for reduce-overhead
