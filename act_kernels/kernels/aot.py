@@ -93,7 +93,7 @@ def launch(kernel, grid, *args, **kwargs):
     """
     recording = _recording_graph()
     if recording or is_stand_in(next((a for a in args if isinstance(a, torch.Tensor)), None)):
-        if not _interpreted(kernel):
+        if not is_interpreted(kernel):
             return torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
         if recording:
             raise RuntimeError(
@@ -138,9 +138,14 @@ def _stand_in_types() -> tuple:
     return FakeTensor, FunctionalTensor
 
 
-def _interpreted(kernel) -> bool:
-    from .configs import is_interpreted
-    return is_interpreted(kernel)
+def is_interpreted(kernel) -> bool:
+    """True when ``kernel`` (a jit function, possibly autotuned) runs through the interpreter."""
+    fn = kernel
+    while hasattr(fn, "fn"):
+        if type(fn).__name__ == "InterpretedFunction":
+            return True
+        fn = fn.fn
+    return type(fn).__name__ == "InterpretedFunction"
 
 
 def _nvidia_tool(name: str) -> str:

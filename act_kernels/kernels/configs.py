@@ -19,6 +19,7 @@ import os
 import triton
 
 from . import aot
+from .aot import is_interpreted  # noqa: F401  (where it lives: aot.launch needs it, no cycle)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -34,16 +35,6 @@ INTERP_DECODE_SPLIT = 32
 
 def head_block(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
-
-
-def is_interpreted(kernel) -> bool:
-    """True when ``kernel`` (a jit function, possibly autotuned) runs through the interpreter."""
-    fn = kernel
-    while hasattr(fn, "fn"):
-        if type(fn).__name__ == "InterpretedFunction":
-            return True
-        fn = fn.fn
-    return type(fn).__name__ == "InterpretedFunction"
 
 
 def len_bucket(n: int) -> int:
