@@ -95,3 +95,24 @@ def test_tensor_offsets_static_caches_get_no_record():
                          allow_is_causal_skip=False)
     assert built_from(mask) is None
     assert same(mask_to_key_padding(mask, 2, 1, 9), _check_mask(mask, 2, 1, 9))
+
+
+@pytest.mark.parametrize("call", list(CALLS.values()), ids=list(CALLS))
+def test_recognised_functions_give_the_windows_evaluation_gives(call):
+    """Transformers' causal and sliding functions are recorded without evaluation; their windows
+    equal those of evaluating them (and of an unrecognised copy, which is evaluated)."""
+    from act_kernels.hf import masks
+
+    q_len, kv_len, q_offset, kv_offset, window = call
+    for w in (window, 1, 2, 50):
+        function = causal if w is None else masking_utils.sliding_window_causal_mask_function(w)
+        fast = masks._band_windows(masks._transformers_window(function),
+                                   q_offset + q_len - 1 - kv_offset)
+        structure = masks._structure(function, 2, q_len, kv_len, q_offset, kv_offset)
+        assert fast == masks._causal_windows(structure, q_offset, kv_offset), (w, fast)
+        copy = (lambda f: lambda *idx: f(*idx))(function)
+        with pytest.raises(LookupError):
+            masks._transformers_window(copy)
+        mask = build(q_len, kv_len, q_offset, kv_offset, copy)
+        assert built_from(mask).window_lo == fast[0]
+        assert built_from(mask).window_hi == fast[1]

@@ -18,15 +18,17 @@ every forward. So the masks are built by :func:`act_sdpa_mask` (the mask builder
 ``act_torch`` / ``act_triton``: Transformers' ``sdpa_mask`` plus a record of what it was built
 from, kept beside the mask): when its query and key offsets are host ints (dynamic caches) the
 mask is ``structure AND padding[b, key]`` by construction, with the structure a function of
-positions only. When the mask is built, that structure is evaluated on the host (CPU tensors,
-no device value) and the windows it agrees with are recorded; a layer then takes the mask when
-its own window is one of them (every entry compared, as strictly as the full check), with the
-padding rows as the key-padding mask, and reads nothing from the device. Masks built any other
-way, edited in place, built with tensor offsets (static caches) or too large to evaluate
-cheaply (``MAX_STRUCTURE``) get the full check.
+positions only. When the mask is built, the windows that structure agrees with are recorded:
+for Transformers' causal and sliding-window functions (recognised by their code) from the
+offsets alone, for any other function by evaluating it on the host (CPU tensors, no device
+value) and comparing every entry, as strictly as the full check. A layer takes the mask when its
+own window is one of them, with the padding rows as the key-padding mask, and reads nothing from
+the device. Masks built any other way, edited in place, built with tensor offsets (static caches)
+or too large to evaluate cheaply (``MAX_STRUCTURE``) get the full check.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from typing import NamedTuple, Optional, Tuple
@@ -108,9 +110,9 @@ class BuiltMask(NamedTuple):
 # the attribute of a mask built by act_sdpa_mask that holds (its version then, BuiltMask)
 _RECORD = "_act_built_from"
 
-# largest structure (Lq x Lk per batch row) evaluated on the host; larger masks (long prefills,
-# not the steady state) get the full check on the device
-MAX_STRUCTURE = 1 << 22
+# largest structure (Lq x Lk per batch row) evaluated on the host for a mask function that is not
+# Transformers' causal or sliding one (those need no evaluation); larger masks get the full check
+MAX_STRUCTURE = 1 << 20
 
 
 def act_sdpa_mask(*args, **kwargs):
@@ -121,15 +123,19 @@ def act_sdpa_mask(*args, **kwargs):
     mask = sdpa_mask(*args, **kwargs)
     if mask is None or torch.compiler.is_compiling():     # compiled: the opaque op checks it
         return mask
-    call = inspect.signature(sdpa_mask).bind(*args, **kwargs)
+    call = _signature(sdpa_mask).bind(*args, **kwargs)
     call.apply_defaults()
     a = call.arguments
     batch, q_len, kv_len = a["batch_size"], a["q_length"], a["kv_length"]
     q_offset, kv_offset = a["q_offset"], a["kv_offset"]
-    if not (type(q_offset) is int and type(kv_offset) is int) or q_len * kv_len > MAX_STRUCTURE:
+    if not (type(q_offset) is int and type(kv_offset) is int):
         return mask
-    structure = _structure(a["mask_function"], batch, q_len, kv_len, q_offset, kv_offset)
-    windows = None if structure is None else _causal_windows(structure, q_offset, kv_offset)
+    max_lag = q_offset + q_len - 1 - kv_offset        # last query to first key
+    try:       # Transformers' own causal and sliding functions: the windows without evaluating
+        windows = _band_windows(_transformers_window(a["mask_function"]), max_lag)
+    except LookupError:
+        structure = _structure(a["mask_function"], batch, q_len, kv_len, q_offset, kv_offset)
+        windows = None if structure is None else _causal_windows(structure, q_offset, kv_offset)
     if windows is not None:
         padding = prepare_padding_mask(a["attention_mask"], kv_len, kv_offset)
         if padding is not None:      # indexed by key position: the call's keys from kv_offset
@@ -139,11 +145,51 @@ def act_sdpa_mask(*args, **kwargs):
     return mask
 
 
+@functools.lru_cache(maxsize=4)
+def _signature(function) -> inspect.Signature:
+    return inspect.signature(function)
+
+
+def _transformers_window(mask_function) -> Optional[int]:
+    """None for Transformers' ``causal_mask_function``, ``W`` for its
+    ``sliding_window_causal_mask_function(W)`` (recognised by their code objects, so exactly
+    these functions); LookupError for any other function."""
+    from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_overlay
+
+    if mask_function is causal_mask_function:
+        return None
+    parts = _closure(mask_function, and_masks(causal_mask_function)).get("mask_functions")
+    if parts is not None and len(parts) == 2 and parts[1] is causal_mask_function:
+        window = _closure(parts[0], sliding_window_overlay(1)).get("sliding_window")
+        if type(window) is int and window >= 1:
+            return window
+    raise LookupError("not one of Transformers' causal mask functions")
+
+
+def _closure(function, like) -> dict:
+    """The closure variables of ``function`` if it runs the code of ``like``, else {}."""
+    code = getattr(function, "__code__", None)
+    if code is None or code is not like.__code__ or function.__closure__ is None:
+        return {}
+    return dict(zip(code.co_freevars, (cell.cell_contents for cell in function.__closure__)))
+
+
+def _band_windows(window: Optional[int], max_lag: int):
+    """The ``(lo, hi)`` of the causal pattern within ``window`` on a grid whose largest lag is
+    ``max_lag`` (lags form a contiguous range): a window past it does not bite."""
+    if window is None or window > max_lag:
+        return max(max_lag + 1, 1), None
+    return window, window
+
+
 def _structure(mask_function, batch: int, q_len: int, kv_len: int, q_offset: int,
                kv_offset: int) -> Optional[torch.Tensor]:
     """The mask function on the call's positions, evaluated on CPU tensors: bool
     ``[B or 1, Lq, Lk]``, or None where it is not a function of positions alone (it raises or
-    answers with a tensor that is not a CPU bool tensor: it reads something else)."""
+    answers with a tensor that is not a CPU bool tensor: it reads something else, or the grid
+    is larger than ``MAX_STRUCTURE``)."""
+    if q_len * kv_len > MAX_STRUCTURE:
+        return None
     b = torch.arange(batch)[:, None, None, None]
     h = torch.zeros(1, dtype=torch.long)[None, :, None, None]
     q = (torch.arange(q_len) + q_offset)[None, None, :, None]
