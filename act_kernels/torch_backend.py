@@ -486,26 +486,33 @@ def _probs_on_keys(q_rows, keys, neg_lse_rows, key_pos, row_pos, scale, window=N
     return s.exp_()
 
 
-def _nonsink_rows(qp, kp, vp, lse_rows, positions, key_pos, skip_keys, scale, window=None):
+def _nonsink_rows(qp, kp, vp, lse_rows, positions, skip_keys, scale, window=None):
     """For a few rows, exactly: the non-sink average ``sum_{j not in S} P_ij v_j / (1 - m_i)``
-    and the non-sink mass ``1 - m_i``, by blocks of rows.
+    and the non-sink mass ``1 - m_i``, by blocks of rows, each over its :func:`key_span`.
 
     The average is a softmax over the non-sink keys, so it keeps full precision even when
-    ``1 - m_i`` is subnormal. ``kp``, ``vp`` are the keys at ``key_pos`` (the rows' span);
-    ``skip_keys`` marks the sinks and the padded keys among them.
+    ``1 - m_i`` is subnormal. ``kp``, ``vp`` and ``skip_keys`` (the sinks and the padded keys)
+    cover every key; ``positions`` (ascending) are the rows'. Within a window a block holds rows
+    less than ``W`` apart, so that it reads fewer than ``2 W`` keys.
     """
     averages, rests = [], []
-    rows = _block_rows(kp.shape[0])
-    for r0 in range(0, qp.shape[0], rows):
-        r1 = min(qp.shape[0], r0 + rows)
-        s = torch.mm(qp[r0:r1], kp.t()).mul_(scale)
-        hidden = _hidden(positions[r0:r1], key_pos, window) | skip_keys
-        s.masked_fill_(hidden, float("-inf"))
+    pos = positions.tolist()
+    rows = _block_rows(kp.shape[0] if window is None else min(kp.shape[0], 2 * window))
+    r0 = 0
+    while r0 < len(pos):
+        r1 = min(len(pos), r0 + rows)
+        if window is not None:
+            r1 = min(r1, bisect.bisect_left(pos, pos[r0] + window, r0))
+        lo, hi = key_span(pos[r0], pos[r1 - 1], window)
+        s = torch.mm(qp[r0:r1], kp[lo:hi].to(qp.dtype).t()).mul_(scale)
+        hidden = _hidden(positions[r0:r1], torch.arange(lo, hi, device=qp.device), window)
+        s.masked_fill_(hidden | skip_keys[lo:hi], float("-inf"))
         lse_rest = torch.logsumexp(s, dim=1, keepdim=True)
         finite = torch.isfinite(lse_rest)
         share = torch.exp(s - torch.where(finite, lse_rest, 0.0))
-        averages.append(share @ vp)
+        averages.append(share @ vp[lo:hi].to(qp.dtype))
         rests.append(torch.where(finite, torch.exp(lse_rest - lse_rows[r0:r1, None]), 0.0))
+        r0 = r1
     return torch.cat(averages), torch.cat(rests)
 
 
@@ -544,15 +551,11 @@ def sink_correction(out, q, k, v, neg_lse, b_idx, h_idx, sinks, calibrated, beta
             shaky = ((1.0 - m) < threshold).squeeze(1) & (m.squeeze(1) > 0)
             if bool(shaky.any()):
                 sel = shaky.nonzero().squeeze(1)
-                lo, hi = key_span(nk - nq + r0, nk - nq + r1 - 1, window)
-                skip = sinks[p, lo:hi].clone()
+                skip = sinks[p].clone()
                 if key_padding_mask is not None:
-                    skip |= ~key_padding_mask[b, lo:hi]
-                average, rest = _nonsink_rows(qp[r0:r1][sel], kp[lo:hi].to(work),
-                                              vp[lo:hi].to(work), -neg_lse[p, r0:r1][sel],
-                                              positions[r0:r1][sel],
-                                              torch.arange(lo, hi, device=q.device), skip,
-                                              scale, window)
+                    skip |= ~key_padding_mask[b]
+                average, rest = _nonsink_rows(qp[r0:r1][sel], kp, vp, -neg_lse[p, r0:r1][sel],
+                                              positions[r0:r1][sel], skip, scale, window)
                 fixed = beta * w[sel] + average * (1.0 - beta * m[sel])
                 new[sel] = torch.where(rest > 0, fixed, u[sel])
             out[b, h, r0:r1] = new.to(out.dtype)

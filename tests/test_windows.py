@@ -228,17 +228,20 @@ def test_sink_dominated_rows_in_a_window(backend, dtype):
 
 def test_windowed_passes_read_only_the_span_of_each_block(monkeypatch):
     """O(Nq W): every matmul of the bound pass and every fused plain call of a windowed prefill
-    covers one block of rows and at most its span of W - 1 + rows keys, never the prefix."""
+    covers one block of rows and at most its span of W - 1 + rows keys, never the prefix; rows
+    dominated by a sink recompute their non-sink part from fewer than 2 W keys."""
     import act_kernels.torch_backend as tb
 
     n, w = 700, 40
-    q, k, v = make_qkv(1, 4, 2, n, n, 16, seed=33, planted=[100, 400])
+    q, k, v = make_qkv(1, 4, 2, n, n, 16, seed=33, planted=[100, 400], sink_logit=9.0)
     widths = []
     real_mm, real_sdpa = torch.mm, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
     def mm_spy(a, b, *, out=None):
         if a.shape[1] == 16 + 2:             # the bound pass: (q, -lse high, -lse low)
             widths.append(("bound", a.shape[0] // 2, b.shape[1]))   # rows x 2 heads, keys
+        else:                                # the non-sink part of sink-dominated rows
+            widths.append(("rows", w + 1, b.shape[1]))
         return real_mm(a, b, out=out)
 
     def sdpa_spy(q_, k_, v_, *args, **kwargs):
@@ -249,7 +252,7 @@ def test_windowed_passes_read_only_the_span_of_each_block(monkeypatch):
                         sdpa_spy)
     out = act_attention(q, k, v, heads=[0, 1, 2, 3], window=w, tau=0.05, backend="torch")
     monkeypatch.undo()
-    assert {kind for kind, _, _ in widths} == {"plain", "bound"}
+    assert {kind for kind, _, _ in widths} == {"plain", "bound", "rows"}
     assert all(keys <= rows + w - 1 for _, rows, keys in widths), widths
     assert sum(rows for kind, rows, _ in widths if kind == "plain") == n
     want = act_attention(q, k, v, heads=[0, 1, 2, 3], window=w, tau=0.05, backend="eager")
