@@ -388,9 +388,15 @@ def _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, 
     if return_stats:
         raise NotImplementedError("act_attention: return_stats is not supported inside "
                                   "torch.compile (call it eagerly)")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if resolve_backend(backend, q.device) == "triton":
+        # the kernels as graph nodes (a triton_op); heads as given: index lists keep exact pairs
+        _check_tensors(q, k, v)
+        from .triton_backend import compiled_call
+        return compiled_call(q, k, v, heads, key_padding_mask, check_beta(beta), check_tau(tau),
+                             scale, check_window(window))
     if heads is not None and not isinstance(heads, torch.Tensor):
         heads = head_mask(heads if isinstance(heads, Sequence) else [heads], q.shape[1],
                           who="act_attention", device=q.device)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return act_attention_op(q, k, v, heads, key_padding_mask, check_beta(beta), check_tau(tau),
                             scale, backend, check_window(window))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -105,6 +106,25 @@ def test_compiled_fullgraph_gives_the_eager_output():
     torch._dynamo.reset()
     fn = torch.compile(lambda q, k, v: op_call(q, k, v, [1, 3], kpm, window), fullgraph=True)
     assert torch.equal(fn(q, k, v), op_call(q, k, v, [1, 3], kpm, window))
+
+
+def test_public_entry_point_dispatches_to_the_triton_op_when_compiled():
+    """``act_attention(..., backend="triton")`` inside torch.compile: no graph break, the
+    registered Triton op in the graph (not the generic op), the eager output."""
+    from act_kernels import act_attention
+
+    q, k, v, kpm, window = inputs(CASES["chunked prefill, window"])
+    heads = torch.tensor([False, True, False, True])
+    call = lambda q, k, v: act_attention(q, k, v, heads=heads, beta=BETA, tau=TAU,  # noqa: E731
+                                         key_padding_mask=kpm, window=window, backend="triton")
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(call)(q, k, v)
+    assert explained.graph_break_count == 0
+    code = "\n".join(g.code for g in explained.graphs)
+    assert "act_attention_triton" in code
+    assert not re.search(r"act_kernels\.act_attention(?!_triton)", code), code
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(call, fullgraph=True)(q, k, v), call(q, k, v))
 
 
 def test_arguments_that_need_device_values_are_refused():
