@@ -9,9 +9,11 @@ Data path for a prefill (``Nq > 1``)::
             --sink correction--> out          (calibrated heads, sink keys only, by the identity)
 
 ``return_stats`` adds the full exact column pass (``column_sums``) to report every key's score.
-A decode step (``Nq == 1``) is one short vectorised pass over all heads at once: its single row
-of P is as small as the output, so it is calibrated directly, without the identity, and only
-when a calibrated row has a sink. See ``csrc_notes/act_passes.md``.
+With a sliding window (``window=W``) every pass works block by block on the span of keys the
+block's rows see (``key_span``), so the call costs ``O(Nq W)``; a windowed decode takes this path.
+A decode step (``Nq == 1``, no window) is one short vectorised pass over all heads at once: its
+single row of P is as small as the output, so it is calibrated directly, without the identity,
+and only when a calibrated row has a sink. See ``csrc_notes/act_passes.md``.
 """
 from __future__ import annotations
 
