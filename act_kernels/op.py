@@ -366,7 +366,12 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 # implementation: q's shape and dtype) and runs the eager op, validation included, when the
 # graph executes.
 
-@torch.library.custom_op("act_kernels::act_attention", mutates_args=())
+# Its eager body reads device values on the host (sink selection), so a CUDA graph cannot replay
+# it: tagged cudagraph_unsafe, mode="reduce-overhead" keeps it out of captured graphs. (With
+# backend="triton" the compiled path is the registered Triton op instead, whose graph can be
+# captured: see act_kernels.triton_backend.)
+@torch.library.custom_op("act_kernels::act_attention", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,))
 def act_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      heads: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                      beta: float, tau: float, scale: float, backend: str,
