@@ -99,3 +99,13 @@ def test_the_hf_op_is_kept_out_of_cuda_graphs():
     (gm,) = graphs
     unsafe = get_first_incompatible_cudagraph_node(gm)
     assert unsafe is not None and "act_kernels.hf_attention" in str(unsafe.target)
+
+
+def test_host_reading_ops_are_kept_out_of_cuda_graphs():
+    """The generic op and the Transformers op run eager code that reads the host: both are
+    tagged so that ``mode="reduce-overhead"`` never captures them in a CUDA graph."""
+    import act_kernels.hf  # noqa: F401  (registers act_kernels::hf_attention)
+    import act_kernels.op  # noqa: F401
+
+    for op in (torch.ops.act_kernels.act_attention, torch.ops.act_kernels.hf_attention):
+        assert torch.Tag.cudagraph_unsafe in op.default.tags, op
