@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -125,12 +126,16 @@ CLOCK = time.perf_counter     # --cpu-time: time.process_time
 
 def interleaved_medians(calls, reps, max_reps=None):
     """Median time of each call, the calls timed in turn ``reps`` times (``max_reps``: a
-    per-call cap for slow ones)."""
+    per-call cap for slow ones). Each round times the calls in its own (seeded) random order, so
+    that no call always follows the same one: at decode sizes a call measured 1.6x of SDPA right
+    after SDPA's repeat-kv call (which allocates) and 1.0x elsewhere."""
     for fn in calls.values():       # warm-up
         fn()
     times = {name: [] for name in calls}
-    for _ in range(reps):
-        for name, fn in calls.items():
+    for rep in range(reps):
+        order = list(calls.items())
+        random.Random(rep).shuffle(order)
+        for name, fn in order:
             if max_reps and name in max_reps and len(times[name]) >= max_reps[name]:
                 continue
             times[name].append(median_time(fn, 1, warmup=0, clock=CLOCK))
