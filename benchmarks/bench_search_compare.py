@@ -236,8 +236,8 @@ def seed_exhaustive(model, tok, cfg, out: Path, chunks: list[dict]) -> None:
                     rec, k = where[sid]
                     got = Results.from_record(rec["cand"][(l, h)])
                     if got.ran[k] > 0:
-                        for f in Results.FIELDS:
-                            getattr(res, f)[i] = getattr(got, f)[k]
+                        for name in Results.FIELDS:
+                            getattr(res, name)[i] = getattr(got, name)[k]
             f.write(json.dumps({"kind": "candidate", "layer": l, "head": h,
                                 **res.to_record()}) + "\n")
 
