@@ -20,8 +20,8 @@ import time
 from .params import DEFAULT_BETA, DEFAULT_TAU
 
 DEMO_TASKS = "sst2,mr,subj,arc_easy"
-DEMO_SAMPLES = 160
-DEMO_SCREEN_TOP = 24
+DEMO_SAMPLES = 300
+DEMO_SCREEN_TOP = 40
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
