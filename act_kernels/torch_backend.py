@@ -9,6 +9,9 @@ Data path for a prefill (``Nq > 1``)::
             --sink correction--> out          (calibrated heads, sink keys only, by the identity)
 
 ``return_stats`` adds the full exact column pass (``column_sums``) to report every key's score.
+A short prefill (``Nq x Nk <= DENSE_MAX_ENTRIES``, the head search's prompts) skips the bound and
+the identity: ``dense_pairs`` forms each wanted pair's whole ``P`` (a few KiB), takes the column
+sums, the sinks and ``P'`` from it and multiplies ``P'`` by ``v``, for all pairs at once.
 With a sliding window (``window=W``) every pass works block by block on the span of keys the
 block's rows see (``key_span``), so the call costs ``O(Nq W)``; a windowed decode takes this path.
 A decode step (``Nq == 1``, no window) is one short vectorised pass over all heads at once: its
@@ -565,6 +568,78 @@ def sink_correction(out, q, k, v, neg_lse, b_idx, h_idx, sinks, calibrated, beta
 
 
 # --------------------------------------------------------------------------------------------
+# dense path: short prefills, every wanted pair's P at once
+# --------------------------------------------------------------------------------------------
+
+# A prefill whose P has at most this many entries a pair (Nq x Nk) takes the dense path: the
+# pruned passes' per-pair Python work costs more than computing P outright (measured in
+# benchmarks/bench_dense.py; a choice made on the shape alone, so that the sinks of a call are
+# the same with and without return_stats).
+DENSE_MAX_ENTRIES = 1 << 14
+# Floats of P held at once by the dense path (pairs x Nq x Nk), at least one pair.
+DENSE_CHUNK_FLOATS = 1 << 20
+
+
+def takes_dense_path(nq: int, nk: int) -> bool:
+    """Whether a prefill call of ``nq`` rows over ``nk`` keys runs :func:`dense_pairs`."""
+    return nq > 1 and nq * nk <= DENSE_MAX_ENTRIES
+
+
+def dense_pairs(out, q, k, v, b_idx, h_idx, calibrated, beta, tau, scale, key_padding_mask,
+                window=None):
+    """The whole ACT step of a short prefill for the (b, h) pairs ``b_idx, h_idx``, from their
+    full ``P [Nq, Nk]`` (chunks of pairs, ``DENSE_CHUNK_FLOATS``): column sums, sinks, sink mass,
+    and for the ``calibrated`` pairs ``P'`` itself (:func:`_calibrate_rows_directly`), whose
+    product with ``v`` replaces the rows of ``out`` (in place) that calibration changes.
+
+    Returns ``(scores [P, Nk], sinks [P, Nk], mass [P, Nq])`` in float32. Rows calibration
+    leaves alone (no sink seen, or every sink mass) keep ``out`` bit for bit.
+    """
+    nq, nk = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    work = _work_dtype(q.dtype)
+    bsz = q.shape[0]
+    counts = seen_counts(nq, nk, key_padding_mask, bsz, q.device, window)[b_idx]
+    first = first_valid_index(key_padding_mask, bsz, q.device)[b_idx]
+    hidden = _hidden(torch.arange(nk - nq, nk, device=q.device),
+                     torch.arange(nk, device=q.device), window)[None]           # [1, Nq, Nk]
+    scores, sinks, mass = [], [], []
+    step = max(1, DENSE_CHUNK_FLOATS // (nq * nk))
+    for c0 in range(0, len(b_idx), step):
+        bi, hi = b_idx[c0:c0 + step], h_idx[c0:c0 + step]
+        kv_i = hi // group
+        logits = torch.bmm(_as(q[bi, hi], work), _as(k[bi, kv_i], work).transpose(1, 2))
+        logits.mul_(scale)
+        dead = None
+        if key_padding_mask is None:
+            logits.masked_fill_(hidden, float("-inf"))
+        else:
+            keys = key_padding_mask[bi]                                          # [c, Nk]
+            logits.masked_fill_(hidden | ~keys[:, None, :], float("-inf"))
+            dead = ~keys[:, nk - nq:, None]                                      # padded rows
+            logits.masked_fill_(dead, 0.0)          # finite, so the softmax stays NaN-free
+        probs = torch.softmax(logits, dim=-1)
+        if dead is not None:
+            probs.masked_fill_(dead, 0.0)           # padded rows count for nothing
+        score, sink = select_sinks(probs.sum(1)[:, None], counts[c0:c0 + step], tau,
+                                   first[c0:c0 + step])
+        m = torch.where(sink, probs, 0.0).sum(-1)                                # [c, Nq]
+        scores.append(score[:, 0].float())
+        sinks.append(sink[:, 0])
+        mass.append(m.float())
+        todo = (calibrated[c0:c0 + step] & sink[:, 0].any(-1)).nonzero().squeeze(1)
+        if todo.numel() == 0:
+            continue
+        new = _calibrate_rows_directly(probs[todo], logits[todo], sink[todo], beta, q.dtype)
+        changed = ((m[todo] > 0) & (m[todo] < 1))[..., None]                    # [t, Nq, 1]
+        rows_b, rows_h = bi[todo], hi[todo]
+        plain = out[rows_b, rows_h]
+        calibrated_out = torch.bmm(new, _as(v[rows_b, kv_i[todo]], work)).to(out.dtype)
+        out[rows_b, rows_h] = torch.where(changed, calibrated_out, plain)
+    return torch.cat(scores), torch.cat(sinks), torch.cat(mass)
+
+
+# --------------------------------------------------------------------------------------------
 # decode: one row per head, all heads at once
 # --------------------------------------------------------------------------------------------
 
@@ -606,7 +681,7 @@ def _decode(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
             sinks = _decode_sinks(probs, tau, key_padding_mask, alive)
         sinks = sinks & heads[:, :, None]
         if bool(sinks.any()):     # else no calibrated row has a sink: every row unchanged
-            probs = _calibrate_decode_rows(probs, logits, sinks, beta, q.dtype)
+            probs = _calibrate_rows_directly(probs, logits, sinks, beta, q.dtype)
     out = torch.matmul(probs.view(bsz, hkv, group, nk), _as(v, work)).reshape(bsz, hq, 1, dim)
     if alive is not None:
         out = out * alive[:, None, None, None]
@@ -638,10 +713,13 @@ def _decode_sinks(probs, tau, key_padding_mask, alive):
     return sinks
 
 
-def _calibrate_decode_rows(probs, logits, sinks, beta, dtype):
-    """``P'`` of single rows: beta P on the sinks, ``(1 - beta m) / (1 - m) P`` off them.
+def _calibrate_rows_directly(probs, logits, sinks, beta, dtype):
+    """``P'`` of whole rows of ``P [..., Nk]`` (``logits``: the masked logits they come from):
+    beta P on the sinks, ``(1 - beta m) / (1 - m) P`` off them (the decode step and the dense
+    path of short prefills).
 
-    ``sinks`` holds the sinks of calibrated rows only; rows without one keep ``P * 1``, exactly.
+    ``sinks`` (broadcastable to ``probs``) holds the sinks of calibrated rows only; rows without
+    one keep ``P * 1``, exactly.
     """
     mass = torch.where(sinks, probs, 0.0).sum(-1, keepdim=True)       # m, [B, Hq, 1]
     rest = 1.0 - mass
@@ -707,6 +785,14 @@ def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, retu
         return out, None
 
     b_idx, h_idx = wanted.nonzero(as_tuple=True)
+    calibrated = (heads[b_idx, h_idx] if heads is not None
+                  else torch.zeros(len(b_idx), dtype=torch.bool, device=q.device))
+    out = out.contiguous() if not out.is_contiguous() else out
+    if takes_dense_path(nq, nk):
+        scores, sinks, mass = dense_pairs(out, q, k, v, b_idx, h_idx, calibrated, beta, tau,
+                                          scale, key_padding_mask, window)
+        return out, (_stats(scores, sinks, mass, heads, q.shape, nk) if return_stats else None)
+
     neg_lse = pair_neg_lse(lse, b_idx, h_idx, key_padding_mask, q.dtype)
     counts = seen_counts(nq, nk, key_padding_mask, bsz, q.device, window)[b_idx]
     first = first_valid_index(key_padding_mask, bsz, q.device)[b_idx]
@@ -721,9 +807,6 @@ def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, retu
     scores, sinks = select_sinks(sums[:, None], counts, tau, first)
     scores, sinks = scores[:, 0], sinks[:, 0]
 
-    calibrated = (heads[b_idx, h_idx] if heads is not None
-                  else torch.zeros(len(b_idx), dtype=torch.bool, device=q.device))
-    out = out.contiguous() if not out.is_contiguous() else out
     mass = sink_correction(out, q, k, v, neg_lse, b_idx, h_idx, sinks, calibrated.tolist(),
                            beta, scale, key_padding_mask, window)
     if not return_stats:

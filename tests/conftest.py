@@ -20,3 +20,21 @@ def require(condition, reason: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI=true: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend_paths(request, monkeypatch):
+    """A test parametrized with ``backend="torch-pruned"`` runs the torch backend with its dense
+    path for short prefills off (``DENSE_MAX_ENTRIES = 0``), so that the pruned passes meet every
+    case of the matrix too, not only the long inputs that take them in use."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "torch-pruned":
+        from act_kernels import torch_backend
+        monkeypatch.setattr(torch_backend, "DENSE_MAX_ENTRIES", 0)
+
+
+@pytest.fixture
+def pruned_torch_path(monkeypatch):
+    """The torch backend's pruned passes for every prefill, however short."""
+    from act_kernels import torch_backend
+    monkeypatch.setattr(torch_backend, "DENSE_MAX_ENTRIES", 0)

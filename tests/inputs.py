@@ -103,3 +103,9 @@ def random_head_mask(bsz: int, hq: int, *, seed: int) -> torch.Tensor:
         if hq > 1:
             mask[b, (b + 1) % hq] = False
     return mask
+
+
+def backend_name(backend: str) -> str:
+    """The op's name of a test's backend parameter: ``"torch-pruned"`` is the torch backend run
+    with its dense path for short prefills turned off (``conftest.py`` turns it off)."""
+    return "torch" if backend == "torch-pruned" else backend

@@ -15,9 +15,11 @@ from hypothesis import given, settings, strategies as st
 
 from act_kernels import ACTStats, act_attention
 from bruteforce import BruteForce, act_bruteforce, bruteforce_details
-from inputs import (integer_qkv, left_padding, make_qkv, random_head_mask, random_pads)
+from inputs import (backend_name, integer_qkv, left_padding, make_qkv, random_head_mask,
+                    random_pads)
 
-BACKENDS = ["eager", "torch"]
+# "torch-pruned": the torch backend with its dense path for short prefills off (conftest.py)
+BACKENDS = ["eager", "torch", "torch-pruned"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +144,7 @@ def check(backend, q, k, v, *, heads=None, beta=0.4, tau=0.1, scale=None, key_pa
                      heads=None if mask is None else mask.int().tolist())
     tol = tol or TOLS[q.dtype]
     kw = dict(heads=heads, beta=beta, tau=tau, scale=scale, key_padding_mask=key_padding_mask,
-              backend=backend, window=window)
+              backend=backend_name(backend), window=window)
     out, stats = act_attention(q, k, v, return_stats=True, **kw)
     out_only = act_attention(q, k, v, **kw)
     assert isinstance(out_only, torch.Tensor) and out_only.dtype == q.dtype, where
@@ -274,7 +276,7 @@ def test_beta_extremes(backend, shape):
     seed = 11 + sum(shape)
     q, k, v = make_qkv(bsz, hq, hkv, nq, nk, dim, seed=seed, planted=planted_positions(nk, nq))
     kpm = left_padding(nk, [0, 5])
-    plain = act_attention(q, k, v, key_padding_mask=kpm, backend=backend)
+    plain = act_attention(q, k, v, key_padding_mask=kpm, backend=backend_name(backend))
 
     out0, stats0, bf0 = check(backend, q, k, v, heads=[0, hq - 1], beta=0.0,
                               key_padding_mask=kpm, seed=seed)
@@ -313,7 +315,7 @@ def test_large_tau_is_plain_attention(backend, tau, shape):
     seed = 17 + sum(shape)
     q, k, v = make_qkv(bsz, hq, hkv, nq, nk, dim, seed=seed)
     kpm = left_padding(nk, [0, 4])
-    plain = act_attention(q, k, v, key_padding_mask=kpm, backend=backend)
+    plain = act_attention(q, k, v, key_padding_mask=kpm, backend=backend_name(backend))
     out, stats, bf = check(backend, q, k, v, heads=torch.ones(hq, dtype=torch.bool), tau=tau,
                            key_padding_mask=kpm, seed=seed)
     assert not bool(bf.sinks.any()) and not bool(stats.sinks.any())
@@ -333,7 +335,7 @@ def test_rows_still_sum_to_one(backend, shape, beta, tau):
     v = torch.ones(bsz, hkv, nk, dim)
     kpm = left_padding(nk, random_pads(bsz, nk, seed=5, max_frac=0.3))
     out, stats = act_attention(q, k, v, heads=torch.ones(hq, dtype=torch.bool), beta=beta, tau=tau,
-                               key_padding_mask=kpm, backend=backend, return_stats=True)
+                               key_padding_mask=kpm, backend=backend_name(backend), return_stats=True)
     assert bool(stats.sinks.any())
     valid = kpm[:, nk - nq:][:, None, :, None].expand_as(out)
     err = (out[valid] - 1).abs().max().item()
@@ -356,8 +358,8 @@ def test_uncalibrated_heads_are_bit_identical(backend, shape, padded, return_sta
                        layout="bnhd")
     kpm = left_padding(nk, random_pads(bsz, nk, seed=seed)) if padded else None
     heads = random_head_mask(bsz, hq, seed=seed)
-    plain = act_attention(q, k, v, key_padding_mask=kpm, backend=backend)
-    result = act_attention(q, k, v, heads=heads, key_padding_mask=kpm, backend=backend,
+    plain = act_attention(q, k, v, key_padding_mask=kpm, backend=backend_name(backend))
+    result = act_attention(q, k, v, heads=heads, key_padding_mask=kpm, backend=backend_name(backend),
                            return_stats=return_stats)
     out = result[0] if return_stats else result
     keep = ~heads
@@ -377,15 +379,15 @@ def test_head_spellings_agree(backend, shape):
     bsz, hq, hkv, nq, nk, dim = shape
     q, k, v = make_qkv(bsz, hq, hkv, nq, nk, dim, seed=23, planted=planted_positions(nk, nq))
     row = torch.tensor([i in (1, 4) for i in range(hq)])
-    ref = act_attention(q, k, v, heads=[1, 4], backend=backend)
+    ref = act_attention(q, k, v, heads=[1, 4], backend=backend_name(backend))
     for spelling in ([4, 1], (1, 4), torch.tensor([1, 4]), row, row[None].expand(bsz, hq).clone()):
-        assert torch.equal(act_attention(q, k, v, heads=spelling, backend=backend), ref), spelling
-    assert torch.equal(act_attention(q, k, v, heads=1, backend=backend),
-                       act_attention(q, k, v, heads=[1], backend=backend))
-    plain = act_attention(q, k, v, backend=backend)
+        assert torch.equal(act_attention(q, k, v, heads=spelling, backend=backend_name(backend)), ref), spelling
+    assert torch.equal(act_attention(q, k, v, heads=1, backend=backend_name(backend)),
+                       act_attention(q, k, v, heads=[1], backend=backend_name(backend)))
+    plain = act_attention(q, k, v, backend=backend_name(backend))
     assert not torch.equal(ref, plain)
     for nothing in ([], torch.zeros(hq, dtype=torch.bool), torch.zeros(bsz, hq, dtype=torch.bool)):
-        assert torch.equal(act_attention(q, k, v, heads=nothing, backend=backend), plain)
+        assert torch.equal(act_attention(q, k, v, heads=nothing, backend=backend_name(backend)), plain)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -394,9 +396,9 @@ def test_per_row_heads_calibrate_only_their_row(backend):
     bsz, hq, hkv, n, dim = 3, 3, 1, 45, 64
     q, k, v = make_qkv(bsz, hq, hkv, n, n, dim, seed=29, planted=[15, 30])
     heads = torch.eye(bsz, hq, dtype=torch.bool)
-    out = act_attention(q, k, v, heads=heads, backend=backend)
+    out = act_attention(q, k, v, heads=heads, backend=backend_name(backend))
     for b in range(bsz):
-        alone = act_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], heads=[b], backend=backend)
+        alone = act_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], heads=[b], backend=backend_name(backend))
         torch.testing.assert_close(out[b:b + 1], alone, atol=1e-6, rtol=1e-6)
 
 
@@ -498,7 +500,7 @@ def test_huge_logits_finite(backend, dtype, nq):
     kpm = left_padding(nk, [0, 8])
     for tau in (0.1, 1e-6):
         out, stats = act_attention(q, k, v, heads=torch.ones(hq, dtype=torch.bool), tau=tau,
-                                   key_padding_mask=kpm, backend=backend, return_stats=True)
+                                   key_padding_mask=kpm, backend=backend_name(backend), return_stats=True)
         assert torch.isfinite(out).all(), f"tau={tau}"
         assert torch.isfinite(stats.scores).all() and torch.isfinite(stats.sink_mass).all()
         # a calibrated row is a convex combination of the values it sees
@@ -523,7 +525,7 @@ def test_non_contiguous_inputs(backend, shape):
     kpm = left_padding(nk, [0, 3])
     heads = random_head_mask(bsz, hq, seed=seed)
     contiguous = act_attention(q.contiguous(), k.contiguous(), v.contiguous(), heads=heads,
-                               key_padding_mask=kpm, backend=backend)
+                               key_padding_mask=kpm, backend=backend_name(backend))
     for kk, vv in ((k, v), (cache_k[:, :, :nk], cache_v[:, :, :nk])):
         out, _, _ = check(backend, q, kk, vv, heads=heads, key_padding_mask=kpm, seed=seed)
         torch.testing.assert_close(out, contiguous, atol=1e-5, rtol=1e-5)

@@ -9,6 +9,9 @@ from act_kernels import torch_backend as tb
 from act_kernels.reference import act_attention_reference
 from bruteforce import bruteforce_details
 
+# These tests are about the pruned passes: short prefills take them too (conftest.py).
+pytestmark = pytest.mark.usefixtures("pruned_torch_path")
+
 
 def _inputs(b, hq, hkv, nq, nk, d, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)

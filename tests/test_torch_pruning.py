@@ -17,6 +17,9 @@ from act_kernels.sinks import first_valid_index, seen_counts
 from bruteforce import bruteforce_details
 from inputs import integer_qkv, left_padding, make_qkv
 
+# These tests are about the pruned passes: short prefills take them too (conftest.py).
+pytestmark = pytest.mark.usefixtures("pruned_torch_path")
+
 # (B, Hq, Hkv, Nq, Nk, D, planted keys, left pads per batch row)
 SHAPES = [
     (1, 3, 1, 97, 97, 64, (5, 40), None),
@@ -195,7 +198,7 @@ def test_decode_without_sinks_skips_the_calibration(monkeypatch):
 
     def boom(*args, **kwargs):
         raise AssertionError("calibration ran without a sink")
-    monkeypatch.setattr(tb, "_calibrate_decode_rows", boom)
+    monkeypatch.setattr(tb, "_calibrate_rows_directly", boom)
     out = act_attention(q, k, v, heads=[0, 1, 2, 3], backend="torch")
     assert torch.equal(out, act_attention(q, k, v, backend="torch"))
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from bruteforce import bruteforce_details, visible
-from inputs import left_padding, make_qkv, random_head_mask
+from inputs import backend_name, left_padding, make_qkv, random_head_mask
 from test_op import check
 
 from act_kernels import act_attention
 
-BACKENDS = ["eager", "torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+BACKENDS = ["eager", "torch", "torch-pruned"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
 
 # (B, Hq, Hkv, Nq, Nk, D, W): W smaller than, equal to and larger than N; W = 1; GQA; decode;
 # chunked prefill (Nq < Nk)
@@ -54,23 +54,23 @@ def test_windows_match_the_bruteforce(backend, case, padded):
     if w > 1 and nk > 2:
         assert bool(bf.sinks.any()), "no sink: the case would prove little"
     if w == 1:       # every row is its own only key: calibration changes nothing
-        plain = act_attention(q, k, v, key_padding_mask=kpm, window=1, backend=backend)
+        plain = act_attention(q, k, v, key_padding_mask=kpm, window=1, backend=backend_name(backend))
         torch.testing.assert_close(act_attention(q, k, v, heads=heads, tau=0.05, window=1,
-                                                 key_padding_mask=kpm, backend=backend),
+                                                 key_padding_mask=kpm, backend=backend_name(backend)),
                                    plain, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_window_at_least_n_is_plain_causal_and_bad_windows_are_refused(backend):
     q, k, v = make_qkv(1, 2, 1, 13, 13, 32, seed=4, planted=[5])
-    want = act_attention(q, k, v, heads=[0, 1], tau=0.05, backend=backend)
+    want = act_attention(q, k, v, heads=[0, 1], tau=0.05, backend=backend_name(backend))
     for w in (13, 14, 1000):
-        got = act_attention(q, k, v, heads=[0, 1], tau=0.05, window=w, backend=backend)
+        got = act_attention(q, k, v, heads=[0, 1], tau=0.05, window=w, backend=backend_name(backend))
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="window must be >= 1"):
-        act_attention(q, k, v, window=0, backend=backend)
+        act_attention(q, k, v, window=0, backend=backend_name(backend))
     with pytest.raises(TypeError, match="window must be None or a positive integer"):
-        act_attention(q, k, v, window=2.5, backend=backend)
+        act_attention(q, k, v, window=2.5, backend=backend_name(backend))
 
 
 def test_the_first_valid_key_is_never_a_sink_even_outside_every_window():
