@@ -279,6 +279,11 @@ def test_no_harm_writes_an_empty_profile(setup, tmp_path, monkeypatch):
     base, final = summary["baseline"]["val"], summary["final"]["val"]
     assert len(summary["best_set"]) == 1
     assert final["acc"] < base["acc"], (base, final)          # the set does harm here
+    # the final set ran on every validation sample and on no scoring sample (it chose the heads)
+    ran = summary["final"]["results"]["ran"]
+    assert summary["final"]["score"] is None and final["n"] == summary["n_val"] > 0
+    assert {i for i, r in enumerate(ran) if r == "1"} == (set(range(summary["n"]))
+                                                          - set(summary["score_index"]))
     assert summary["no_gain"]
     profile = ACTProfile.load(out / "profile.json")
     assert profile.num_calibrated() == 0

@@ -341,19 +341,22 @@ def select_greedy(st: SearchState) -> None:
 
 
 def measure_sets(st: SearchState) -> None:
-    """The final set (every sample, exactly) and, for the exhaustive strategy, the reference's
-    union of good heads, on both parts; the final set's per-sample validation outcomes are kept
-    for the interval against the uncalibrated model. (The screen checks only its best
-    candidates, so its good heads are not the reference's union: that set is not measured.)"""
+    """The final set and, for the exhaustive strategy, the reference's union of good heads, run
+    exactly on the validation part, the part that decides whether the search wrote a profile
+    (the scoring part chose the heads, so its figures would flatter them: it is not run); the
+    final set's per-sample outcomes there give the interval against the uncalibrated model.
+    (The screen checks only its best candidates, so its good heads are not the reference's
+    union: that set is not measured.)"""
     chosen = {"final": st.kept}
     if st.cfg.strategy == "exhaustive":
         chosen["reference_union"] = [(r["layer"], r["head"]) for r in st.good]
     for name, pairs in chosen.items():
         rec = st.ckpt.find("set", name=name)
         if rec is None:
-            res = st.scorer.plain(st.n, st.samples, as_heads(pairs)) if pairs else st.baseline
+            res = (st.scorer.plain(st.n, st.val, as_heads(pairs))
+                   if pairs and st.val else st.baseline)
             rec = st.record({"kind": "set", "name": name, "heads": [list(k) for k in pairs],
-                             "score": metrics(res, st.score), "val": metrics(res, st.val),
+                             "score": None, "val": metrics(res, st.val),
                              "results": res.to_record()})
         st.sets[name] = rec
 

@@ -44,14 +44,15 @@ SEARCH_RULE = """\
    tie is noise). At most `--max-greedy` heads are tried. With `--exact-check boundary` a trial
    runs the validation samples whose answer the new head may flip (its estimate against the
    kept set's margins); the others keep the kept set's outcome.
-5. **Does no harm.** The final set is run exactly on every sample and compared with the
-   uncalibrated model on the validation part (paired bootstrap interval of the difference). If
+5. **Does no harm.** The final set is run exactly on every validation sample and compared with
+   the uncalibrated model there (paired bootstrap interval of the difference). If
    it does not beat it (lower accuracy, or equal accuracy with a lower margin), the profile
    written is empty and the set is only reported.
 6. **Reported.** For every candidate: the estimate (screen) and, when run exactly, accuracy,
    class-balanced accuracy (mean over the (task, gold option) groups) and mean margin, with
    deltas, on the scoring part, and the samples it ran on; for the final set (and, for the
-   exhaustive strategy, the reference's union): the same on the scoring and validation parts.
+   exhaustive strategy, the reference's union): the same on the validation part (the scoring
+   part chose the heads, so it is not run again).
 """
 
 
@@ -209,7 +210,7 @@ def summary_md(s: dict, cfg) -> str:
     for name, rec in sets:
         for part in ("score", "val"):
             m = rec[part]
-            if m["n"]:
+            if m and m["n"]:
                 lines.append(f"| {name} | {'scoring' if part == 'score' else 'validation'} | "
                              f"{m['n']} | {_pct(m['acc'])} | {_pct(m['bal_acc'])} | "
                              f"{_f(m['margin'], 3)} |")
