@@ -124,11 +124,14 @@ _ZERO_ONE = TensorCache()
 
 
 def _index_row(indices, hq: int, device) -> torch.Tensor:
-    """``head_mask`` of a list of head indices, the same tensor for the same list (cached)."""
-    try:
-        return _cached_index_row(tuple(indices), hq, torch.device(device))
-    except TypeError:               # unhashable entries: head_mask names the bad one
-        return head_mask(indices, hq, who="act_attention", device=device)
+    """``head_mask`` of a list of head indices, the same tensor for the same list (cached).
+
+    Only lists of plain ints are cached: ``0.0 == 0`` and ``True == 1`` hash alike, so a cached
+    ``[0, 1]`` would otherwise answer for ``[0.0, 1.0]``, which ``head_mask`` refuses."""
+    key = tuple(indices)
+    if all(type(i) is int for i in key):
+        return _cached_index_row(key, hq, torch.device(device))
+    return head_mask(indices, hq, who="act_attention", device=device)
 
 
 @functools.lru_cache(maxsize=256)

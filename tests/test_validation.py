@@ -186,6 +186,14 @@ def test_heads_of_wrong_type(backend, heads, match):
         act_attention(*qkv(), heads=heads, backend=backend)
 
 
+@pytest.mark.parametrize("good,bad", [([0, 1], [0.0, 1.0]), ([1, 0, 1, 0], [True, False, True, False])])
+def test_a_valid_list_seen_first_does_not_vouch_for_an_equal_invalid_one(backend, good, bad):
+    """``[0.0, 1.0] == [0, 1]`` in Python: the op's cache of head lists must not mix them up."""
+    act_attention(*qkv(), heads=good, backend=backend)
+    with pytest.raises(TypeError, match="head indices must be integers"):
+        act_attention(*qkv(), heads=bad, backend=backend)
+
+
 # ----------------------------------------------------------------------------------------------
 # key padding mask
 # ----------------------------------------------------------------------------------------------
