@@ -575,7 +575,7 @@ def sink_correction(out, q, k, v, neg_lse, b_idx, h_idx, sinks, calibrated, beta
 # pruned passes' per-pair Python work costs more than computing P outright (measured in
 # benchmarks/bench_dense.py; a choice made on the shape alone, so that the sinks of a call are
 # the same with and without return_stats).
-DENSE_MAX_ENTRIES = 1 << 14
+DENSE_MAX_ENTRIES = 1 << 16
 # Floats of P held at once by the dense path (pairs x Nq x Nk), at least one pair.
 DENSE_CHUNK_FLOATS = 1 << 20
 
@@ -585,57 +585,90 @@ def takes_dense_path(nq: int, nk: int) -> bool:
     return nq > 1 and nq * nk <= DENSE_MAX_ENTRIES
 
 
+# Below this non-sink mass a dense row's calibration is recomputed from a softmax over its
+# non-sink logits: its non-sink entries of P may be subnormal or zero in float32.
+DENSE_TINY_REST = 1e-20
+
+
 def dense_pairs(out, q, k, v, b_idx, h_idx, calibrated, beta, tau, scale, key_padding_mask,
                 window=None):
     """The whole ACT step of a short prefill for the (b, h) pairs ``b_idx, h_idx``, from their
-    full ``P [Nq, Nk]`` (chunks of pairs, ``DENSE_CHUNK_FLOATS``): column sums, sinks, sink mass,
-    and for the ``calibrated`` pairs ``P'`` itself (:func:`_calibrate_rows_directly`), whose
-    product with ``v`` replaces the rows of ``out`` (in place) that calibration changes.
+    full ``P [Nq, Nk]`` (chunks of pairs, ``DENSE_CHUNK_FLOATS``).
 
-    Returns ``(scores [P, Nk], sinks [P, Nk], mass [P, Nq])`` in float32. Rows calibration
-    leaves alone (no sink seen, or every sink mass) keep ``out`` bit for bit.
+    Per pair: ``P``, its column sums, the sinks ``S`` and, with ``s_j = [j in S]``, three
+    products with ``P`` in place of any per-entry selection: the sink mass ``m = P s``, the
+    non-sink mass ``r = P (1 - s)`` and the two halves of the output, ``w = P (s v)`` and
+    ``n = P ((1 - s) v)``. A calibrated row becomes ``beta w + (1 - beta m) / r * n``: no
+    difference of nearly equal terms, so no identity and no cancellation. Rows whose ``r`` is
+    below ``DENSE_TINY_REST`` take their non-sink part from a softmax over their non-sink logits
+    (exact even where ``P`` underflows); rows with ``m = 0`` or ``r = 0`` keep ``out`` bit for
+    bit. ``out`` (contiguous) is rewritten in place for the ``calibrated`` pairs.
+
+    Returns ``(scores [P, Nk], sinks [P, Nk], mass [P, Nq])`` in float32.
     """
-    nq, nk = q.shape[2], k.shape[2]
-    group = q.shape[1] // k.shape[1]
+    bsz, hq, nq, dim = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
     work = _work_dtype(q.dtype)
-    bsz = q.shape[0]
-    counts = seen_counts(nq, nk, key_padding_mask, bsz, q.device, window)[b_idx]
-    first = first_valid_index(key_padding_mask, bsz, q.device)[b_idx]
+    counts = seen_counts(nq, nk, key_padding_mask, bsz, q.device, window)
+    first = first_valid_index(key_padding_mask, bsz, q.device)
     hidden = _hidden(torch.arange(nk - nq, nk, device=q.device),
                      torch.arange(nk, device=q.device), window)[None]           # [1, Nq, Nk]
+    # pairs index the flattened (batch, head) axes: one index_select per tensor, no 2-D gather
+    qf = _as(q, work).reshape(bsz * hq, nq, dim)
+    kf = _as(k, work).reshape(bsz * hkv, nk, dim)
+    vf = _as(v, work).reshape(bsz * hkv, nk, dim)
+    of = out.view(bsz * hq, nq, dim)
+    pairs = b_idx * hq + h_idx
+    kv_pairs = b_idx * hkv + torch.div(h_idx, group, rounding_mode="floor")
     scores, sinks, mass = [], [], []
     step = max(1, DENSE_CHUNK_FLOATS // (nq * nk))
     for c0 in range(0, len(b_idx), step):
-        bi, hi = b_idx[c0:c0 + step], h_idx[c0:c0 + step]
-        kv_i = hi // group
-        logits = torch.bmm(_as(q[bi, hi], work), _as(k[bi, kv_i], work).transpose(1, 2))
+        bi, pi, kvi = b_idx[c0:c0 + step], pairs[c0:c0 + step], kv_pairs[c0:c0 + step]
+        logits = torch.bmm(qf.index_select(0, pi), kf.index_select(0, kvi).transpose(1, 2))
         logits.mul_(scale)
         dead = None
         if key_padding_mask is None:
             logits.masked_fill_(hidden, float("-inf"))
         else:
-            keys = key_padding_mask[bi]                                          # [c, Nk]
+            keys = key_padding_mask.index_select(0, bi)                          # [c, Nk]
             logits.masked_fill_(hidden | ~keys[:, None, :], float("-inf"))
             dead = ~keys[:, nk - nq:, None]                                      # padded rows
             logits.masked_fill_(dead, 0.0)          # finite, so the softmax stays NaN-free
         probs = torch.softmax(logits, dim=-1)
         if dead is not None:
             probs.masked_fill_(dead, 0.0)           # padded rows count for nothing
-        score, sink = select_sinks(probs.sum(1)[:, None], counts[c0:c0 + step], tau,
-                                   first[c0:c0 + step])
-        m = torch.where(sink, probs, 0.0).sum(-1)                                # [c, Nq]
-        scores.append(score[:, 0].float())
-        sinks.append(sink[:, 0])
-        mass.append(m.float())
-        todo = (calibrated[c0:c0 + step] & sink[:, 0].any(-1)).nonzero().squeeze(1)
+        score, sink = select_sinks(probs.sum(1)[:, None], counts.index_select(0, bi), tau,
+                                   first.index_select(0, bi))
+        score, sink = score[:, 0], sink[:, 0]                                    # [c, Nk]
+        on_sink = sink.to(work)
+        m = torch.bmm(probs, on_sink[:, :, None])                                # [c, Nq, 1]
+        scores.append(score.float())
+        sinks.append(sink)
+        mass.append(m[..., 0].float())
+        todo = (calibrated[c0:c0 + step] & sink.any(-1)).nonzero().squeeze(1)
         if todo.numel() == 0:
             continue
-        new = _calibrate_rows_directly(probs[todo], logits[todo], sink[todo], beta, q.dtype)
-        changed = ((m[todo] > 0) & (m[todo] < 1))[..., None]                    # [t, Nq, 1]
-        rows_b, rows_h = bi[todo], hi[todo]
-        plain = out[rows_b, rows_h]
-        calibrated_out = torch.bmm(new, _as(v[rows_b, kv_i[todo]], work)).to(out.dtype)
-        out[rows_b, rows_h] = torch.where(changed, calibrated_out, plain)
+        if todo.numel() == len(bi):                 # every pair of the chunk: no copies
+            p, s, mt, sink_t, lg_t, rows = probs, on_sink, m, sink, logits, pi
+        else:
+            p, s, mt = probs.index_select(0, todo), on_sink.index_select(0, todo), m[todo]
+            sink_t, lg_t, rows = sink[todo], logits[todo], pi.index_select(0, todo)
+        vt = vf.index_select(0, kvi.index_select(0, todo))                       # [t, Nk, D]
+        off = 1.0 - s
+        halves = torch.bmm(p, torch.cat([vt * s[:, :, None], vt * off[:, :, None],
+                                         off[:, :, None]], dim=2))               # [t, Nq, 2D+1]
+        w, rest_part, rest = halves[..., :dim], halves[..., dim:2 * dim], halves[..., 2 * dim:]
+        change = (mt > 0) & (rest > 0)                                           # [t, Nq, 1]
+        new = beta * w + (1.0 - beta * mt) / torch.where(change, rest, 1.0) * rest_part
+        tiny = (change & (rest < DENSE_TINY_REST))[..., 0].nonzero(as_tuple=True)
+        if tiny[0].numel():
+            # the non-sink part as a softmax over the non-sink logits of those rows
+            lg = lg_t[tiny].masked_fill(sink_t[tiny[0]], float("-inf"))
+            share = torch.softmax(lg, dim=-1)[:, None, :]                        # [u, 1, Nk]
+            average = torch.bmm(share, vt[tiny[0]])[:, 0]                        # [u, D]
+            new[tiny] = beta * w[tiny] + (1.0 - beta * mt[tiny]) * average
+        of.index_copy_(0, rows, torch.where(change, new.to(out.dtype), of.index_select(0, rows)))
     return torch.cat(scores), torch.cat(sinks), torch.cat(mass)
 
 
