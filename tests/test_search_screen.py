@@ -156,6 +156,41 @@ def _predicted_gains(out, summary) -> dict:
     return gained
 
 
+def test_candidates_on_chosen_samples_score_as_on_every_sample(setup):
+    """With ``only`` the candidate pass probes the sinks in its key/value-recording plain pass
+    (no second plain pass); on the samples it runs, the outcomes are those of the pass without
+    ``only`` (margins to rounding: fewer rows make other suffix batches), and elsewhere the
+    baseline's."""
+    from act_kernels.search import Scorer
+    from act_kernels.search.scoring import Results
+
+    samples = _samples(setup, 12)
+    n = len(samples)
+    scorer = Scorer(setup["model"], setup["tok"], tau=LOW_TAU, batch_size=4)
+    baseline = scorer.plain(n, samples)
+    todo = {1: [0, 2], 3: [1]}
+    every, some = {}, {}
+    scorer.candidates(n, samples, baseline, todo,
+                      lambda layer, res: every.update({(layer, h): r for h, r in res.items()}))
+    only = {(l, h): {s.index for s in samples if (s.index + l + h) % 3} for l, hs in todo.items()
+            for h in hs}
+    scorer.candidates(n, samples, baseline, todo,
+                      lambda layer, res: some.update({(layer, h): r for h, r in res.items()}),
+                      only=only)
+    ran = 0
+    for key, res in some.items():
+        for i in range(n):
+            ref = every[key] if i in only[key] else baseline
+            for f in ("correct", "pred"):
+                assert getattr(res, f)[i] == getattr(ref, f)[i], (key, i, f)
+            for f in ("margin", "decision"):
+                assert float(getattr(res, f)[i]) == pytest.approx(float(getattr(ref, f)[i]),
+                                                                 abs=1e-5), (key, i, f)
+            ran += int(res.ran[i] > 0)
+            assert not res.ran[i] or i in only[key]
+    assert ran > 0 and any(every[k].ran.sum() > some[k].ran.sum() for k in every)
+
+
 def test_boundary_check_runs_only_samples_that_may_flip(setup, tmp_path, monkeypatch):
     """``exact_check="boundary"``: each screened head runs exactly only on the scoring samples
     with ``|margin| <= 3 |estimate| + 0.05`` and keeps the baseline outcome elsewhere; with a

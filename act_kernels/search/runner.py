@@ -244,18 +244,19 @@ def first_sinks(sinks: torch.Tensor, total: int) -> torch.Tensor:
     return torch.where(sinks.any(-1), first, torch.full_like(first, total))
 
 
-def run_layer_with_probe(runner: LayerRunner, layer: int, hidden: torch.Tensor, ctx: Context
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def run_layer_with_probe(runner: LayerRunner, layer: int, hidden: torch.Tensor, ctx: Context,
+                         cache=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run decoder layer ``layer`` plainly (inside an ACT block such as :func:`act_mode`) and
     return ``(hidden_out, first_sink long [B, Hq])``: the position of each (row, head)'s first
-    sink, ``T`` (the padded length) where the head has none."""
+    sink, ``T`` (the padded length) where the head has none. ``cache``: as for
+    :meth:`LayerRunner.run_layers` (a :class:`KVRecorder` records the layer's keys/values)."""
     found = []
 
     def probe(module, stats, query, key, value, key_padding_mask):
         found.append(first_sinks(stats.sinks, key.shape[2]))
 
     with recording(runner.model, probe, layers=[layer]):
-        out = runner.run_layers(hidden, ctx, layer, layer + 1)
+        out = runner.run_layers(hidden, ctx, layer, layer + 1, cache)
     if len(found) != 1:
         raise RuntimeError(f"act search: the sink probe of layer {layer} saw {len(found)} ACT "
                            "attention calls (expected one: does the model call Transformers' "

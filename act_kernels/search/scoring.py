@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Container, Mapping, Optional, Sequence
 
 import torch
@@ -210,7 +210,10 @@ class Scorer:
           batch of a group (:meth:`my_groups`), share a forward (:meth:`_run_suffixes`).
 
         * ``only`` (optional): ``{(layer, head): global sample indices}``; a candidate runs on
-          those samples only and keeps the baseline's outcome on the others.
+          those samples only and keeps the baseline's outcome on the others. The plain pass that
+          records the prefix keys/values then also probes the sinks and keeps the hidden states
+          entering each candidate layer for those samples only, so no second plain pass runs
+          (:meth:`_plain_pass`).
 
         ``on_layer(layer, {head: Results})`` receives each finished layer, reduced over ranks
         and completed from ``baseline``.
@@ -219,21 +222,13 @@ class Scorer:
         if not todo:
             return
         last = max(todo)
-        keep_from = min(todo) + 1
+        one_pass = only is not None and self.reuse_prefix
         groups: list[list[_State]] = []
         with act_mode(self.model, beta=self.beta, tau=self.tau, backend=self.backend):
             for batches in self.my_groups(samples):
                 groups.append([])
                 for batch in batches:
-                    ids, mask = pad_batch(batch, self.tokenizer, self.device)
-                    hidden, ctx = self.runner.context(ids, mask)
-                    index = torch.as_tensor([s.index for s in batch], dtype=torch.long)
-                    kv = {}
-                    if self.reuse_prefix:
-                        recorder = KVRecorder()
-                        self.runner.run_layers(hidden, ctx, 0, self.num_layers, recorder)
-                        kv = {l: t for l, t in recorder.kv.items() if l >= keep_from}
-                    groups[-1].append(_State(batch, ctx, hidden, index, kv))
+                    groups[-1].append(self._plain_pass(batch, todo, only if one_pass else None))
             for layer in range(last + 1):
                 heads = todo.get(layer, [])
                 results = {h: Results.empty(n_total) for h in heads}
@@ -241,21 +236,25 @@ class Scorer:
                     rows: list[_Row] = []
                     for st in states:
                         st.kv.pop(layer, None)            # later layers never need it again
-                        if not heads:
+                        if one_pass:
+                            batch_rows, hidden, first_sink = st.entering.pop(
+                                layer, ([], None, None))
+                        elif heads:
+                            batch_rows, hidden = list(range(len(st.batch))), st.hidden
+                            st.hidden, first_sink = run_layer_with_probe(
+                                self.runner, layer, hidden, st.ctx)
+                        else:
                             st.hidden = self.runner.run_layers(st.hidden, st.ctx, layer,
                                                                layer + 1)
                             continue
-                        out, first_sink = run_layer_with_probe(self.runner, layer, st.hidden,
-                                                               st.ctx)
-                        total = st.hidden.shape[1]
-                        first = first_sink.tolist()
-                        mine = [_Row(st, r, h, min(first[r][h], total - 1) if self.reuse_prefix
+                        total = st.ctx.key_mask.shape[1]
+                        first = [] if first_sink is None else first_sink.tolist()
+                        mine = [_Row(st, r, h, min(first[k][h], total - 1) if self.reuse_prefix
                                      else 0)
-                                for r in range(len(st.batch)) for h in heads
-                                if (not self.skip_sinkless or first[r][h] < total)
+                                for k, r in enumerate(batch_rows) for h in heads
+                                if (not self.skip_sinkless or first[k][h] < total)
                                 and (only is None or st.batch[r].index in only[(layer, h)])]
-                        self._run_candidate_layer(layer, st, mine)
-                        st.hidden = out
+                        self._run_candidate_layer(layer, st, mine, hidden, batch_rows)
                         rows += mine
                         if progress and len(st.batch) * len(heads) > len(mine):
                             progress(len(st.batch) * len(heads) - len(mine))
@@ -265,16 +264,54 @@ class Scorer:
                     done = {h: r.reduce(self.dist).fill_from(baseline) for h, r in results.items()}
                     on_layer(layer, done)
 
-    def _run_candidate_layer(self, layer: int, st: "_State", rows: list["_Row"]) -> None:
+    def _plain_pass(self, batch, todo: Mapping[int, Sequence[int]],
+                    only: Optional[Mapping[tuple[int, int], Container[int]]]) -> "_State":
+        """One batch's plain pass before the candidates run: with ``reuse_prefix`` it records
+        every layer's keys/values (the suffix passes read their prefixes from them). With
+        ``only`` it also probes, at each candidate layer, the sinks of the batch rows some
+        candidate of that layer must run, and keeps those rows' hidden states entering the layer
+        (``_State.entering``): the candidates then need no second plain pass."""
+        ids, mask = pad_batch(batch, self.tokenizer, self.device)
+        hidden, ctx = self.runner.context(ids, mask)
+        index = torch.as_tensor([s.index for s in batch], dtype=torch.long)
+        st = _State(batch, ctx, hidden, index, {})
+        if not self.reuse_prefix:
+            return st
+        recorder = KVRecorder()
+        if only is None:
+            self.runner.run_layers(hidden, ctx, 0, self.num_layers, recorder)
+        else:
+            for layer in range(self.num_layers):
+                rows = [r for r, s in enumerate(batch)
+                        if any(s.index in only[(layer, h)] for h in todo.get(layer, []))]
+                if not rows:
+                    hidden = self.runner.run_layers(hidden, ctx, layer, layer + 1, recorder)
+                    continue
+                sel = torch.as_tensor(rows, dtype=torch.long, device=hidden.device)
+                out, first_sink = run_layer_with_probe(self.runner, layer, hidden, ctx, recorder)
+                st.entering[layer] = (rows, hidden.index_select(0, sel),
+                                      first_sink.index_select(0, sel))
+                hidden = out
+        keep_from = min(todo) + 1
+        st.kv = {l: t for l, t in recorder.kv.items() if l >= keep_from}
+        return st
+
+    def _run_candidate_layer(self, layer: int, st: "_State", rows: list["_Row"],
+                             hidden: Optional[torch.Tensor], batch_rows: Sequence[int]) -> None:
         """The candidate's own layer over every position of its sample (its sinks come from
-        all rows), by chunks of ``max_rows``; keeps each row's positions from its start on."""
+        all rows), by chunks of ``max_rows``; keeps each row's positions from its start on.
+        ``hidden [len(batch_rows), T, H]``: the states entering the layer of batch rows
+        ``batch_rows``."""
+        at = {r: k for k, r in enumerate(batch_rows)}
         for lo in range(0, len(rows), self.max_rows):
             chunk = rows[lo:lo + self.max_rows]
             sel = torch.as_tensor([r.row for r in chunk], dtype=torch.long,
-                                  device=st.hidden.device)
+                                  device=hidden.device)
+            local = torch.as_tensor([at[r.row] for r in chunk], dtype=torch.long,
+                                    device=hidden.device)
             masks = {layer: one_hot_heads([r.head for r in chunk], self.num_heads, self.device)}
             with act_mode(self.model, masks, beta=self.beta, tau=self.tau, backend=self.backend):
-                out = self.runner.run_layers(st.hidden.index_select(0, sel), st.ctx.take(sel),
+                out = self.runner.run_layers(hidden.index_select(0, local), st.ctx.take(sel),
                                              layer, layer + 1)
             for k, r in enumerate(chunk):
                 r.suffix = out[k, r.start:]
@@ -368,6 +405,9 @@ class _State:
     hidden: torch.Tensor          # entering the current layer, [B, T, H]
     index: torch.Tensor           # global sample index of each row
     kv: dict                      # layer -> recorded plain (key, value), later layers only
+    # layer -> (batch rows, their hidden entering it, their first sinks there), from the plain
+    # pass when only some samples run (``only``)
+    entering: dict = field(default_factory=dict)
 
 
 @dataclass(eq=False)
