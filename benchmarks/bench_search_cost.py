@@ -6,9 +6,11 @@ screen (which is also the baseline), exact checks, greedy trials, final set.
 
 Part 2 prices ``--strategy exhaustive`` on the same samples without running all of it (hours
 on this CPU): its exact stage (every candidate on every scoring sample) is timed on the first
-``--exhaustive-subset`` scoring samples and scaled per sample; a plain forward and a forward
-with the final set calibrated are timed on the validation part and priced for the exhaustive
-strategy's other stages: the baseline on every sample, ``max_greedy`` trials on every
+``--exhaustive-subset`` scoring samples and scaled per sample, half of them before the screened
+search and half after it (and a plain forward of every sample likewise, before and after), so
+that a drift of the shared machine's speed during the run weighs on both strategies alike; a
+forward with the final set calibrated is timed on the validation part; these price the
+exhaustive strategy's other stages: the baseline on every sample, ``max_greedy`` trials on every
 validation sample (no estimate says which samples a head may flip), the final set and the
 reference union on the validation part. The per-sample cost of the exact stage depends on the
 prompts' lengths and sinks; the subset is the scoring part's first samples in the search's own
@@ -61,6 +63,27 @@ def main() -> None:
     cfg = SearchConfig(tasks=args.tasks.split(","), samples=args.samples,
                        model_name="SmolLM2-135M-Instruct")
     out = Path(args.out)
+    if not args.skip_search and (out / "search_checkpoint.jsonl").exists():
+        raise SystemExit(f"{out} holds a checkpoint: remove it, or pass --skip-search")
+
+    # ------------------------------------------- part 2a: exhaustive's costs, first half
+    st = new_state(model, tok, cfg, out / "exhaustive-probe", Dist(), None)
+    load_data(st, tok)
+    scorer = st.scorer
+    todo = {l: list(st.heads) for l in st.layers}
+    subset = st.score[:args.exhaustive_subset]
+    halves = [subset[:len(subset) // 2], subset[len(subset) // 2:]]
+    spent = {"exact": 0.0, "plain": 0.0}
+
+    def exhaustive_half(part):
+        t = time.process_time()
+        base = scorer.plain(st.n, st.samples)
+        spent["plain"] += time.process_time() - t
+        t = time.process_time()
+        scorer.candidates(st.n, part, base, todo, lambda layer, res: None)
+        spent["exact"] += time.process_time() - t
+
+    exhaustive_half(halves[0])
 
     # ---------------------------------------------------------------- part 1: the screen
     stages: dict[str, float] = {}
@@ -73,33 +96,20 @@ def main() -> None:
         last[0] = now
 
     wall = time.perf_counter()
-    if not args.skip_search:
-        if (out / "search_checkpoint.jsonl").exists():
-            raise SystemExit(f"{out} holds a checkpoint: remove it, or pass --skip-search")
-        summary = run_search(model, tok, cfg, out, on_record=on_record)
-    else:
-        summary = run_search(model, tok, cfg, out)          # resumes: every record is there
+    summary = run_search(model, tok, cfg, out, on_record=None if args.skip_search else on_record)
     wall = time.perf_counter() - wall
     stages.pop("start", None)
     screen_cpu = sum(stages.values())
 
-    # ---------------------------------------------------------------- part 2: exhaustive, priced
-    st = new_state(model, tok, cfg, out / "exhaustive-probe", Dist(), None)
-    load_data(st, tok)
-    scorer = st.scorer
-    subset = st.score[:args.exhaustive_subset]
-    plain_t = time.process_time()
-    baseline = scorer.plain(st.n, st.samples)
-    plain_per_sample = (time.process_time() - plain_t) / st.n
-    todo = {l: list(st.heads) for l in st.layers}
-    t = time.process_time()
-    scorer.candidates(st.n, subset, baseline, todo, lambda layer, res: None)
-    exact_per_sample = (time.process_time() - t) / len(subset)
+    # ------------------------------------------- part 2b: exhaustive's costs, second half
+    exhaustive_half(halves[1])
     kept = summary["best_set"] or [(st.layers[0], 0)]
     t = time.process_time()
     scorer.plain(st.n, st.val, as_heads(kept))
     calibrated_per_sample = (time.process_time() - t) / max(1, len(st.val))
     n, n_score, n_val = st.n, len(st.score), len(st.val)
+    plain_per_sample = spent["plain"] / (2 * n)
+    exact_per_sample = spent["exact"] / len(subset)
     exhaustive = {
         "baseline (every sample, plain)": n * plain_per_sample,
         "exact: every candidate on every scoring sample": n_score * exact_per_sample,
@@ -108,7 +118,7 @@ def main() -> None:
         "final set + reference union (validation part)": 2 * n_val * calibrated_per_sample,
     }
     exhaustive_cpu = sum(exhaustive.values())
-    ratio = exhaustive_cpu / screen_cpu
+    ratio = exhaustive_cpu / screen_cpu if screen_cpu else float("nan")
 
     rows = ["| stage | CPU s |", "|---|---:|"]
     rows += [f"| {name} | {sec:.0f} |" for name, sec in stages.items()]
@@ -125,9 +135,10 @@ def main() -> None:
         f"{n_score} scoring and {n_val} validation samples, {len(st.candidates)} candidates); "
         f"process CPU time at {args.threads} thread(s).", "", *rows, "",
         f"Exhaustive on the same samples: its exact stage timed on {len(subset)} scoring "
-        f"samples ({exact_per_sample:.2f} s each, every one of the {len(st.candidates)} "
-        f"candidates); a plain forward {plain_per_sample:.3f} s a sample, one with the final "
-        f"set calibrated {calibrated_per_sample:.3f} s a sample.", "", *erows, "",
+        f"samples, half before and half after the screened search ({exact_per_sample:.2f} s "
+        f"each, every one of the {len(st.candidates)} candidates); a plain forward "
+        f"{plain_per_sample:.3f} s a sample (every sample, before and after), one with the "
+        f"final set calibrated {calibrated_per_sample:.3f} s a sample.", "", *erows, "",
         f"**Ratio: {ratio:.1f}x** (exhaustive / screened, CPU time).", "",
         f"The screened search kept {len(summary['best_set'])} heads: validation accuracy "
         f"{100 * base['acc']:.1f}% -> {100 * val['acc']:.1f}% ({val['n']} samples); profile "
