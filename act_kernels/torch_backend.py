@@ -10,8 +10,9 @@ Data path for a prefill (``Nq > 1``)::
 
 ``return_stats`` adds the full exact column pass (``column_sums``) to report every key's score.
 A short prefill (``Nq x Nk <= DENSE_MAX_ENTRIES``, the head search's prompts) skips the bound and
-the identity: ``dense_pairs`` forms each wanted pair's whole ``P`` (a few KiB), takes the column
-sums, the sinks and ``P'`` from it and multiplies ``P'`` by ``v``, for all pairs at once.
+the identity: ``dense_pairs`` forms each wanted pair's whole ``P`` (a few KiB) and takes the column
+sums, the sinks, the sink mass and both halves of the calibrated output from it by batched
+products, for all pairs at once.
 With a sliding window (``window=W``) every pass works block by block on the span of keys the
 block's rows see (``key_span``), so the call costs ``O(Nq W)``; a windowed decode takes this path.
 A decode step (``Nq == 1``, no window) is one short vectorised pass over all heads at once: its
@@ -748,8 +749,7 @@ def _decode_sinks(probs, tau, key_padding_mask, alive):
 
 def _calibrate_rows_directly(probs, logits, sinks, beta, dtype):
     """``P'`` of whole rows of ``P [..., Nk]`` (``logits``: the masked logits they come from):
-    beta P on the sinks, ``(1 - beta m) / (1 - m) P`` off them (the decode step and the dense
-    path of short prefills).
+    beta P on the sinks, ``(1 - beta m) / (1 - m) P`` off them (the decode step's rows).
 
     ``sinks`` (broadcastable to ``probs``) holds the sinks of calibrated rows only; rows without
     one keep ``P * 1``, exactly.
