@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_beta, check_tau,
-                     check_window, head_mask, resolve_backend)
+                     check_window, default_scale, head_mask, resolve_backend)
 from .tensor_cache import TensorCache
 
 __all__ = ["ACTStats", "BACKENDS", "act_attention", "normalize_heads",
@@ -256,7 +256,7 @@ def _steady_args(q, k, v, heads, beta, tau, scale, backend, window):
             or not tau > 0.0 or (window is not None and window < 1)):
         return None
     if scale is None:
-        scale = facts[0][3] ** -0.5
+        scale = default_scale(facts[0][3])
     elif not (math.isfinite(scale) and scale != 0.0):
         return None
     if window is not None and window >= facts[1][2]:
@@ -284,7 +284,7 @@ def _validated_args(q, k, v, heads, beta, tau, scale, key_padding_mask, backend,
     beta = check_beta(beta)
     tau = check_tau(tau)
     if scale is None:
-        scale = dim ** -0.5
+        scale = default_scale(dim)
     else:
         scale = as_real(scale, "scale", "act_attention")
         if not math.isfinite(scale) or scale == 0.0:
@@ -396,7 +396,7 @@ def _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, 
     if return_stats:
         raise NotImplementedError("act_attention: return_stats is not supported inside "
                                   "torch.compile (call it eagerly)")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     if resolve_backend(backend, q.device) == "triton":
         # the kernels as graph nodes (a triton_op); heads as given: index lists keep exact pairs
         _check_tensors(q, k, v)

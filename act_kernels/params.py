@@ -21,6 +21,11 @@ BACKENDS = ("auto", "eager", "torch", "triton")
 """``act_attention`` backends; ``"auto"`` is Triton on CUDA, torch elsewhere."""
 
 
+def default_scale(dim: int) -> float:
+    """The logit scale when none is given: ``D ** -0.5`` for head dimension ``D``."""
+    return dim ** -0.5
+
+
 def as_real(value, name: str, who: str) -> float:
     """``value`` as a float (a one-element tensor is read once); ``TypeError`` otherwise."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:

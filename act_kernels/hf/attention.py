@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..op import act_attention, normalize_heads
+from ..params import default_scale
 from ..reference import act_attention_reference
 from .masks import act_sdpa_mask, keys_dropped, mask_to_key_padding, refuse
 from .state import state_of_module
@@ -158,7 +159,7 @@ def _make_attention_forward(name: str):
                     _global_recording():
                 raise NotImplementedError(f"{name} attention: output_attentions and recording() "
                                           "need eager execution, not torch.compile")
-            scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+            scale = default_scale(query.shape[-1]) if scaling is None else float(scaling)
             out = hf_attention_op(query, key, value, attention_mask, heads, beta, tau, scale,
                                   backend, window, position_ids)
             return out.transpose(1, 2).contiguous(), None

@@ -15,7 +15,7 @@ import torch
 
 from ..hf import get_profile, recording, using_profile
 from ..modelinfo import model_device, num_layers as model_num_layers, num_query_heads, text_config
-from ..params import head_mask
+from ..params import default_scale, head_mask
 from ..profiles import ACTProfile, as_profile
 
 DEFAULT_WINDOW = 64
@@ -211,7 +211,7 @@ class _StatsRecorder:
             self.captures[layer] = Capture(
                 q=query[0, :, r0:r1].detach().float().cpu().clone(),
                 k=key[0, :, :r1].detach().float().cpu().clone(),
-                scale=float(scale) if scale is not None else query.shape[-1] ** -0.5)
+                scale=float(scale) if scale is not None else default_scale(query.shape[-1]))
 
 
 # ---------------------------------------------------------------------------------------------
