@@ -1,28 +1,17 @@
-"""Sink selection and the calibration identity, shared by the torch and Triton backends.
+"""Sink selection, shared by the torch and Triton backends.
 
-These act on small tensors (per key or per row), never on an N x N map:
+These act on small tensors (per key), never on an N x N map:
 
 * ``seen_counts``: how many query rows of the call see each key (the divisor of the score);
-* ``select_sinks``: keys whose score exceeds tau, minus the first valid key;
-* ``calibrate_rows``: the spec's identity ``o = beta w + (1 - beta m) / (1 - m) (u - w)``.
+* ``select_sinks``: keys whose score exceeds tau, minus the first valid key.
+
+The calibration of the rows that see a sink is :mod:`act_kernels.calibration`.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-
-# Below this non-sink mass (1 - m_i) the identity's difference u - w loses too many digits to
-# cancellation (the error of u is multiplied by up to (1 - beta m) / (1 - m)), and backends
-# recompute the row's non-sink part directly instead. Half-precision plain outputs carry a
-# rounding error of 2**-8..2**-11, so they get a larger margin.
-STABLE_REST = 0.2
-STABLE_REST_HALF = 0.5
-
-
-def stable_rest(dtype: torch.dtype) -> float:
-    """Non-sink mass below which a row's correction is recomputed directly (see above)."""
-    return STABLE_REST_HALF if dtype in (torch.float16, torch.bfloat16) else STABLE_REST
 
 
 def first_valid_index(key_padding_mask: Optional[torch.Tensor], bsz: int, device) -> torch.Tensor:
@@ -81,16 +70,3 @@ def select_sinks(column_sums: torch.Tensor, counts: torch.Tensor, tau: float,
     sinks = (scores > tau) & not_first[:, None, :]
     return scores, sinks
 
-
-def calibrate_rows(out_plain: torch.Tensor, sink_out: torch.Tensor, mass: torch.Tensor,
-                   beta: float) -> torch.Tensor:
-    """The spec's identity, row by row, in float32.
-
-    ``out_plain`` = u (plain output), ``sink_out`` = w (``sum_{j in S} P_ij v_j``), ``mass`` = m
-    (``[..., 1]``). Rows with ``m == 0`` or ``m >= 1`` are returned unchanged.
-    """
-    rest = 1.0 - mass
-    change = (mass > 0) & (rest > 0)
-    gain = (1.0 - beta * mass) / torch.where(change, rest, torch.ones_like(rest))
-    new = beta * sink_out + gain * (out_plain - sink_out)
-    return torch.where(change, new, out_plain)

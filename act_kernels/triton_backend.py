@@ -9,7 +9,8 @@ Data path (prefill / chunked prefill, ``Nq > 1``), every step one launch:
 3. sink selection (``sinks.select_sinks``, tiny torch tensors) and compaction of each pair's sink
    indices into a padded list (``kernels.sink_correction.compact_sinks``);
 4. correction   ``kernels.sink_correction`` m_i, w_i from the sink keys only, ``out`` rewritten
-   in place with the spec's identity (direct recompute for rows with ``1 - m < STABLE_REST``).
+   in place with the spec's identity (direct recompute for rows whose ``1 - m`` is below
+   ``calibration.stable_rest(torch.float32)``: the kernels start from the float32 ``u32``).
 
 Decode (``Nq == 1``, some heads calibrated, no stats, ``candidate_slots(tau)`` available):
 ``kernels.decode`` does plain output, LSE, candidate tracking and the correction in one pass over
@@ -35,7 +36,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from .params import as_index
-from .sinks import STABLE_REST, first_valid_index, seen_counts, select_sinks
+from .calibration import stable_rest
+from .sinks import first_valid_index, seen_counts, select_sinks
 from .tensor_cache import TensorCache
 
 try:
@@ -167,7 +169,7 @@ def _attend(q, k, v, cal: CalibratedPairs, no_slot, heads, beta, tau, scale, key
     if nq == 1 and cal.n_cal > 0 and not return_stats and candidate_slots(tau):
         out, _, _, _ = decode_attention(q, k, v, scale, kpm_i8, first_valid_i32, no_slot, 0,
                                         calibrated=cal.cal_i8, beta=beta, tau=tau,
-                                        stable_rest=STABLE_REST, window=window)
+                                        stable_rest=stable_rest(torch.float32), window=window)
         return out, None
 
     # Which (b, h) pairs get column work: the listed ones (all of them for stats).
@@ -199,7 +201,7 @@ def _attend(q, k, v, cal: CalibratedPairs, no_slot, heads, beta, tau, scale, key
     # 4. correction of the calibrated rows, in place (stats-only pairs just get m_i)
     slots = u_slot[pairs.long()]
     mass = sink_correction(q, k, v, out, lse2, u32, pairs, slots, sinks, beta, scale, kpm_i8,
-                           first_valid_i32, STABLE_REST, window=window)
+                           first_valid_i32, stable_rest(torch.float32), window=window)
     if not return_stats:
         return out, None
     calibrated = (heads if heads is not None

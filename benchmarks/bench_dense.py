@@ -5,7 +5,7 @@ Where does the dense path stop paying? SmolLM2's attention layout (Hq=9, Hkv=3, 
 inputs with planted sinks, all 9 or 2 of 9 heads calibrated, square causal prefills of N
 tokens, batches of 1 and of 8 (the head search's batch). Each size times both paths in a
 shuffled interleaved order (CPU time at 1 thread by default), so each ratio comes from one
-stretch of a shared machine. ``torch_backend.DENSE_MAX_ENTRIES`` is chosen from this table.
+stretch of a shared machine. ``torch_backend.dense.DENSE_MAX_ENTRIES`` is chosen from this table.
 
     python benchmarks/bench_dense.py              # appended to RESULTS.md
     python benchmarks/bench_dense.py --no-write
@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_results, median_time  # noqa: E402
 
-from act_kernels import act_attention, torch_backend  # noqa: E402
+from act_kernels import act_attention  # noqa: E402
+from act_kernels.torch_backend import dense  # noqa: E402
 
 HQ, HKV, D = 9, 3, 64
 SIZES = [(8, 32), (8, 59), (8, 96), (1, 64), (1, 128), (1, 160), (1, 192), (1, 256), (1, 384),
@@ -48,15 +49,15 @@ def timed(bsz: int, n: int, heads: torch.Tensor, rounds: int, repeat: int) -> di
     call = lambda: act_attention(q, k, v, heads=heads, backend="torch")  # noqa: E731
     limits = {"dense": 1 << 40, "pruned": 0}
     best = {name: float("inf") for name in limits}
-    saved = torch_backend.DENSE_MAX_ENTRIES
+    saved = dense.DENSE_MAX_ENTRIES
     try:
         for _ in range(rounds):
             for name in random.sample(list(limits), len(limits)):
-                torch_backend.DENSE_MAX_ENTRIES = limits[name]
+                dense.DENSE_MAX_ENTRIES = limits[name]
                 best[name] = min(best[name], median_time(call, repeat=repeat,
                                                          clock=time.process_time))
     finally:
-        torch_backend.DENSE_MAX_ENTRIES = saved
+        dense.DENSE_MAX_ENTRIES = saved
     return best
 
 
@@ -76,13 +77,13 @@ def main() -> None:
     for bsz, n in SIZES:
         for label, mask in masks.items():
             t = timed(bsz, n, mask, args.rounds, args.repeat)
-            now = "dense" if torch_backend.takes_dense_path(n, n) else "pruned"
+            now = "dense" if dense.takes_dense_path(n, n) else "pruned"
             lines.append(f"| {bsz} | {n} | {n * n} | {label} | {1e3 * t['dense']:.2f} | "
                          f"{1e3 * t['pruned']:.2f} | {t['pruned'] / t['dense']:.2f} | {now} |")
             print(lines[-1], flush=True)
     body = (f"CPU time of one call (best of {args.rounds} shuffled rounds, each the median of "
             f"{args.repeat} calls), {args.threads} thread(s); `DENSE_MAX_ENTRIES` = "
-            f"{torch_backend.DENSE_MAX_ENTRIES}.\n\n" + "\n".join(lines))
+            f"{dense.DENSE_MAX_ENTRIES}.\n\n" + "\n".join(lines))
     print(body)
     if not args.no_write:
         append_results("Torch backend: dense path vs pruned passes for short prefills "

@@ -29,12 +29,12 @@ def _torch_backend_paths(request, monkeypatch):
     case of the matrix too, not only the long inputs that take them in use."""
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("backend") == "torch-pruned":
-        from act_kernels import torch_backend
-        monkeypatch.setattr(torch_backend, "DENSE_MAX_ENTRIES", 0)
+        from act_kernels.torch_backend import dense
+        monkeypatch.setattr(dense, "DENSE_MAX_ENTRIES", 0)
 
 
 @pytest.fixture
 def pruned_torch_path(monkeypatch):
     """The torch backend's pruned passes for every prefill, however short."""
-    from act_kernels import torch_backend
-    monkeypatch.setattr(torch_backend, "DENSE_MAX_ENTRIES", 0)
+    from act_kernels.torch_backend import dense
+    monkeypatch.setattr(dense, "DENSE_MAX_ENTRIES", 0)

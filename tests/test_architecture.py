@@ -24,14 +24,14 @@ PACKAGE = "act_kernels"
 
 LAYERS = [
     ("ground", ["params", "modelinfo", "sinks", "tensor_cache", "reference", "torch_backend",
-                "triton_backend", "kernels", "tasks", "profiles", "model_loader"]),
+                "triton_backend", "kernels", "tasks", "profiles", "model_loader", "calibration"]),
     ("op", ["op"]),
     ("hf", ["hf"]),
     ("pipeline", ["search", "evaluate", "inspection", "runtime", "lmeval"]),
     ("cli", ["cli", "demo", ""]),
 ]
 OP_LAYER = {"op", "params", "torch_backend", "triton_backend", "reference", "sinks", "kernels",
-            "tensor_cache"}
+            "tensor_cache", "calibration"}
 
 
 def _modules() -> dict[str, Path]:
@@ -149,3 +149,53 @@ def test_no_module_shadows_the_standard_library():
 
     shadows = [m for m in MODULES if m.rpartition(".")[2] in sys.stdlib_module_names]
     assert not shadows, f"modules named like standard-library modules: {shadows}"
+
+
+def test_the_calibration_rule_has_one_home():
+    """The thresholds of the calibration rule live in ``act_kernels/calibration.py`` alone: no
+    other module of the package defines a ``STABLE_REST*`` or ``*TINY_REST`` name, and no backend
+    module compares with, defaults to or passes one of the table's values as a literal (it asks
+    ``calibration.stable_rest``)."""
+    import re
+
+    home = "act_kernels.calibration"
+    table = next(node.value for node in ast.walk(ast.parse(MODULES[home].read_text()))
+                 if isinstance(node, ast.Assign)
+                 and any(getattr(t, "id", None) == "STABLE_REST" for t in node.targets))
+    values = {c.value for c in ast.walk(table) if isinstance(c, ast.Constant)
+              and isinstance(c.value, float)}
+    assert {0.2, 0.5, 1e-20} <= values, values          # the walk reads the table it should
+    named = re.compile(r"STABLE_REST|TINY_REST")
+
+    def literal(node) -> bool:
+        return isinstance(node, ast.Constant) and node.value in values and not isinstance(
+            node.value, bool)
+
+    found = []
+    for module, path in MODULES.items():
+        if module == home:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            targets = []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+                targets = [node.target]
+            targets += [e for t in targets if isinstance(t, ast.Tuple) for e in t.elts]
+            found += [f"{module}: defines {t.id}" for t in targets
+                      if isinstance(t, ast.Name) and named.search(t.id)]
+            if module.split(".")[1:2] not in [[top] for top in OP_LAYER] or "reference" in module:
+                continue          # only the backends apply the rule (0.5 is common elsewhere)
+            if isinstance(node, ast.Compare) and any(map(literal, [node.left] + node.comparators)):
+                found.append(f"{module}:{node.lineno}: compares with a threshold literal")
+            if isinstance(node, ast.keyword) and "rest" in (node.arg or "") and literal(node.value):
+                found.append(f"{module}:{node.value.lineno}: passes {node.arg}= as a literal")
+            if isinstance(node, ast.arguments):
+                params = node.posonlyargs + node.args + node.kwonlyargs
+                defaults = ([None] * (len(node.posonlyargs + node.args) - len(node.defaults))
+                            + list(node.defaults) + list(node.kw_defaults))
+                found += [f"{module}:{p.lineno}: {p.arg} defaults to a literal"
+                          for p, d in zip(params, defaults)
+                          if d is not None and "rest" in p.arg and literal(d)]
+    assert not found, "the calibration thresholds have a second home:\n" + "\n".join(found)

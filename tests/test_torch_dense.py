@@ -13,24 +13,26 @@ import torch
 
 from act_kernels import act_attention
 from act_kernels import torch_backend as tb
+from act_kernels.torch_backend import dense as dense_path
 from bruteforce import bruteforce_details
 from inputs import left_padding, make_qkv, random_head_mask
 
 
-def _spy(monkeypatch, name):
+def _spy(monkeypatch, module, name):
     calls = []
-    real = getattr(tb, name)
+    real = getattr(module, name)
 
     def spy(*args, **kwargs):
         calls.append(args[1].shape if name == "dense_pairs" else args[0].shape)
         return real(*args, **kwargs)
-    monkeypatch.setattr(tb, name, spy)
+    monkeypatch.setattr(module, name, spy)
     return calls
 
 
 def test_short_prefills_take_the_dense_path_and_long_ones_the_pruned(monkeypatch):
-    dense, pruned = _spy(monkeypatch, "dense_pairs"), _spy(monkeypatch, "pruned_column_sums")
-    monkeypatch.setattr(tb, "DENSE_MAX_ENTRIES", 40 * 40)
+    dense = _spy(monkeypatch, dense_path, "dense_pairs")
+    pruned = _spy(monkeypatch, tb, "pruned_column_sums")
+    monkeypatch.setattr(dense_path, "DENSE_MAX_ENTRIES", 40 * 40)
     small = make_qkv(1, 4, 2, 40, 40, 16, seed=1, planted=(9,))
     large = make_qkv(1, 4, 2, 41, 41, 16, seed=1, planted=(9,))
     decode = make_qkv(1, 4, 2, 1, 40, 16, seed=1, planted=(9,))
@@ -54,7 +56,7 @@ def test_chunks_of_pairs_change_nothing(monkeypatch, window, padded):
     kw = dict(heads=heads, tau=0.05, key_padding_mask=kpm, window=window, backend="torch",
               return_stats=True)
     out, stats = act_attention(q, k, v, **kw)
-    monkeypatch.setattr(tb, "DENSE_CHUNK_FLOATS", 1)                # one pair a chunk
+    monkeypatch.setattr(dense_path, "DENSE_CHUNK_FLOATS", 1)                # one pair a chunk
     out1, stats1 = act_attention(q, k, v, **kw)
     torch.testing.assert_close(out1, out, atol=1e-6, rtol=1e-6)
     assert torch.equal(stats1.sinks, stats.sinks)
@@ -78,7 +80,7 @@ def test_dense_and_pruned_paths_agree_with_the_bruteforce(monkeypatch, shape):
     heads = torch.ones(b, hq, dtype=torch.bool)
     kw = dict(heads=heads, tau=0.1, key_padding_mask=kpm, backend="torch", return_stats=True)
     dense, d_stats = act_attention(q, k, v, **kw)
-    monkeypatch.setattr(tb, "DENSE_MAX_ENTRIES", 0)
+    monkeypatch.setattr(dense_path, "DENSE_MAX_ENTRIES", 0)
     pruned, p_stats = act_attention(q, k, v, **kw)
     bf = bruteforce_details(q, k, v, heads, 0.4, 0.1, None, kpm)
     assert bool(bf.sinks.any())

@@ -13,6 +13,8 @@ import torch
 
 from act_kernels import act_attention
 from act_kernels import torch_backend as tb
+from act_kernels.torch_backend import blocks, columns, decode, plain
+from act_kernels.torch_backend import bounds as bound_pass
 from act_kernels.sinks import first_valid_index, seen_counts
 from bruteforce import bruteforce_details
 from inputs import integer_qkv, left_padding, make_qkv
@@ -39,11 +41,11 @@ def shape_id(shape):
 @pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["f32-bound", "bf16-bound"])
 def tiny_blocks(request, monkeypatch):
     """Force many row blocks in the bound pass and the exact sums, with either matmul dtype."""
-    monkeypatch.setattr(tb, "_bound_dtype", lambda device: request.param)
-    monkeypatch.setattr(tb, "BOUND_BLOCK_FLOATS", 1)
-    monkeypatch.setattr(tb, "BOUND_MIN_ROWS", 5)
-    monkeypatch.setattr(tb, "BLOCK_FLOATS", 64)
-    monkeypatch.setattr(tb, "MIN_BLOCK_ROWS", 3)
+    monkeypatch.setattr(bound_pass, "_bound_dtype", lambda device: request.param)
+    monkeypatch.setattr(bound_pass, "BOUND_BLOCK_FLOATS", 1)
+    monkeypatch.setattr(bound_pass, "BOUND_MIN_ROWS", 5)
+    monkeypatch.setattr(blocks, "BLOCK_FLOATS", 64)
+    monkeypatch.setattr(blocks, "MIN_BLOCK_ROWS", 3)
 
 
 def inputs(shape, seed, **kw):
@@ -55,7 +57,7 @@ def inputs(shape, seed, **kw):
 def pairs_and_lse(q, k, v, kpm, scale, window=None):
     """Every (b, h) pair with its ``-lse`` as the backend computes them."""
     bsz, hq = q.shape[:2]
-    _, lse = tb.plain_attention(q, k, v, scale, kpm, window)
+    _, lse = plain.plain_attention(q, k, v, scale, kpm, window)
     b_idx, h_idx = torch.ones(bsz, hq, dtype=torch.bool).nonzero(as_tuple=True)
     return b_idx, h_idx, tb.pair_neg_lse(lse, b_idx, h_idx, kpm, q.dtype)
 
@@ -67,7 +69,7 @@ def test_bound_is_at_least_the_exact_column_sum(shape, q_scale, window, tiny_blo
     q, k, v, kpm = inputs(shape, seed=3, q_scale=q_scale)
     scale = q.shape[-1] ** -0.5
     b_idx, h_idx, neg_lse = pairs_and_lse(q, k, v, kpm, scale, window)
-    bounds = tb.column_bounds(q, k, neg_lse, b_idx, h_idx, scale, window).double()
+    bounds = bound_pass.column_bounds(q, k, neg_lse, b_idx, h_idx, scale, window).double()
     bf = bruteforce_details(q, k, v, None, 0.4, 0.1, scale, kpm, window=window)
     nq, nk = q.shape[2], k.shape[2]
     counts = seen_counts(nq, nk, kpm, q.shape[0], q.device, window)[b_idx].double()
@@ -84,7 +86,7 @@ def test_bound_holds_for_huge_logits(tiny_blocks):
     kpm = left_padding(41, [0, 9])
     scale = 64 ** -0.5
     b_idx, h_idx, neg_lse = pairs_and_lse(q, k, v, kpm, scale)
-    bounds = tb.column_bounds(q, k, neg_lse, b_idx, h_idx, scale).double()
+    bounds = bound_pass.column_bounds(q, k, neg_lse, b_idx, h_idx, scale).double()
     bf = bruteforce_details(q, k, v, None, 0.4, 0.1, scale, kpm)
     counts = seen_counts(41, 41, kpm, 2, q.device)[b_idx].double()
     truth = bf.scores[b_idx, h_idx] * counts
@@ -150,9 +152,9 @@ def test_pruning_skips_most_keys_and_sums_the_rest_exactly(tiny_blocks):
     nk = k.shape[2]
     counts = seen_counts(nk, nk, None, 1, q.device)[b_idx]
     first = first_valid_index(None, 1, q.device)[b_idx]
-    sums, candidates = tb.pruned_column_sums(q, k, neg_lse, b_idx, h_idx, counts, first, 0.1,
-                                             scale)
-    full = tb.column_sums(q, k, neg_lse, b_idx, h_idx, scale)
+    sums, candidates = bound_pass.pruned_column_sums(q, k, neg_lse, b_idx, h_idx, counts, first,
+                                                     0.1, scale)
+    full = columns.column_sums(q, k, neg_lse, b_idx, h_idx, scale)
     assert bool(candidates[:, [5, 40]].all())
     assert int(candidates.sum()) < 0.25 * candidates.numel()
     torch.testing.assert_close(sums[candidates], full[candidates], rtol=1e-5, atol=1e-6)
@@ -198,7 +200,7 @@ def test_decode_without_sinks_skips_the_calibration(monkeypatch):
 
     def boom(*args, **kwargs):
         raise AssertionError("calibration ran without a sink")
-    monkeypatch.setattr(tb, "_calibrate_rows_directly", boom)
+    monkeypatch.setattr(decode, "calibrate_probs", boom)
     out = act_attention(q, k, v, heads=[0, 1, 2, 3], backend="torch")
     assert torch.equal(out, act_attention(q, k, v, backend="torch"))
 
@@ -228,8 +230,8 @@ def test_bound_pass_holds_one_block_of_rows(monkeypatch):
     def spy(a, b, *, out=None):
         sizes.append(a.shape[0] * b.shape[1])
         return real_mm(a, b, out=out)
-    monkeypatch.setattr(tb, "BOUND_BLOCK_FLOATS", 4096)
-    monkeypatch.setattr(tb, "BOUND_MIN_ROWS", 4)
+    monkeypatch.setattr(bound_pass, "BOUND_BLOCK_FLOATS", 4096)
+    monkeypatch.setattr(bound_pass, "BOUND_MIN_ROWS", 4)
     monkeypatch.setattr(tb.torch, "mm", spy)
     act_attention(q, k, v, heads=list(range(6)), backend="torch")
     monkeypatch.setattr(tb.torch, "mm", real_mm)

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..sinks import STABLE_REST
+from .. import calibration
 from . import configs
 from .aot import is_stand_in, launch
 from .common import LOG2E, head_prologue, key_real, load_rows, window_arg
@@ -255,12 +255,12 @@ def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calib
 
     ``calibrated``: None (plain only) or int8 [B*Hq]; then ``tau`` must satisfy
     ``candidate_slots(tau) is not None`` and the calibrated heads are corrected in the epilogue.
-    ``stable_rest`` (default ``sinks.STABLE_REST``): non-sink mass below which a calibrated row
-    is recomputed directly (see the module docstring). ``window``: None or ``W >= 1`` (the
-    row sees the last ``W`` keys).
+    ``stable_rest`` (default ``calibration.stable_rest(torch.float32)``): non-sink mass below
+    which a calibrated row is recomputed directly (see the module docstring). ``window``: None
+    or ``W >= 1`` (the row sees the last ``W`` keys).
     """
     if stable_rest is None:
-        stable_rest = STABLE_REST
+        stable_rest = calibration.stable_rest(torch.float32)
     bsz, hq, nq, dim = q.shape
     assert nq == 1
     hkv, nk = k.shape[1], k.shape[2]
