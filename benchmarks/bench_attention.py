@@ -14,11 +14,15 @@ built once, as the Transformers integration passes them.
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import os
 import random
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import types
 
@@ -75,15 +79,24 @@ BEFORE = None    # --before REV: the torch backend module as it was at that comm
 
 
 def load_backend_at(rev: str):
-    """``act_kernels/torch_backend.py`` at git revision ``rev``, as a module (for a same-run
-    before/after comparison); its package-relative imports resolve to today's package."""
+    """The torch backend at git revision ``rev`` (``act_kernels/torch_backend.py`` or the
+    ``torch_backend/`` package), as a module, for a same-run before/after comparison.
+
+    The package as it was at ``rev`` is extracted to a temporary folder and imported under its
+    own name without running its ``__init__`` (no second registration of the op): the backend's
+    package-relative imports (``sinks``, ``calibration``, ...) resolve to that revision's modules.
+    """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    source = subprocess.run(["git", "show", f"{rev}:act_kernels/torch_backend.py"], cwd=root,
-                            check=True, capture_output=True, text=True).stdout
-    module = types.ModuleType(f"torch_backend_at_{rev}")
-    exec(compile(source.replace("from .", "from act_kernels."), module.__name__, "exec"),
-         module.__dict__)
-    return module
+    archive = subprocess.run(["git", "archive", rev, "act_kernels"], cwd=root, check=True,
+                             capture_output=True).stdout
+    folder = tempfile.mkdtemp(prefix="act_kernels_at_")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder)
+    name = "act_kernels_at_" + "".join(c if c.isalnum() else "_" for c in rev)
+    package = types.ModuleType(name)
+    package.__path__ = [os.path.join(folder, "act_kernels")]
+    sys.modules[name] = package
+    return importlib.import_module(f"{name}.torch_backend")
 
 
 def torch_calls(q, k, v, q_s, k_s, v_s):
@@ -98,6 +111,7 @@ def torch_calls(q, k, v, q_s, k_s, v_s):
     if BEFORE is not None:   # the same op call, dispatched to the backend of --before
         for name, heads in (("2/9", TWO_HEADS), ("9/9", ALL_HEADS)):
             calls[f"before, {name} heads"] = lambda heads=heads: call_before(q, k, v, heads)
+        calls["before, 9/9 heads, sinks"] = lambda: call_before(q_s, k_s, v_s, ALL_HEADS)
     return calls
 
 
@@ -217,13 +231,16 @@ def before_after(prefill, decode) -> list:
     """The torch backend at ``--before`` vs now, as ratios of SDPA from the same run."""
     lines = ["", f"### Before ({BEFORE.__name__.split('_at_')[1]}) and now, same run: "
              "time as a ratio of SDPA", "",
-             "| call | 2/9 before | 2/9 now | 9/9 before | 9/9 now |", "|---|---|---|---|---|"]
+             "| call | 2/9 before | 2/9 now | 9/9 before | 9/9 now | 9/9 sinks before | "
+             "9/9 sinks now |", "|---|---|---|---|---|---|---|"]
     for label, rows, key in (("prefill N", prefill, "N"), ("decode Nk", decode, "Nk")):
         for r in rows:
             s = r["sdpa_s"]
             lines.append(f"| {label}={r[key]} | {r['before, 2/9 heads'] / s:.2f}x | "
                          f"{r['torch, 2/9 heads'] / s:.2f}x | {r['before, 9/9 heads'] / s:.2f}x | "
-                         f"{r['torch, 9/9 heads'] / s:.2f}x |")
+                         f"{r['torch, 9/9 heads'] / s:.2f}x | "
+                         f"{r['before, 9/9 heads, sinks'] / s:.2f}x | "
+                         f"{r['torch, 9/9 heads, sinks'] / s:.2f}x |")
     return lines
 
 
