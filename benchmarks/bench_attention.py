@@ -14,10 +14,12 @@ built once, as the Transformers integration passes them.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import io
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -90,6 +92,7 @@ def load_backend_at(rev: str):
     archive = subprocess.run(["git", "archive", rev, "act_kernels"], cwd=root, check=True,
                              capture_output=True).stdout
     folder = tempfile.mkdtemp(prefix="act_kernels_at_")
+    atexit.register(shutil.rmtree, folder, True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(folder)
     name = "act_kernels_at_" + "".join(c if c.isalnum() else "_" for c in rev)
@@ -229,7 +232,8 @@ def to_markdown(prefill, decode) -> str:
 
 def before_after(prefill, decode) -> list:
     """The torch backend at ``--before`` vs now, as ratios of SDPA from the same run."""
-    lines = ["", f"### Before ({BEFORE.__name__.split('_at_')[1]}) and now, same run: "
+    rev = BEFORE.__name__.split("_at_")[1].rpartition(".")[0]   # act_kernels_at_REV.torch_backend
+    lines = ["", f"### Before ({rev}) and now, same run: "
              "time as a ratio of SDPA", "",
              "| call | 2/9 before | 2/9 now | 9/9 before | 9/9 now | 9/9 sinks before | "
              "9/9 sinks now |", "|---|---|---|---|---|---|---|"]

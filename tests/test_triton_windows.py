@@ -12,7 +12,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from act_kernels import act_attention  # noqa: E402
+from act_kernels import act_attention, calibration  # noqa: E402
 
 tb = pytest.importorskip("act_kernels.triton_backend")
 from act_kernels.kernels import column_scores as cs_mod  # noqa: E402
@@ -68,7 +68,7 @@ def test_key_blocks_left_of_every_window_are_never_read(nq):
     skipped = (max(nk - nq - w + 1, 0) // BLOCK) * BLOCK        # 32 (prefill), 64 (decode)
     q, k, v = make_qkv(1, 2, 1, nq, nk, 16, seed=3, planted=(nk - 20, nk - 3), sink_logit=12.0)
     bf = bruteforce_details(q, k, v, torch.ones(1, 2, dtype=torch.bool), 0.4, 0.1, window=w)
-    assert (1 - bf.sink_mass.max()) < tb.STABLE_REST     # the direct recompute runs too
+    assert (1 - bf.sink_mass.max()) < calibration.stable_rest(torch.float32)   # recomputed too
     k_bad, v_bad = k.clone(), v.clone()
     k_bad[:, :, :skipped] = float("nan")
     v_bad[:, :, :skipped] = float("nan")
@@ -131,5 +131,5 @@ def test_dominant_sinks_in_a_window_are_recomputed_directly(nq, nk, monkeypatch)
     bf = bruteforce_details(q, k, v, heads, 0.4, 0.1, window=w)
     assert (1 - bf.sink_mass[..., -1] < 0.01).all(), "test needs rows with 1 - m < STABLE_REST"
     assert out_error(windowed(q, k, v, w, heads=heads), bf.out, v) < 2e-6
-    monkeypatch.setattr(tb, "STABLE_REST", 0.0)
+    monkeypatch.setitem(calibration.STABLE_REST, torch.float32, 0.0)    # what the kernels get
     assert out_error(windowed(q, k, v, w, heads=heads), bf.out, v) > 5e-5
