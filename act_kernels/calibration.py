@@ -60,11 +60,11 @@ def calibrate_rows(plain: torch.Tensor, w: torch.Tensor, nonsink: torch.Tensor,
     ``m = 0`` or ``r <= 0`` are ``plain``; ``redo`` marks the rows with ``m > 0`` and ``r`` below
     the threshold (``r <= 0`` included: ``1 - m`` may round to 0 while the true rest does not).
     """
-    change = (mass > 0) & (rest > 0)
+    has_sink = mass > 0
+    change = has_sink & (rest > 0)
     gain = (1.0 - beta * mass) / torch.where(change, rest, 1.0)
     rows = torch.where(change, beta * w + gain * nonsink, plain)
-    redo = (mass > 0) & (rest < stable_rest(source))
-    return rows, redo
+    return rows, has_sink & (rest < stable_rest(source))
 
 
 def recalibrate_rows(plain: torch.Tensor, w: torch.Tensor, mass: torch.Tensor,
