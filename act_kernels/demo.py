@@ -17,7 +17,7 @@ import argparse
 import os
 import time
 
-from .params import DEFAULT_BETA, DEFAULT_TAU
+from .params import DEFAULT_BETA, DEFAULT_MODEL_NAME, DEFAULT_TAU
 
 DEMO_TASKS = "sst2,mr,subj,arc_easy"
 DEMO_SAMPLES = 300
@@ -25,7 +25,7 @@ DEMO_SCREEN_TOP = 40
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .search.common import add_common_arguments
+    from .cli_args import add_common_arguments
 
     parser.add_argument("--tasks", default=DEMO_TASKS,
                         help=f"calibration and evaluation tasks (default {DEMO_TASKS})")
@@ -48,11 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from .cli_args import eprint, load_for_args, parse_data
     from .evaluate import EvalConfig, run_eval
-    from .search import Dist, SearchConfig, parse_index_list, parse_tasks, run_search
     from .modelinfo import model_device, num_layers, num_query_heads
-    from .params import resolve_backend
-    from .search.common import eprint, load_for_args, parse_data
+    from .params import parse_index_list, resolve_backend
+    from .runtime import Dist
+    from .scoring import parse_tasks
+    from .search import SearchConfig, run_search
     from .search.report import no_gain_line
 
     start = time.time()
@@ -63,7 +65,7 @@ def run(args) -> int:
     dist = Dist()
     try:
         eprint("act demo: loading the model ...")
-        model, tokenizer = load_for_args(args, dist.device())
+        model, tokenizer = load_for_args(args, dist.device(), "act demo")
         try:
             layers = parse_index_list(args.layers, num_layers(model), "layer")
             heads = parse_index_list(args.heads, num_query_heads(model), "head")
@@ -78,7 +80,7 @@ def run(args) -> int:
                            val_fraction=args.val_fraction, max_greedy=args.max_greedy,
                            strategy=args.strategy, screen_top=args.screen_top,
                            chat_template=args.chat_template,
-                           model_name=args.model or "SmolLM2-135M-Instruct", data=data,
+                           model_name=args.model or DEFAULT_MODEL_NAME, data=data,
                            batch_size=args.batch_size, backend=backend)
         eprint(f"act demo: searching heads of layers {args.layers or '2..L-2'} on "
                f"{args.samples} calibration samples ({', '.join(tasks)}), strategy "

@@ -1,9 +1,12 @@
 """``act eval``: the uncalibrated model vs an ACT profile on held-out evaluation splits.
 
 The evaluation split of each task is disjoint from the calibration data of the search that made
-the profile: it is drawn with the same seed and skips the first ``n`` calibration examples of
-that task, ``n`` being recorded in the profile's provenance (see
-:func:`act_kernels.search.data.evaluation_examples`). The ids used are written to ``eval.json``.
+the profile: the search's calibration examples of that task (the first ``n`` in the order of
+the search's seed, ``n`` and the seed being recorded in the profile's provenance) are excluded
+by identity (id and prompt), and the evaluation examples are drawn from the rest in the order of
+the evaluation's seed (``--seed``; default: the search's). So ``--seed`` picks another
+evaluation sample and can never bring a calibration example back
+(:func:`act_kernels.scoring.evaluation_examples`). The ids used are written to ``eval.json``.
 
 Per task and on average over tasks: accuracy without and with ACT, the difference, and a paired
 bootstrap 95% interval of the difference (resampling the examples of each task; the average
@@ -15,85 +18,89 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
-from .runtime import Checkpoint, Dist
-from .search.data import encode_examples, evaluation_examples, fingerprint, parse_tasks
-from .search.scoring import Results, Scorer, paired_bootstrap
+from .params import DEFAULT_BACKEND, DEFAULT_BATCH_SIZE, DEFAULT_MODEL_NAME, DEFAULT_TASKS
+from .runtime import Checkpoint, Dist, progress
+from .scoring import (NEXT_TOKEN, PlainScorer, Results, encode_examples, evaluation_examples,
+                      fingerprint, paired_bootstrap, parse_tasks)
 
 CHECKPOINT = "eval_checkpoint.jsonl"
 
 
 @dataclass
 class EvalConfig:
-    tasks: Sequence[str] = ("sst2", "arc_easy")
+    tasks: Sequence[str] = DEFAULT_TASKS
     samples: int = 500                     # per task (fewer when the split is smaller)
-    seed: Optional[int] = None             # None: the profile's calibration seed (else 0)
+    seed: Optional[int] = None             # evaluation order; None: the profile's seed (else 0)
     chat_template: Optional[bool] = None   # None: as in the profile's search
     max_length: Optional[int] = None
     data: dict = field(default_factory=dict)
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH_SIZE
     bootstrap: int = 2000
-    backend: str = "torch"
+    backend: str = DEFAULT_BACKEND
     loglik: bool = False                   # score options by log-likelihood, not next token
     normalize: Optional[str] = None        # loglik only: None, "token" or "char"
+
+    @property
+    def protocol(self) -> str:
+        """The scoring protocol (:data:`act_kernels.scoring.PROTOCOLS`)."""
+        if self.normalize not in (None, "token", "char"):
+            raise ValueError("normalize must be None, 'token' or 'char'")
+        if not self.loglik:
+            return NEXT_TOKEN
+        return "loglik" + (f"/{self.normalize}" if self.normalize else "")
 
 
 def run_eval(model, tokenizer, profile, cfg: EvalConfig, out: str | os.PathLike, *,
              dist: Optional[Dist] = None, log=None) -> dict:
     """Evaluate; writes ``out``'s files on rank 0 and returns the report dict."""
-    from tqdm.auto import tqdm
-
     from .profiles import as_profile
 
     dist = dist or Dist()
     profile = as_profile(profile)
     profile.validate_for_model(model)
     prov = profile.provenance or {}
-    seed = cfg.seed if cfg.seed is not None else int(prov.get("seed", 0))
+    calib_seed = int(prov.get("seed", 0))          # the search's: it drew the calibration
+    seed = cfg.seed if cfg.seed is not None else calib_seed
     chat = cfg.chat_template if cfg.chat_template is not None else bool(prov.get("chat_template",
                                                                                   False))
     max_length = cfg.max_length if cfg.max_length is not None else prov.get("max_length")
     calib = dict(prov.get("calibration", {}))
     tasks = parse_tasks(cfg.tasks)
-    scorer = Scorer(model, tokenizer, beta=profile.beta, tau=profile.tau, backend=cfg.backend,
-                    batch_size=cfg.batch_size, dist=dist)
+    protocol = cfg.protocol
+    scorer = PlainScorer(model, tokenizer, beta=profile.beta, tau=profile.tau,
+                         backend=cfg.backend, batch_size=cfg.batch_size, dist=dist)
     out = Path(out)
 
     per_task = {}
     for task in tasks:
-        splits = evaluation_examples(task, cfg.samples, seed, int(calib.get(task, 0)), cfg.data)
+        splits = evaluation_examples(task, cfg.samples, seed, int(calib.get(task, 0)), cfg.data,
+                                     calib_seed=calib_seed)
         if not splits.eval:
             raise ValueError(f"act eval: task {task} has no evaluation examples left")
-        per_task[task] = (splits, encode_examples(task, splits.eval, tokenizer, chat, max_length))
+        per_task[task] = (splits, encode_examples(task, splits.eval, tokenizer, chat, max_length,
+                                                  loglik=protocol != NEXT_TOKEN))
     header = {"kind": "header", "config": {
         "tasks": tasks, "seed": seed, "chat_template": chat, "max_length": max_length,
-        "profile": profile.to_dict(), "bootstrap": cfg.bootstrap,
-        "scoring": "loglik" + (f"/{cfg.normalize}" if cfg.normalize else "") if cfg.loglik
-        else "next-token",
+        "profile": profile.to_dict(), "bootstrap": cfg.bootstrap, "scoring": protocol,
         "data": {t: fingerprint(s) for t, (_, s) in per_task.items()}}}
+    if seed != calib_seed:
+        header["config"]["calibration_seed"] = calib_seed
     ckpt = Checkpoint(out / CHECKPOINT, header, dist.main)
 
     todo = sum(len(s) for t, (_, s) in per_task.items() for mode in ("base", "act")
                if ckpt.find("eval", task=t, mode=mode) is None)
-    bar = tqdm(total=todo, desc="eval", unit="sample", file=sys.stderr, disable=not dist.main,
-               dynamic_ncols=True)
+    bar = progress(todo, "eval", dist.main, unit="sample")
     results = {}
     for task, (splits, samples) in per_task.items():
         for mode, heads in (("base", None), ("act", profile.heads)):
             rec = ckpt.find("eval", task=task, mode=mode)
-            if rec is None and cfg.loglik:
-                res = _loglik_results(model, tokenizer, task, splits.eval, profile, heads, cfg,
-                                      chat, max_length)
-                bar.update(len(samples))
-            elif rec is None:
-                res = scorer.plain(len(samples), samples, heads, progress=bar.update)
             if rec is None:
+                res = scorer.plain(len(samples), samples, heads, progress=bar.update,
+                                   protocol=protocol)
                 rec = {"kind": "eval", "task": task, "mode": mode, **res.to_record()}
                 ckpt.add(rec)
             results[(task, mode)] = Results.from_record(rec)
@@ -102,7 +109,8 @@ def run_eval(model, tokenizer, profile, cfg: EvalConfig, out: str | os.PathLike,
     report = {"profile": {"heads": {str(k): v for k, v in profile.heads.items()},
                           "beta": profile.beta, "tau": profile.tau,
                           "model_name": profile.model_name},
-              "seed": seed, "chat_template": chat, "bootstrap": cfg.bootstrap, "tasks": {}}
+              "seed": seed, "calibration_seed": calib_seed, "scoring": protocol,
+              "chat_template": chat, "bootstrap": cfg.bootstrap, "tasks": {}}
     pairs = []
     for k, (task, (splits, samples)) in enumerate(per_task.items()):
         base, act = results[(task, "base")].correct, results[(task, "act")].correct
@@ -131,23 +139,6 @@ def run_eval(model, tokenizer, profile, cfg: EvalConfig, out: str | os.PathLike,
     return report
 
 
-def _loglik_results(model, tokenizer, task, examples, profile, heads, cfg, chat, max_length):
-    """The log-likelihood variant: each option's continuation log-prob through the model with
-    the profile applied (``heads`` None: uncalibrated), highest wins."""
-    from .hf import using_profile
-    from .profiles import ACTProfile
-    from .tasks import evaluate_loglik, get_task
-
-    chosen = profile if heads else ACTProfile(heads={}, beta=profile.beta, tau=profile.tau)
-    with using_profile(model, chosen, backend=cfg.backend):
-        scored = evaluate_loglik(model, tokenizer, get_task(task), examples, chat_template=chat,
-                                 normalize=cfg.normalize, batch_size=cfg.batch_size,
-                                 max_length=max_length)
-    res = Results.empty(len(examples))
-    res.put(torch.arange(len(examples)), scored)
-    return res
-
-
 def _rows(report: dict):
     for task, r in report["tasks"].items():
         yield task, r
@@ -170,8 +161,10 @@ def _markdown(report: dict, profile) -> str:
     lines = ["# ACT evaluation", "",
              f"- profile: {profile.num_calibrated()} heads ({heads}); beta {profile.beta}, "
              f"tau {profile.tau}",
+             f"- scoring: {report['scoring']}",
              f"- evaluation splits: seed {report['seed']}, disjoint from the profile's "
-             "calibration examples (ids in eval.json)",
+             f"calibration examples (seed {report['calibration_seed']}, excluded by id and "
+             "prompt; ids in eval.json)",
              f"- 95% CI: paired bootstrap of the accuracy difference ({report['bootstrap']} "
              "resamples; the average resamples each task)", "",
              "| task | n | uncalibrated | ACT | Δ | 95% CI of Δ |", "|---|---:|---:|---:|---:|---|"]
@@ -195,10 +188,10 @@ def _csv(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .search.common import add_common_arguments
+    from .cli_args import add_common_arguments
 
     parser.add_argument("--profile", required=True, help="profile.json written by act search")
-    parser.add_argument("--tasks", default="sst2,arc_easy", help="comma-separated tasks")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks")
     parser.add_argument("--samples", type=int, default=500,
                         help="evaluation samples per task (default 500; fewer if the split "
                              "is smaller)")
@@ -209,7 +202,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the reference's next-token protocol")
     parser.add_argument("--normalize", choices=("token", "char"), default=None,
                         help="with --loglik: length-normalise the option log-likelihoods")
-    add_common_arguments(parser, out_default=None)
+    add_common_arguments(parser, out_default=None,
+                         seed_help="seed of the evaluation order (default: the profile's search "
+                                   "seed); the profile's calibration examples are excluded "
+                                   "whatever it is")
     parser.set_defaults(seed=None)
 
 
@@ -217,7 +213,7 @@ def run(args) -> int:
     from .profiles import ACTProfile
     from .modelinfo import model_device
     from .params import resolve_backend
-    from .search.common import check_tasks, load_for_args, parse_data
+    from .cli_args import check_tasks, load_for_args, parse_data
 
     if not os.path.isfile(args.profile):
         raise SystemExit(f"act eval: no profile file {args.profile!r}")
@@ -225,9 +221,9 @@ def run(args) -> int:
     check_tasks(args.tasks, "act eval")
     dist = Dist()
     try:
-        if args.model is None and profile.model_name not in (None, "SmolLM2-135M-Instruct"):
+        if args.model is None and profile.model_name not in (None, DEFAULT_MODEL_NAME):
             args.model = profile.model_name
-        model, tokenizer = load_for_args(args, dist.device())
+        model, tokenizer = load_for_args(args, dist.device(), "act eval")
         cfg = EvalConfig(tasks=parse_tasks(args.tasks), samples=args.samples, seed=args.seed,
                          chat_template=True if args.chat_template else None,
                          max_length=args.max_length, data=parse_data(args.data),

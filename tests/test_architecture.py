@@ -6,8 +6,14 @@ Layers, bottom to top (a module may import modules of its own layer or below, ne
    kernels and their backend, sink selection, tasks, profiles, the model loader;
 1. the op (``act_kernels.op``: validate + dispatch);
 2. the Transformers integration (``act_kernels.hf``);
-3. the pipeline: search, evaluation, inspection, their shared runtime, the lm-eval adapter;
-4. the command line (``cli``, ``demo``) and the package's public face (``act_kernels``).
+3. scoring (``act_kernels.scoring``: samples, results, the plain scorer of both protocols) and
+   the runtime of long runs (``act_kernels.runtime``), which search and evaluation stand on;
+4. the pipeline: search, evaluation, inspection, their command-line pieces, the lm-eval adapter;
+5. the command line (``cli``, ``demo``) and the package's public face (``act_kernels``).
+
+Evaluation stands on scoring, not on the search: ``act_kernels.evaluate`` (what ``act eval``
+and the demo's evaluation run), scoring and inspection reach no ``act_kernels.search`` module,
+directly or through another module.
 
 Every module (function-level imports included) is checked; a new module must be placed in a
 layer here, so that its place is a decision and not an accident.
@@ -27,7 +33,8 @@ LAYERS = [
                 "triton_backend", "kernels", "tasks", "profiles", "model_loader"]),
     ("op", ["op"]),
     ("hf", ["hf"]),
-    ("pipeline", ["search", "evaluate", "inspection", "runtime", "lmeval"]),
+    ("scoring", ["scoring", "runtime"]),
+    ("pipeline", ["search", "evaluate", "inspection", "lmeval", "cli_args"]),
     ("cli", ["cli", "demo", ""]),
 ]
 OP_LAYER = {"op", "params", "torch_backend", "triton_backend", "reference", "sinks", "kernels",
@@ -131,6 +138,37 @@ def test_imports_go_down_the_layers(module):
     for target in GRAPH[module]:
         assert _layer(target) <= mine, (
             f"{module} ({LAYERS[mine][0]}) imports {target} ({LAYERS[_layer(target)][0]})")
+
+
+def _reach(module: str) -> set[str]:
+    """Every package module ``module`` imports, directly or through others."""
+    seen, todo = set(), [module]
+    while todo:
+        for nxt in GRAPH[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+# Modules that must not stand on the search: evaluation (``act eval`` and the demo's evaluation
+# call ``act_kernels.evaluate``), the scoring both stand on, inspection, the lm-eval adapter.
+NOT_ON_SEARCH = ["act_kernels.evaluate", "act_kernels.lmeval", "act_kernels.cli_args"] + sorted(
+    m for m in MODULES if m.split(".")[1:2] in (["scoring"], ["inspection"]))
+
+
+@pytest.mark.parametrize("module", NOT_ON_SEARCH)
+def test_evaluation_does_not_stand_on_the_search(module):
+    search = sorted(m for m in _reach(module) if m.split(".")[1:2] == ["search"])
+    assert not search, f"{module} imports search modules {search}"
+
+
+def test_the_search_rule_can_fail():
+    # the rule above is not vacuous: the demo runs the search (and so reaches it), and the
+    # evaluation reaches the scoring package it stands on
+    assert "act_kernels.search" in _reach("act_kernels.demo")
+    assert "act_kernels.scoring.plain" in _reach("act_kernels.evaluate")
+    assert len(NOT_ON_SEARCH) > 6
 
 
 def test_op_layer_imports_nothing_above_it():

