@@ -282,6 +282,59 @@ def test_eval_seed_never_brings_back_calibration_samples(setup, tmp_path):
     assert "calibration examples (seed 0" in (tmp_path / "eval1" / "eval.md").read_text()
 
 
+def test_eval_reports_both_protocols(setup, tmp_path):
+    """``act eval`` scores the same samples by the next-token protocol and by option
+    log-likelihood (acc, acc_norm), each with its paired interval; for next token it reports
+    the chance level and the off-format share (answers that are no option), checked here
+    against the model run on each prompt alone."""
+    from act_kernels.evaluate import EvalConfig, run_eval
+    from act_kernels.profiles import ACTProfile
+    from act_kernels.tasks import get_task, load_examples
+
+    model, tok = setup["model"], setup["tok"]
+    profile = ACTProfile(heads={1: [0, 2], 2: [1]}, tau=TAU)
+    cfg = EvalConfig(tasks=["sst2", "arc_easy"], samples=8, data=setup["data"], batch_size=4,
+                     bootstrap=200)
+    report = run_eval(model, tok, profile, cfg, tmp_path / "ev")
+    assert report["protocols"] == ["next-token", "loglik", "loglik/char"]
+    for task, row in report["tasks"].items():
+        rows = row["protocols"]
+        assert set(rows) == set(report["protocols"])
+        assert {k: row[k] for k in ("base", "act", "delta")} == {
+            k: rows["next-token"][k] for k in ("base", "act", "delta")}
+        for p, r in rows.items():
+            assert r["delta"] == pytest.approx(r["act"] - r["base"])
+            assert r["ci95"][0] <= r["delta"] <= r["ci95"][1], (task, p)
+        assert ("off_format" in rows["next-token"]) and "off_format" not in rows["loglik"]
+        # chance: 1 / options (two labels; three choices in the test data)
+        assert rows["loglik"]["chance"] == pytest.approx(0.5 if task == "sst2" else 1 / 3)
+    # off-format, recomputed: the greedy first token of each prompt alone, uncalibrated
+    t = get_task("arc_easy")
+    by_id = {e.id: e for e in load_examples(t, path=setup["data"]["arc_easy"])}
+    off = []
+    for i in report["tasks"]["arc_easy"]["ids"]:
+        ex = by_id[i]
+        with torch.no_grad():
+            top = int(model(input_ids=torch.tensor([tok.encode(ex.prompt)])).logits[0, -1].argmax())
+        off.append(not any(top in ids for ids in t.option_token_ids(ex, tok)))
+    assert report["tasks"]["arc_easy"]["protocols"]["next-token"]["off_format"][0] == \
+        pytest.approx(sum(off) / len(off))
+    assert report["tasks"]["sst2"]["protocols"]["next-token"]["off_format"] == [0.0, 0.0]
+    avg = report["average"]["protocols"]
+    assert avg["loglik/char"]["base"] == pytest.approx(
+        sum(r["protocols"]["loglik/char"]["base"] for r in report["tasks"].values()) / 2)
+    for text in (report["table"], (tmp_path / "ev" / "eval.md").read_text()):
+        assert "loglik (acc)" in text and "loglik/char (acc_norm)" in text and "%" in text
+    assert len((tmp_path / "ev" / "eval.csv").read_text().splitlines()) == 1 + 3 * 3
+    # the main protocol can be log-likelihood; the others are still reported
+    ll = run_eval(model, tok, profile, EvalConfig(
+        tasks=["arc_easy"], samples=8, data=setup["data"], bootstrap=50, loglik=True,
+        normalize="char"), tmp_path / "ll")
+    assert ll["protocols"] == ["loglik/char", "next-token", "loglik"]
+    assert ll["tasks"]["arc_easy"]["base"] == report["tasks"]["arc_easy"]["protocols"][
+        "loglik/char"]["base"]
+
+
 def _run(cmd, cwd, env_extra=None, timeout=240):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
