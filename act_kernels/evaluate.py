@@ -309,11 +309,13 @@ def run(args) -> int:
     from .modelinfo import model_device
     from .params import resolve_backend
     from .cli_args import check_tasks, load_for_args, parse_data
+    from .scoring import parse_protocols
 
     if not os.path.isfile(args.profile):
         raise SystemExit(f"act eval: no profile file {args.profile!r}")
     profile = ACTProfile.load(args.profile)
     check_tasks(args.tasks, "act eval")
+    protocols = parse_protocols(args.protocols)     # a typo fails before the model loads
     dist = Dist()
     try:
         if args.model is None and profile.model_name not in (None, DEFAULT_MODEL_NAME):
@@ -324,7 +326,7 @@ def run(args) -> int:
                          max_length=args.max_length, data=parse_data(args.data),
                          batch_size=args.batch_size, bootstrap=args.bootstrap,
                          loglik=args.loglik, normalize=args.normalize,
-                         protocols=[p.strip() for p in args.protocols.split(",") if p.strip()],
+                         protocols=protocols,
                          backend=resolve_backend(args.backend, model_device(model), "act eval"))
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.profile)), "eval")
         report = run_eval(model, tokenizer, profile, cfg, out, dist=dist)

@@ -368,7 +368,7 @@ def test_torchrun_two_processes_equal_one(setup, tmp_path, strategy):
     assert _files(one) == _files(two)
 
 
-def test_cli_parsing_and_errors(setup):
+def test_cli_parsing_and_errors(setup, tmp_path):
     from act_kernels import cli
     from act_kernels.params import parse_index_list
 
@@ -382,6 +382,12 @@ def test_cli_parsing_and_errors(setup):
     assert args.command == "search" and args.samples == 10
     with pytest.raises(SystemExit):
         cli.main(["search", "--tasks", "no_such_task", "--model", "/nonexistent"])
+    # an unknown scoring protocol ends act eval / act demo before any model is loaded
+    from act_kernels.profiles import ACTProfile
+    ACTProfile(heads={}).save(tmp_path / "p.json")
+    for argv in (["eval", "--profile", str(tmp_path / "p.json")], ["demo"]):
+        with pytest.raises(SystemExit, match="unknown scoring protocol 'acc'"):
+            cli.main(argv + ["--protocols", "next-token,acc", "--model", "/nonexistent"])
 
 
 def test_partition_rows_is_optimal():

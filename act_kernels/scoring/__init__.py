@@ -12,12 +12,13 @@
 It sits between the Transformers integration and the pipeline: it imports nothing of the
 search, the evaluation or the command lines (``tests/test_architecture.py``).
 """
-from .plain import LOGLIK, NEXT_TOKEN, PROTOCOLS, PlainScorer, check_protocol, profile_masks
+from .plain import (LOGLIK, NEXT_TOKEN, PROTOCOLS, PlainScorer, check_protocol, parse_protocols,
+                    profile_masks)
 from .results import Results, metrics, paired_bootstrap
 from .samples import (Sample, calibration_examples, encode_examples, evaluation_examples,
                       fingerprint, make_batches, pad_batch, parse_tasks, share)
 
 __all__ = ["LOGLIK", "NEXT_TOKEN", "PROTOCOLS", "PlainScorer", "Results", "Sample",
            "calibration_examples", "check_protocol", "encode_examples", "evaluation_examples",
-           "fingerprint", "make_batches", "metrics", "pad_batch", "paired_bootstrap",
+           "fingerprint", "make_batches", "metrics", "pad_batch", "paired_bootstrap", "parse_protocols",
            "parse_tasks", "profile_masks", "share"]

@@ -41,6 +41,12 @@ def check_protocol(protocol: str) -> str:
     return protocol
 
 
+def parse_protocols(spec) -> list[str]:
+    """``"next-token,loglik"`` or a list -> the protocols, checked, in order, without repeats."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    return list(dict.fromkeys(check_protocol(p.strip()) for p in items if p.strip()))
+
+
 def profile_masks(heads: Mapping[int, Sequence[int]], num_heads: int, device=None
                   ) -> dict[int, torch.Tensor]:
     """``{layer: bool [Hq]}`` of a ``{layer: [heads]}`` mapping (empty layers dropped)."""
