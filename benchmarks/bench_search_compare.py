@@ -259,8 +259,8 @@ def timed_search(model, tok, cfg, out: Path):
 def evaluate(model, tok, profile, tasks, samples, out: Path) -> dict:
     from act_kernels.evaluate import EvalConfig, run_eval
 
-    return run_eval(model, tok, profile, EvalConfig(tasks=tasks, samples=samples, bootstrap=2000),
-                    out)
+    cfg = EvalConfig(tasks=tasks, samples=samples, bootstrap=2000, protocols=("next-token",))
+    return run_eval(model, tok, profile, cfg, out)
 
 
 # ---------------------------------------------------------------------------------------------
