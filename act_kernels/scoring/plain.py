@@ -16,6 +16,7 @@ the search's candidate engine (:class:`act_kernels.search.candidates.Scorer`) ex
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -70,6 +71,8 @@ class PlainScorer:
         self.dist = dist or Dist()
         self.device = model_device(model)
         self.num_heads = num_query_heads(model)
+        # models whose forward has no logits_to_keep compute every position's logits
+        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def override(self, masks: Optional[Mapping[int, torch.Tensor]] = None):
         """ACT attention on every layer (:func:`~act_kernels.hf.head_override`), layer ``l``
@@ -88,12 +91,8 @@ class PlainScorer:
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
         """Logits ``[B, keep, V]`` of the last ``keep`` positions of a left-padded batch."""
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        try:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                             logits_to_keep=keep)
-        except TypeError:       # models without logits_to_keep
-            return self.model(input_ids=ids, attention_mask=mask,
-                              position_ids=position_ids).logits[:, -keep:]
+        extra = {"logits_to_keep": keep} if self._keep_arg else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **extra)
         return out.logits[:, -keep:]
 
     def last_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
