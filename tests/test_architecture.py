@@ -6,8 +6,14 @@ Layers, bottom to top (a module may import modules of its own layer or below, ne
    kernels and their backend, sink selection, tasks, profiles, the model loader;
 1. the op (``act_kernels.op``: validate + dispatch);
 2. the Transformers integration (``act_kernels.hf``);
-3. the pipeline: search, evaluation, inspection, their shared runtime, the lm-eval adapter;
-4. the command line (``cli``, ``demo``) and the package's public face (``act_kernels``).
+3. scoring (``act_kernels.scoring``: samples, results, the plain scorer of both protocols) and
+   the runtime of long runs (``act_kernels.runtime``), which search and evaluation stand on;
+4. the pipeline: search, evaluation, inspection, their command-line pieces, the lm-eval adapter;
+5. the command line (``cli``, ``demo``) and the package's public face (``act_kernels``).
+
+Evaluation stands on scoring, not on the search: ``act_kernels.evaluate`` (what ``act eval``
+and the demo's evaluation run), scoring and inspection reach no ``act_kernels.search`` module,
+directly or through another module.
 
 Every module (function-level imports included) is checked; a new module must be placed in a
 layer here, so that its place is a decision and not an accident.
@@ -27,7 +33,8 @@ LAYERS = [
                 "triton_backend", "kernels", "tasks", "profiles", "model_loader", "calibration"]),
     ("op", ["op"]),
     ("hf", ["hf"]),
-    ("pipeline", ["search", "evaluate", "inspection", "runtime", "lmeval"]),
+    ("scoring", ["scoring", "runtime"]),
+    ("pipeline", ["search", "evaluate", "inspection", "lmeval", "cli_args"]),
     ("cli", ["cli", "demo", ""]),
 ]
 OP_LAYER = {"op", "params", "torch_backend", "triton_backend", "reference", "sinks", "kernels",
@@ -133,6 +140,37 @@ def test_imports_go_down_the_layers(module):
             f"{module} ({LAYERS[mine][0]}) imports {target} ({LAYERS[_layer(target)][0]})")
 
 
+def _reach(module: str) -> set[str]:
+    """Every package module ``module`` imports, directly or through others."""
+    seen, todo = set(), [module]
+    while todo:
+        for nxt in GRAPH[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+# Modules that must not stand on the search: evaluation (``act eval`` and the demo's evaluation
+# call ``act_kernels.evaluate``), the scoring both stand on, inspection, the lm-eval adapter.
+NOT_ON_SEARCH = ["act_kernels.evaluate", "act_kernels.lmeval", "act_kernels.cli_args"] + sorted(
+    m for m in MODULES if m.split(".")[1:2] in (["scoring"], ["inspection"]))
+
+
+@pytest.mark.parametrize("module", NOT_ON_SEARCH)
+def test_evaluation_does_not_stand_on_the_search(module):
+    search = sorted(m for m in _reach(module) if m.split(".")[1:2] == ["search"])
+    assert not search, f"{module} imports search modules {search}"
+
+
+def test_the_search_rule_can_fail():
+    # the rule above is not vacuous: the demo runs the search (and so reaches it), and the
+    # evaluation reaches the scoring package it stands on
+    assert "act_kernels.search" in _reach("act_kernels.demo")
+    assert "act_kernels.scoring.plain" in _reach("act_kernels.evaluate")
+    assert len(NOT_ON_SEARCH) > 6
+
+
 def test_op_layer_imports_nothing_above_it():
     for module, targets in GRAPH.items():
         if module.split(".")[1:2] and module.split(".")[1] in OP_LAYER:
@@ -199,3 +237,22 @@ def test_the_calibration_rule_has_one_home():
                           for p, d in zip(params, defaults)
                           if d is not None and "rest" in p.arg and literal(d)]
     assert not found, "the calibration thresholds have a second home:\n" + "\n".join(found)
+
+
+# Names used by more than one module above the op layer, each for the same role in its own
+# package: a package's command line (``cli``) and its written outputs (``report``). Any other
+# repeated name (two ``scoring``, two ``common``) is a name that says too little. (The backends
+# below the op may mirror each other's module names by pass, as ``kernels/`` does.)
+SHARED_NAMES = {"__init__", "__main__", "cli", "report"}
+
+
+def test_module_names_say_what_they_hold():
+    by_name: dict[str, list[str]] = {}
+    for module, path in MODULES.items():
+        if module.split(".")[1:2] and module.split(".")[1] not in OP_LAYER:
+            by_name.setdefault(path.stem, []).append(module)
+    repeated = {n: sorted(m) for n, m in by_name.items() if len(m) > 1 and n not in SHARED_NAMES}
+    assert not repeated, f"modules sharing a name: {repeated}"
+    packages = {m.split(".")[1] for m in MODULES if m.count(".") >= 2}
+    clash = sorted(packages & set(by_name))      # e.g. tasks/scoring.py beside scoring/
+    assert not clash, f"modules named like a package of the project: {clash}"

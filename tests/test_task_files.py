@@ -115,6 +115,8 @@ def test_option_format(tmp_path, goals):
 
 def test_file_task_scores_like_the_builtin(sentiment, goals, tokenizer, tiny_model):
     """Same score items and the same next-token and log-likelihood scores as the built-ins."""
+    from act_kernels.scoring import PROTOCOLS, PlainScorer, encode_examples
+
     for path, builtin, rows in (
             (sentiment, "sst2", [{"sentence": r, "label": lab} for r, lab in REVIEWS]),
             (goals, "piqa", None)):
@@ -126,10 +128,13 @@ def test_file_task_scores_like_the_builtin(sentiment, goals, tokenizer, tiny_mod
                                        "sol2": e.options[1], "label": e.gold}, id=str(i))
             for i, e in enumerate(exs)]
         assert task.score_items(exs, tokenizer) == ref_task.score_items(ref, tokenizer)
-        for fn in (T.evaluate_last_token, T.evaluate_loglik):
-            got, want = fn(tiny_model, tokenizer, task, exs), fn(tiny_model, tokenizer, ref_task, ref)
-            assert torch.equal(got["pred"], want["pred"])
-            assert torch.allclose(got["gold_logprob_margin"], want["gold_logprob_margin"])
+        scorer = PlainScorer(tiny_model, tokenizer)
+        got, want = (scorer.score(len(e), encode_examples(t, e, tokenizer, False, None,
+                                                          loglik=True), protocols=PROTOCOLS)
+                     for t, e in ((task, exs), (ref_task, ref)))
+        for protocol in PROTOCOLS:      # next token and option log-likelihood alike
+            assert torch.equal(got[protocol].pred, want[protocol].pred)
+            assert torch.allclose(got[protocol].margin, want[protocol].margin)
 
 
 # ---------------------------------------------------------------------- splits
@@ -152,7 +157,7 @@ def test_two_files_calibrate_and_evaluate(goals):
 def test_search_and_eval_data_path_accepts_a_task_file(sentiment):
     """``--tasks path.yaml`` through the search's own helpers: parse_tasks resolves the path to
     the task's name, and every later lookup by that name finds it."""
-    from act_kernels.search.data import calibration_examples, evaluation_examples, parse_tasks
+    from act_kernels.scoring import calibration_examples, evaluation_examples, parse_tasks
 
     assert parse_tasks(f"sst2,{sentiment}") == ["sst2", "my_sentiment"]
     calib = calibration_examples(["my_sentiment"], 4, seed=1)["my_sentiment"]

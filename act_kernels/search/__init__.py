@@ -1,6 +1,6 @@
 """The offline head search of ACT (``act search``): see :mod:`act_kernels.search.core`.
 
-Fast by construction (:mod:`act_kernels.search.scoring`): hidden states entering a layer are
+Fast by construction (:mod:`act_kernels.search.candidates`): hidden states entering a layer are
 computed once per sample and reused by every candidate of that layer, a batch row is one
 (sample, candidate head) pair, only the last position's logits are computed, and a head with no
 sink on a sample is not run at all (calibration would leave it unchanged).
@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import argparse
 
-from ..params import DEFAULT_BETA, DEFAULT_TAU
-from ..runtime import Dist
-from .core import STRATEGIES, SearchConfig, default_layers, parse_index_list, run_search
-from .data import Sample, parse_tasks
+from ..params import DEFAULT_BETA, DEFAULT_TAU, DEFAULT_TASKS, parse_index_list
+from .candidates import Scorer, naive_candidates
+from .core import STRATEGIES, SearchConfig, default_layers, run_search
 from .report import SEARCH_RULE
-from .scoring import Results, Scorer, metrics, naive_candidates
 
-__all__ = ["SEARCH_RULE", "SearchConfig", "run_search", "default_layers", "parse_index_list",
-           "STRATEGIES", "Scorer", "Results", "Dist", "metrics", "naive_candidates", "Sample", "parse_tasks",
-           "add_arguments", "run"]
+__all__ = ["SEARCH_RULE", "SearchConfig", "run_search", "default_layers", "STRATEGIES", "Scorer",
+           "naive_candidates", "add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .common import add_common_arguments
+    from ..cli_args import add_common_arguments, deprecated_alias
 
-    parser.add_argument("--tasks", default="sst2,arc_easy",
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help="comma-separated tasks of the mixed calibration set")
     parser.add_argument("--samples", type=int, default=300,
                         help="calibration samples in all, shared evenly by the tasks")
@@ -64,9 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rows", type=int, default=64,
                         help="(sample, head) rows per forward through a candidate's own "
                              "layer (default 64)")
-    parser.add_argument("--max-tokens", type=int, default=4096,
+    parser.add_argument("--batch-tokens", type=int, default=4096,
                         help="rows x positions per forward through the layers after a "
-                             "candidate's (default 4096)")
+                             "candidate's (default 4096; was --max-tokens)")
+    deprecated_alias(parser, "--max-tokens", "--batch-tokens", type=int)
     parser.add_argument("--no-skip", action="store_true",
                         help="run candidates even on samples where their head has no sink")
     parser.add_argument("--no-prefix-reuse", action="store_true",
@@ -77,7 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args, num_layers: int, num_heads: int) -> SearchConfig:
-    from .common import parse_data
+    from ..cli_args import parse_data
+    from ..params import DEFAULT_MODEL_NAME
+    from ..scoring import parse_tasks
 
     if args.samples < 2:
         raise SystemExit("--samples must be at least 2")
@@ -94,18 +94,19 @@ def config_from_args(args, num_layers: int, num_heads: int) -> SearchConfig:
         screen_objective=args.screen_objective, exact_check=args.exact_check or (
             "boundary" if args.screen_objective == "decision" else "all"),
         chat_template=args.chat_template,
-        max_length=args.max_length, model_name=args.model or "SmolLM2-135M-Instruct",
+        max_length=args.max_length, model_name=args.model or DEFAULT_MODEL_NAME,
         data=parse_data(args.data), batch_size=args.batch_size, max_rows=args.max_rows,
-        max_tokens=args.max_tokens, skip_sinkless=not args.no_skip,
+        batch_tokens=args.batch_tokens, skip_sinkless=not args.no_skip,
         reuse_prefix=not args.no_prefix_reuse)
 
 
 def run(args) -> int:
     import time
 
+    from ..cli_args import check_tasks, eprint, load_for_args
     from ..modelinfo import model_device, num_layers, num_query_heads
     from ..params import resolve_backend
-    from .common import check_tasks, eprint, load_for_args
+    from ..runtime import Dist
     from .report import no_gain_line
 
     check_tasks(args.tasks, "act search")

@@ -13,18 +13,20 @@ and writes the same files as an uninterrupted run).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
-from ..params import DEFAULT_BETA, DEFAULT_TAU
-from ..runtime import Checkpoint, Dist
-from .data import (Sample, calibration_examples, encode_examples, fingerprint, parse_tasks,
-                   split_score_val)
-from .report import progress, summarize, write_outputs
+from ..params import (DEFAULT_BACKEND, DEFAULT_BATCH_SIZE, DEFAULT_BETA, DEFAULT_TASKS,
+                      DEFAULT_TAU, check_range)
+from ..runtime import Checkpoint, Dist, progress
+from ..scoring import (Results, Sample, calibration_examples, encode_examples, fingerprint,
+                       metrics, parse_tasks)
+from .candidates import Scorer
+from .report import summarize, write_outputs
 from .rules import EPS, as_heads, improves, rank_key
-from .scoring import Results, Scorer, metrics
 
 CHECKPOINT = "search_checkpoint.jsonl"
 STRATEGIES = ("screen", "exhaustive")
@@ -35,7 +37,7 @@ EXACT_CHECKS = ("boundary", "all")
 class SearchConfig:
     """Everything that defines a search (and therefore its checkpoint)."""
 
-    tasks: Sequence[str] = ("sst2", "arc_easy")
+    tasks: Sequence[str] = DEFAULT_TASKS
     samples: int = 300
     layers: Optional[Sequence[int]] = None      # None: 2 .. L-2
     heads: Optional[Sequence[int]] = None       # None: all query heads
@@ -53,16 +55,16 @@ class SearchConfig:
     screen_objective: str = "decision"          # screen: "decision", "margin" or "logprob"
     exact_check: str = "boundary"               # screen: exact runs on "boundary" samples or "all"
     bootstrap: int = 2000                       # resamples of the final set's interval
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH_SIZE
     max_rows: int = 64
-    max_tokens: int = 4096
-    backend: str = "torch"
+    batch_tokens: int = 4096                    # rows x positions per forward after a candidate
+    backend: str = DEFAULT_BACKEND
     skip_sinkless: bool = True
     reuse_prefix: bool = True
 
 
 # Settings that change how fast a search runs, not what it finds (not in the checkpoint header).
-_SPEED_SETTINGS = ("batch_size", "max_rows", "max_tokens", "backend", "data", "skip_sinkless",
+_SPEED_SETTINGS = ("batch_size", "max_rows", "batch_tokens", "backend", "data", "skip_sinkless",
                    "reuse_prefix")
 
 
@@ -71,33 +73,17 @@ def default_layers(num_layers: int) -> list[int]:
     return list(range(min(2, num_layers), max(num_layers - 1, 0)))
 
 
-def parse_index_list(spec, upper: int, what: str) -> Optional[list[int]]:
-    """``None``/``"all"`` -> None; ``"2:28"`` (inclusive), ``"3,5,9"``, ``"-1"``, or a list of
-    ints -> sorted unique indices in ``0 .. upper-1`` (``ValueError`` names a bad one)."""
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
-        return None
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out = set()
-    for item in items:
-        if isinstance(item, str) and ":" in item:
-            a, b = item.split(":", 1)
-            lo = int(a) if a.strip() else 0
-            hi = int(b) if b.strip() else upper - 1
-            lo, hi = (lo + upper if lo < 0 else lo), (hi + upper if hi < 0 else hi)
-            if lo > hi:
-                raise ValueError(f"empty {what} range {item!r}")
-            rng = range(lo, hi + 1)
-        else:
-            v = int(item)
-            rng = [v + upper if v < 0 else v]
-        for v in rng:
-            if not 0 <= v < upper:
-                raise ValueError(f"{what} {v} is out of range: the model has {upper} {what}s "
-                                 f"(valid 0..{upper - 1})")
-            out.add(v)
-    if not out:
-        raise ValueError(f"no {what} selected by {spec!r}")
-    return sorted(out)
+def split_score_val(per_task: Mapping[str, list], val_fraction: float) -> tuple[dict, dict]:
+    """Per task, the first part (in seeded order) scores the candidates, the rest validates."""
+    score, val = {}, {}
+    for task, exs in per_task.items():
+        n_val = int(math.floor(len(exs) * val_fraction + 0.5)) if val_fraction > 0 else 0
+        if 0 < val_fraction and n_val == 0 and len(exs) >= 2:
+            n_val = 1
+        n_val = min(n_val, max(len(exs) - 1, 0))
+        score[task] = exs[:len(exs) - n_val]
+        val[task] = exs[len(exs) - n_val:]
+    return score, val
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,19 +171,13 @@ def new_state(model, tokenizer, cfg: SearchConfig, out: Path, dist: Dist,
                          "exact_check='all' with other objectives")
     scorer = Scorer(model, tokenizer, beta=cfg.beta, tau=cfg.tau, backend=cfg.backend,
                     batch_size=cfg.batch_size, max_rows=cfg.max_rows,
-                    max_tokens=cfg.max_tokens, dist=dist,
+                    batch_tokens=cfg.batch_tokens, dist=dist,
                     skip_sinkless=cfg.skip_sinkless, reuse_prefix=cfg.reuse_prefix)
     L, H = scorer.num_layers, scorer.num_heads
-    layers = list(cfg.layers) if cfg.layers is not None else default_layers(L)
-    heads = list(cfg.heads) if cfg.heads is not None else list(range(H))
-    for l in layers:
-        if not 0 <= l < L:
-            raise ValueError(f"layer {l} is out of range: the model has {L} layers "
-                             f"(valid 0..{L - 1})")
-    for h in heads:
-        if not 0 <= h < H:
-            raise ValueError(f"head {h} is out of range: the model has {H} query heads per "
-                             f"layer (valid 0..{H - 1})")
+    layers = check_range(cfg.layers if cfg.layers is not None else default_layers(L), L,
+                         "layer", "act search")
+    heads = check_range(cfg.heads if cfg.heads is not None else range(H), H, "head",
+                        "act search")
     return SearchState(cfg=cfg, scorer=scorer, dist=dist, out=out, on_record=on_record,
                        tasks=parse_tasks(cfg.tasks), layers=layers, heads=heads)
 

@@ -3,13 +3,13 @@ it followed, :data:`SEARCH_RULE`), built from a finished :class:`~.core.SearchSt
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from .rules import as_heads, beats, rank_key
-from .scoring import Results, metrics, paired_bootstrap
+from ..params import DEFAULT_MODEL_NAME
+from ..scoring import Results, metrics, paired_bootstrap
 
 SEARCH_RULE = """\
 ## How `act search` chooses heads
@@ -54,14 +54,6 @@ SEARCH_RULE = """\
    exhaustive strategy, the reference's union): the same on the validation part (the scoring
    part chose the heads, so it is not run again).
 """
-
-
-def progress(total: int, desc: str, enabled: bool):
-    """A tqdm bar on stderr (disabled on ranks other than 0)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="run", file=sys.stderr, disable=not enabled,
-                dynamic_ncols=True, smoothing=0.1)
 
 
 def _validation_interval(st, final: Results) -> dict:
@@ -188,7 +180,7 @@ def summary_md(s: dict, cfg) -> str:
                 else f"exhaustive (all {len(s['rows'])} candidates scored exactly)")
     lines = [
         "# ACT head search", "",
-        f"- model: {cfg.model_name or 'SmolLM2-135M-Instruct (default)'}",
+        f"- model: {cfg.model_name or DEFAULT_MODEL_NAME + ' (default)'}",
         f"- tasks: {', '.join(s['tasks'])}; {s['n']} calibration samples "
         f"({s['n_score']} scoring, {s['n_val']} validation), seed {cfg.seed}",
         f"- candidates: {len(s['candidates'])} (layers {s['layers'][0]}..{s['layers'][-1]}"

@@ -30,10 +30,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..runtime import progress
+from ..scoring import Results, Sample, pad_batch
 from ..tasks import score_last_logits
-from .data import Sample, pad_batch
-from .report import progress
-from .scoring import Results
 
 OBJECTIVES = ("decision", "margin", "logprob")
 SCREEN_CHUNK = 64    # scoring samples per checkpoint record (fixed: results do not depend on it)
@@ -90,7 +89,7 @@ def _attention(config, name: str):
 
 class FirstOrderScreen:
     """The first-order estimate of every candidate's objective change (see the module doc);
-    uses a :class:`~act_kernels.search.scoring.Scorer`'s model, runner and settings."""
+    uses a :class:`~act_kernels.search.candidates.Scorer`'s model, runner and settings."""
 
     def __init__(self, scorer, objective: str = "decision"):
         if objective not in OBJECTIVES:

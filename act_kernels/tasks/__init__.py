@@ -11,20 +11,20 @@ Ground level: imports nothing of ``act_kernels`` outside this package.
 * Prompts: :meth:`Task.build_prompt`, :meth:`Task.candidate_token_ids`,
   :meth:`Task.option_token_ids`, :meth:`Task.score_item`, :meth:`Task.loglik_requests`.
 * Splits: :func:`make_splits`, :func:`load_splits`, :class:`Splits`.
-* Scoring: :func:`encode_batch`, :func:`prepare_batch`, :func:`score_last_logits`,
-  :func:`encode_loglik`, :func:`continuation_logprobs`, :func:`score_option_logprobs`,
-  :func:`accuracy`, :func:`balanced_accuracy`, :func:`evaluate_last_token`,
-  :func:`evaluate_loglik`.
+* Scoring protocols on logits (:mod:`.protocols`): :func:`encode_batch`,
+  :func:`prepare_batch`, :func:`truncate_left`, :func:`score_last_logits`,
+  :func:`loglik_ids`, :func:`encode_loglik`, :func:`continuation_logprobs`,
+  :func:`score_option_logprobs`, :func:`accuracy`, :func:`balanced_accuracy`. The loop that runs
+  a model over samples with them is :class:`act_kernels.scoring.PlainScorer`.
 """
 from .data import (DataNotInstalledError, available_splits, default_split, load_examples,
                    offline_path)
 from .lookup import get_task
 from .registry import CLASSIFICATION_TASKS, MULTIPLE_CHOICE_TASKS, TASKS
 from .rows import read_rows
-from .scoring import (accuracy, balanced_accuracy, continuation_logprobs, encode_batch,
-                      encode_loglik, evaluate_last_token, evaluate_loglik, left_pad, pad_id,
-                      prepare_batch,
-                      score_last_logits, score_option_logprobs)
+from .protocols import (accuracy, balanced_accuracy, continuation_logprobs, encode_batch,
+                        encode_loglik, left_pad, loglik_ids, pad_id, prepare_batch,
+                        score_last_logits, score_option_logprobs, truncate_left)
 from .splits import Splits, load_splits, make_splits
 from .task import (CLASSIFICATION, LETTERS, MULTIPLE_CHOICE, Example, ScoreItem, Task,
                    apply_chat, letter_token_ids)
@@ -34,9 +34,8 @@ __all__ = [
     "CLASSIFICATION", "CLASSIFICATION_TASKS", "DataNotInstalledError", "Example", "LETTERS",
     "MULTIPLE_CHOICE", "MULTIPLE_CHOICE_TASKS", "ScoreItem", "Splits", "TASKS", "Task",
     "TaskFileError", "accuracy", "apply_chat", "available_splits", "balanced_accuracy",
-    "continuation_logprobs", "default_split", "encode_batch", "encode_loglik",
-    "evaluate_last_token", "evaluate_loglik", "get_task", "left_pad", "letter_token_ids",
-    "load_examples", "load_splits", "load_task_file", "make_splits", "offline_path", "pad_id",
-    "prepare_batch", "read_rows", "register_task_file", "score_last_logits",
-    "score_option_logprobs",
+    "continuation_logprobs", "default_split", "encode_batch", "encode_loglik", "get_task",
+    "left_pad", "letter_token_ids", "load_examples", "load_splits", "load_task_file",
+    "loglik_ids", "make_splits", "offline_path", "pad_id", "prepare_batch", "read_rows",
+    "register_task_file", "score_last_logits", "score_option_logprobs", "truncate_left",
 ]

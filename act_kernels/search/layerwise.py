@@ -20,13 +20,12 @@ architecture fails loudly instead of giving wrong scores.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
-from ..hf import head_override, recording
+from ..hf import recording
 from ..modelinfo import text_config
 from ..params import head_mask
 
@@ -200,28 +199,11 @@ class LayerRunner:
         return (full - part).abs().max().item() / max(1.0, full.abs().max().item())
 
 
-@contextlib.contextmanager
-def act_mode(model, heads: Optional[Mapping[int, torch.Tensor]] = None, *, beta: float,
-             tau: float, backend: str = "torch") -> Iterator[None]:
-    """ACT attention on every layer (plain where ``heads`` selects nothing), via
-    :func:`~act_kernels.hf.head_override`."""
-    with head_override(model, dict(heads or {}), beta=beta, tau=tau, backend=backend):
-        yield
-
-
 def one_hot_heads(heads: Sequence[int], num_heads: int, device=None) -> torch.Tensor:
     """Bool ``[len(heads), num_heads]``: row ``r`` selects head ``heads[r]``."""
     rows = [head_mask([h], num_heads, who="act search", device=device) for h in heads]
     return torch.stack(rows) if rows else torch.zeros(0, num_heads, dtype=torch.bool,
                                                       device=device)
-
-
-def profile_masks(heads: Mapping[int, Sequence[int]], num_heads: int, device=None
-                  ) -> dict[int, torch.Tensor]:
-    """``{layer: bool [Hq]}`` of a ``{layer: [heads]}`` mapping (empty layers dropped)."""
-    return {int(layer): head_mask(idx, num_heads, who="act search", layer=int(layer),
-                                  device=device)
-            for layer, idx in heads.items() if idx}
 
 
 # ---------------------------------------------------------------------------------------------

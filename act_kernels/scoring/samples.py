@@ -1,26 +1,33 @@
-"""Calibration / evaluation samples: tokenised once, batched with left padding, split by rank."""
+"""Samples: prompts drawn from the tasks' seeded splits, tokenised once, batched with left
+padding (the calibration samples of ``act search`` and the evaluation samples of ``act eval``)."""
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
 
-from ..tasks import ScoreItem, get_task, left_pad, load_splits, pad_id
+from ..tasks import (ScoreItem, get_task, left_pad, load_splits, loglik_ids, pad_id,
+                     truncate_left)
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One prompt, ready to run: global index, task, example id, token ids, score item."""
+    """One prompt, ready to run: global index, task, example id, token ids, score item.
+
+    ``options`` (filled when encoded for the log-likelihood protocol, else empty): per option,
+    ``(ids, n_cont, n_chars)``: the tokens of the context followed by the option's
+    continuation, the continuation's token count (its tokens are the last ``n_cont``) and its
+    character count (for length normalisation)."""
 
     index: int
     task: str
     id: str
     ids: tuple[int, ...]
     item: ScoreItem
+    options: tuple[tuple[tuple[int, ...], int, int], ...] = ()
 
     @property
     def gold(self) -> int:
@@ -47,16 +54,27 @@ def share(total: int, parts: int) -> list[int]:
 
 
 def encode_examples(task_name: str, examples, tokenizer, chat_template: bool,
-                    max_length: Optional[int], start: int = 0) -> list[Sample]:
+                    max_length: Optional[int], start: int = 0,
+                    loglik: bool = False) -> list[Sample]:
+    """The examples as :class:`Sample` s numbered from ``start``: the prompt for next-token
+    scoring and, with ``loglik``, each option's context + continuation for log-likelihood
+    scoring (:meth:`~act_kernels.tasks.Task.loglik_requests`); both truncated on the left to
+    ``max_length`` tokens."""
     task = get_task(task_name)
+    special = not chat_template
     out = []
     for k, ex in enumerate(examples):
         prompt = task.build_prompt(ex, tokenizer, chat_template=chat_template)
-        ids = tokenizer.encode(prompt, add_special_tokens=not chat_template)
-        if max_length is not None and len(ids) > max_length:
-            ids = ids[len(ids) - max_length:]
+        ids = truncate_left(tokenizer.encode(prompt, add_special_tokens=special), max_length)
+        options = ()
+        if loglik:
+            options = tuple(
+                (tuple(seq), n_cont, len(cont))
+                for ctx, cont in task.loglik_requests(ex, tokenizer, chat_template)
+                for seq, n_cont in [loglik_ids(tokenizer, ctx, cont, add_special_tokens=special,
+                                               max_length=max_length)])
         out.append(Sample(start + k, task.name, ex.id, tuple(int(i) for i in ids),
-                          task.score_item(ex, tokenizer)))
+                          task.score_item(ex, tokenizer), options))
     return out
 
 
@@ -72,28 +90,18 @@ def calibration_examples(tasks: Sequence[str], samples: int, seed: int,
 
 
 def evaluation_examples(task: str, samples: int, seed: int, n_calib: int,
-                        data: Optional[Mapping[str, str]] = None):
-    """The evaluation split of ``task``: disjoint from the first ``n_calib`` calibration
-    examples of the same seed (what ``act search`` used), ``samples`` of them (fewer when the
-    data has fewer). Returns the :class:`~act_kernels.tasks.Splits`."""
+                        data: Optional[Mapping[str, str]] = None,
+                        calib_seed: Optional[int] = None):
+    """The evaluation split of ``task``: ``samples`` examples (fewer when the data has fewer)
+    in ``seed``'s order, none of them among the first ``n_calib`` calibration examples of
+    ``calib_seed`` (default ``seed``), i.e. what ``act search --seed calib_seed`` calibrated on:
+    they are excluded by identity, whatever ``seed`` is. Returns the
+    :class:`~act_kernels.tasks.Splits`."""
     path = (data or {}).get(task)
     try:
-        return load_splits(task, seed, n_calib, samples, path=path)
+        return load_splits(task, seed, n_calib, samples, path=path, calib_seed=calib_seed)
     except ValueError:
-        return load_splits(task, seed, n_calib, None, path=path)
-
-
-def split_score_val(per_task: Mapping[str, list], val_fraction: float) -> tuple[dict, dict]:
-    """Per task, the first part (in seeded order) scores the candidates, the rest validates."""
-    score, val = {}, {}
-    for task, exs in per_task.items():
-        n_val = int(math.floor(len(exs) * val_fraction + 0.5)) if val_fraction > 0 else 0
-        if 0 < val_fraction and n_val == 0 and len(exs) >= 2:
-            n_val = 1
-        n_val = min(n_val, max(len(exs) - 1, 0))
-        score[task] = exs[:len(exs) - n_val]
-        val[task] = exs[len(exs) - n_val:]
-    return score, val
+        return load_splits(task, seed, n_calib, None, path=path, calib_seed=calib_seed)
 
 
 def make_batches(samples: Sequence[Sample], batch_size: int,

@@ -1,5 +1,9 @@
-"""Scoring engines: the uncalibrated model / a fixed profile, one candidate head per batch row
-(fast, layer reuse), and the naive loop (a full forward per candidate per sample)."""
+"""The search's candidate engine: one candidate head per batch row, hidden states entering a
+layer reused by every candidate of that layer (:class:`Scorer`), and the naive loop it is
+checked against (a full forward per candidate per sample, :func:`naive_candidates`).
+
+The plain passes (the uncalibrated model, a fixed set of heads) are the shared
+:class:`~act_kernels.scoring.PlainScorer`'s, run here through the layer-by-layer forward."""
 from __future__ import annotations
 
 import warnings
@@ -8,123 +12,30 @@ from typing import Callable, Container, Mapping, Optional, Sequence
 
 import torch
 
-from ..params import DEFAULT_BETA, DEFAULT_TAU
+from ..hf import head_override
+from ..params import DEFAULT_BACKEND, DEFAULT_BATCH_SIZE, DEFAULT_BETA, DEFAULT_TAU
 from ..runtime import Dist
+from ..scoring import PlainScorer, Results, Sample, make_batches, pad_batch
 from ..tasks import score_last_logits
-from .data import Sample, make_batches, pad_batch
-from .runner import (Context, KVRecorder, LayerRunner, RowPrefixKV, act_mode, one_hot_heads,
-                     profile_masks, run_layer_with_probe, suffix_mask)
+from .layerwise import (Context, KVRecorder, LayerRunner, RowPrefixKV, one_hot_heads,
+                        run_layer_with_probe, suffix_mask)
 
 
-# ---------------------------------------------------------------------------------------------
-# Per-sample results
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Results:
-    """Per-sample outcomes over the global sample index: ``correct`` (0/1), ``margin`` (gold
-    log-probability margin), ``pred`` (predicted option, -1 = none), ``decision`` (the margin
-    whose sign is ``correct``, see :func:`~act_kernels.tasks.score_last_logits`) as float64
-    tensors ``[N]``; ``ran`` marks the samples actually computed (the others are filled from
-    the baseline)."""
-
-    correct: torch.Tensor
-    margin: torch.Tensor
-    pred: torch.Tensor
-    ran: torch.Tensor
-    decision: torch.Tensor
-
-    FIELDS = ("correct", "margin", "pred", "ran", "decision")
-
-    @classmethod
-    def empty(cls, n: int) -> "Results":
-        return cls(*(torch.zeros(n, dtype=torch.float64) for _ in cls.FIELDS))
-
-    def put(self, index: torch.Tensor, scored: Mapping[str, torch.Tensor]) -> None:
-        self.correct[index] = scored["correct"].double().cpu()
-        self.margin[index] = scored["gold_logprob_margin"].double().cpu()
-        self.pred[index] = scored["pred"].double().cpu()
-        self.decision[index] = scored["decision_margin"].double().cpu()
-        self.ran[index] = 1.0
-
-    def reduce(self, dist: Dist) -> "Results":
-        stacked = dist.all_reduce(torch.stack([getattr(self, f) for f in self.FIELDS]))
-        return Results(*stacked.unbind(0))
-
-    def fill_from(self, baseline: "Results") -> "Results":
-        keep = self.ran > 0
-        return Results(*(self.ran.clone() if f == "ran" else
-                         torch.where(keep, getattr(self, f), getattr(baseline, f))
-                         for f in self.FIELDS))
-
-    def to_record(self) -> dict:
-        return {"correct": "".join("1" if c > 0.5 else "0" for c in self.correct.tolist()),
-                "margin": [float(m) for m in self.margin.tolist()],
-                "pred": [int(p) for p in self.pred.tolist()],
-                "ran": "".join("1" if r > 0.5 else "0" for r in self.ran.tolist()),
-                "decision": [float(m) for m in self.decision.tolist()]}
-
-    @classmethod
-    def from_record(cls, rec: Mapping) -> "Results":
-        f64 = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
-        # records written before the decision margin existed: the margin stands in for it
-        return cls(f64([c == "1" for c in rec["correct"]]), f64(rec["margin"]),
-                   f64(rec["pred"]), f64([r == "1" for r in rec["ran"]]),
-                   f64(rec.get("decision", rec["margin"])))
-
-
-def metrics(res: Results, samples: Sequence[Sample]) -> dict:
-    """Accuracy, class-balanced accuracy (mean over the (task, gold option) groups of their
-    accuracy) and mean gold log-probability margin over ``samples``."""
-    if not samples:
-        return {"n": 0, "acc": float("nan"), "bal_acc": float("nan"), "margin": float("nan")}
-    idx = torch.as_tensor([s.index for s in samples], dtype=torch.long)
-    correct = res.correct[idx]
-    groups: dict[tuple, list[int]] = {}
-    for k, s in enumerate(samples):
-        groups.setdefault((s.task, s.gold), []).append(k)
-    per_group = [float(correct[torch.as_tensor(v)].mean()) for v in groups.values()]
-    return {"n": len(samples), "acc": float(correct.mean()),
-            "bal_acc": sum(per_group) / len(per_group), "margin": float(res.margin[idx].mean())}
-
-
-def paired_bootstrap(diffs: Sequence[torch.Tensor], reps: int, seed: int) -> tuple[float, float]:
-    """95% interval of the mean over groups of ``mean(diff)``, each group's paired differences
-    resampled independently (``reps`` resamples; NaNs when ``reps`` is 0 or no group)."""
-    if reps <= 0 or not diffs:
-        return float("nan"), float("nan")
-    gen = torch.Generator().manual_seed(seed)
-    total = torch.zeros(reps, dtype=torch.float64)
-    for diff in diffs:
-        diff = diff.double()
-        idx = torch.randint(len(diff), (reps, len(diff)), generator=gen)
-        total += diff[idx].mean(-1)
-    total /= len(diffs)
-    lo, hi = torch.quantile(total, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return lo, hi
-
-
-# ---------------------------------------------------------------------------------------------
-# The engines
-# ---------------------------------------------------------------------------------------------
-
-class Scorer:
-    """Runs samples through ``model`` with ACT attention on every layer (plain where nothing is
-    calibrated), batched with left padding, scoring the last position only."""
+class Scorer(PlainScorer):
+    """The plain scorer run layer by layer (:class:`~.layerwise.LayerRunner`), plus the
+    candidate passes (:meth:`candidates`) that reuse its hidden states. ``batch_tokens``: rows
+    x positions per forward through the layers after a candidate's."""
 
     def __init__(self, model, tokenizer, *, beta: float = DEFAULT_BETA,
-                 tau: float = DEFAULT_TAU, backend: str = "torch", batch_size: int = 8, max_rows: int = 64,
-                 max_tokens: int = 4096,
-                 dist: Optional[Dist] = None, skip_sinkless: bool = True,
-                 reuse_prefix: bool = True):
-        self.model = model
-        self.tokenizer = tokenizer
+                 tau: float = DEFAULT_TAU, backend: str = DEFAULT_BACKEND,
+                 batch_size: int = DEFAULT_BATCH_SIZE, max_rows: int = 64,
+                 batch_tokens: int = 4096, dist: Optional[Dist] = None,
+                 skip_sinkless: bool = True, reuse_prefix: bool = True):
         self.runner = LayerRunner(model)
-        self.beta, self.tau, self.backend = float(beta), float(tau), backend
-        self.batch_size = int(batch_size)
+        super().__init__(model, tokenizer, beta=beta, tau=tau, backend=backend,
+                         batch_size=batch_size, dist=dist)
         self.max_rows = int(max_rows)
-        self.max_tokens = int(max_tokens)
-        self.dist = dist or Dist()
+        self.batch_tokens = int(batch_tokens)
         self.skip_sinkless = skip_sinkless
         self.reuse_prefix = reuse_prefix
         self.device = self.runner.device
@@ -133,12 +44,9 @@ class Scorer:
     def num_layers(self) -> int:
         return self.runner.num_layers
 
-    @property
-    def num_heads(self) -> int:
-        return self.runner.num_heads
-
-    def my_batches(self, samples: Sequence[Sample]) -> list[list[Sample]]:
-        return make_batches(samples, self.batch_size)[self.dist.rank::self.dist.world]
+    def last_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The next-token protocol's forward, layer by layer (what the candidates reuse)."""
+        return self.runner.forward_last(ids, mask)
 
     def my_groups(self, samples: Sequence[Sample]) -> list[list[list[Sample]]]:
         """Consecutive batches grouped until a group holds ``2 * batch_size`` samples; this
@@ -154,15 +62,12 @@ class Scorer:
             size += len(batch)
         return groups[self.dist.rank::self.dist.world]
 
-    def _items(self, batch):
-        return [s.item for s in batch]
-
     @torch.no_grad()
     def check(self, samples: Sequence[Sample]) -> None:
         """Compare the layer-by-layer forward with the model's own forward on a few samples."""
         batch = make_batches(samples[:2], 2)[0]
         ids, mask = pad_batch(batch, self.tokenizer, self.device)
-        with act_mode(self.model, beta=self.beta, tau=self.tau, backend=self.backend):
+        with self.override():
             self.runner.check(ids, mask)
             if self.reuse_prefix:
                 err = self.runner.check_suffix(ids, mask, ids.shape[1] // 2)
@@ -172,24 +77,6 @@ class Scorer:
                                   f"{type(self.model).__name__}; prefix reuse is turned off (the "
                                   "search is exact but slower)", RuntimeWarning, stacklevel=2)
                     self.reuse_prefix = False
-
-    @torch.no_grad()
-    def plain(self, n_total: int, samples: Sequence[Sample],
-              heads: Optional[Mapping[int, Sequence[int]]] = None,
-              progress: Optional[Callable[[int], None]] = None) -> Results:
-        """Results of the model with the heads ``{layer: [heads]}`` calibrated (none: the
-        uncalibrated model), all ranks reduced."""
-        res = Results.empty(n_total)
-        masks = profile_masks(heads or {}, self.num_heads, self.device)
-        with act_mode(self.model, masks, beta=self.beta, tau=self.tau, backend=self.backend):
-            for batch in self.my_batches(samples):
-                ids, mask = pad_batch(batch, self.tokenizer, self.device)
-                logits = self.runner.forward_last(ids, mask)
-                index = torch.as_tensor([s.index for s in batch], dtype=torch.long)
-                res.put(index, score_last_logits(logits, self._items(batch)))
-                if progress:
-                    progress(len(batch))
-        return res.reduce(self.dist)
 
     @torch.no_grad()
     def candidates(self, n_total: int, samples: Sequence[Sample], baseline: Results,
@@ -224,7 +111,7 @@ class Scorer:
         last = max(todo)
         one_pass = only is not None and self.reuse_prefix
         groups: list[list[_State]] = []
-        with act_mode(self.model, beta=self.beta, tau=self.tau, backend=self.backend):
+        with self.override():
             for batches in self.my_groups(samples):
                 groups.append([])
                 for batch in batches:
@@ -310,7 +197,7 @@ class Scorer:
             local = torch.as_tensor([at[r.row] for r in chunk], dtype=torch.long,
                                     device=hidden.device)
             masks = {layer: one_hot_heads([r.head for r in chunk], self.num_heads, self.device)}
-            with act_mode(self.model, masks, beta=self.beta, tau=self.tau, backend=self.backend):
+            with self.override(masks):
                 out = self.runner.run_layers(hidden.index_select(0, local), st.ctx.take(sel),
                                              layer, layer + 1)
             for k, r in enumerate(chunk):
@@ -323,7 +210,7 @@ class Scorer:
         keys/values) right-aligned before them, a causal + key-padding mask over both."""
         rows = sorted(rows, key=lambda r: (-r.suffix.shape[0], r.st.index[r.row].item(), r.head))
         lengths = [r.suffix.shape[0] for r in rows]
-        for lo, hi in partition_rows(lengths, self.max_tokens, CALL_COST_TOKENS):
+        for lo, hi in partition_rows(lengths, self.batch_tokens, CALL_COST_TOKENS):
             chunk = rows[lo:hi]
             width_q = lengths[lo]
             width_p = max(r.start for r in chunk)
@@ -345,7 +232,7 @@ class Scorer:
             if layer + 1 < self.num_layers:
                 ctx = Context(suffix_mask(keys, width_q), cos, sin, pos, keys)
                 cache = RowPrefixKV([(r.st.kv, r.row, r.start) for r in chunk], width_p)
-                with act_mode(self.model, beta=self.beta, tau=self.tau, backend=self.backend):
+                with self.override():
                     hidden = self.runner.run_layers(hidden, ctx, layer + 1, self.num_layers,
                                                     cache)
             logits = self.runner.last_logits(hidden)
@@ -368,11 +255,11 @@ class Scorer:
 CALL_COST_TOKENS = 48
 
 
-def partition_rows(lengths: Sequence[int], max_tokens: int, call_cost: float
+def partition_rows(lengths: Sequence[int], batch_tokens: int, call_cost: float
                    ) -> list[tuple[int, int]]:
     """Cut rows sorted by decreasing length into contiguous chunks ``[lo, hi)`` minimising
     ``sum(call_cost + rows * longest)`` (each chunk is padded to its first row's length) with
-    ``rows * longest <= max_tokens`` (a single row may exceed it). Exact dynamic program."""
+    ``rows * longest <= batch_tokens`` (a single row may exceed it). Exact dynamic program."""
     n = len(lengths)
     if n == 0:
         return []
@@ -385,7 +272,7 @@ def partition_rows(lengths: Sequence[int], max_tokens: int, call_cost: float
         lo = torch.arange(hi, dtype=torch.long)
         size = (hi - lo).double()
         cost = best[:hi] + call_cost + size * q[:hi]
-        cost = torch.where((size * q[:hi] <= max_tokens) | (size == 1), cost,
+        cost = torch.where((size * q[:hi] <= batch_tokens) | (size == 1), cost,
                            torch.full_like(cost, float("inf")))
         k = int(torch.argmin(cost))
         best[hi], cut[hi] = cost[k], k
@@ -426,7 +313,7 @@ class _Row:
 def naive_candidates(model, tokenizer, n_total: int, samples: Sequence[Sample],
                      todo: Mapping[int, Sequence[int]], *, beta: float = DEFAULT_BETA,
                      tau: float = DEFAULT_TAU,
-                     backend: str = "torch") -> dict[tuple[int, int], Results]:
+                     backend: str = DEFAULT_BACKEND) -> dict[tuple[int, int], Results]:
     """The naive search: for every candidate and every sample, one full forward of the model
     (batch of one, all logits), with that single head calibrated."""
     device = next(model.parameters()).device
@@ -436,7 +323,7 @@ def naive_candidates(model, tokenizer, n_total: int, samples: Sequence[Sample],
         for head in heads:
             res = Results.empty(n_total)
             mask = one_hot_heads([head], num_heads, device)[0]
-            with act_mode(model, {layer: mask}, beta=beta, tau=tau, backend=backend):
+            with head_override(model, {layer: mask}, beta=beta, tau=tau, backend=backend):
                 for s in samples:
                     ids = torch.as_tensor([s.ids], dtype=torch.long, device=device)
                     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits

@@ -1,6 +1,9 @@
-"""Batching and scoring: left-padded encoding, last-position scoring, log-likelihood scoring.
+"""The two scoring protocols on logits, and the encoding they need: left-padded batches,
+left truncation, next-token (last-position) scoring and option log-likelihood scoring.
 
-Typical use (the head search and the evaluation are built on these)::
+The loops that run a model over samples with these are
+:class:`act_kernels.scoring.PlainScorer` (evaluation, search) and the search's engines.
+Typical use::
 
     task = get_task("sst2")
     enc, items = prepare_batch(task, examples, tokenizer, chat_template=False)
@@ -47,6 +50,15 @@ def left_pad(seqs: Sequence[Sequence[int]], pad: int, device=None) -> dict[str, 
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
+def truncate_left(ids: Sequence[int], max_length: int | None) -> list[int]:
+    """``ids`` without its first tokens beyond ``max_length`` (the end of a prompt, where the
+    answer goes, is kept); ``None``: unchanged. The one home of prompt truncation."""
+    ids = list(ids)
+    if max_length is not None and len(ids) > max_length:
+        ids = ids[len(ids) - max_length:]
+    return ids
+
+
 def encode_batch(tokenizer, prompts: Sequence[str], *, add_special_tokens: bool = True,
                  max_length: int | None = None, device=None,
                  return_position_ids: bool = True) -> dict[str, torch.Tensor]:
@@ -61,10 +73,8 @@ def encode_batch(tokenizer, prompts: Sequence[str], *, add_special_tokens: bool 
     """
     seqs = []
     for p in prompts:
-        ids = tokenizer.encode(p, add_special_tokens=add_special_tokens)
-        if max_length is not None and len(ids) > max_length:
-            ids = ids[len(ids) - max_length:]
-        seqs.append(ids)
+        seqs.append(truncate_left(tokenizer.encode(p, add_special_tokens=add_special_tokens),
+                                  max_length))
     out = left_pad(seqs, pad_id(tokenizer), device)
     if not return_position_ids:
         out.pop("position_ids")
@@ -191,28 +201,33 @@ def score_option_logprobs(option_logprobs: torch.Tensor, gold, *, lengths: torch
             "gold_logprob_margin": margin, "decision_margin": margin}
 
 
+def loglik_ids(tokenizer, context: str, continuation: str, *, add_special_tokens: bool = True,
+               max_length: int | None = None) -> tuple[list[int], int]:
+    """``(ids, n_cont)``: the tokens of ``context + continuation``, tokenized separately (the
+    continuation without special tokens) and concatenated, and the continuation's token count
+    (its tokens are the last ``n_cont``). ``max_length`` drops context tokens from the left."""
+    c_ids = tokenizer.encode(context, add_special_tokens=add_special_tokens)
+    t_ids = tokenizer.encode(continuation, add_special_tokens=False)
+    if not t_ids:
+        raise ValueError(f"continuation {continuation!r} encodes to no token")
+    if max_length is not None and len(c_ids) + len(t_ids) > max_length <= len(t_ids):
+        raise ValueError("max_length leaves no room for the context")
+    return truncate_left(c_ids + t_ids, max_length), len(t_ids)
+
+
 def encode_loglik(tokenizer, pairs: Sequence[tuple[str, str]], *, add_special_tokens: bool = True,
                   max_length: int | None = None, device=None) -> dict[str, torch.Tensor]:
-    """LEFT-padded batch of ``context + continuation`` token sequences.
+    """LEFT-padded batch of ``context + continuation`` token sequences (:func:`loglik_ids`).
 
-    Context and continuation are tokenized separately (the continuation without special tokens)
-    and concatenated.  Returns the :func:`encode_batch` keys plus ``n_cont`` long [n] (the
-    continuation's token count; its tokens are the last ``n_cont`` columns).  ``max_length``
-    drops context tokens from the left.
+    Returns the :func:`encode_batch` keys plus ``n_cont`` long [n] (the continuation's token
+    count; its tokens are the last ``n_cont`` columns).
     """
     seqs, n_cont = [], []
     for ctx, cont in pairs:
-        c_ids = tokenizer.encode(ctx, add_special_tokens=add_special_tokens)
-        t_ids = tokenizer.encode(cont, add_special_tokens=False)
-        if not t_ids:
-            raise ValueError(f"continuation {cont!r} encodes to no token")
-        ids = c_ids + t_ids
-        if max_length is not None and len(ids) > max_length:
-            if len(t_ids) >= max_length:
-                raise ValueError("max_length leaves no room for the context")
-            ids = ids[len(ids) - max_length:]
+        ids, n = loglik_ids(tokenizer, ctx, cont, add_special_tokens=add_special_tokens,
+                            max_length=max_length)
         seqs.append(ids)
-        n_cont.append(len(t_ids))
+        n_cont.append(n)
     out = left_pad(seqs, pad_id(tokenizer), device)
     out_n = torch.as_tensor(n_cont, dtype=torch.long)
     out["n_cont"] = out_n.to(device) if device is not None else out_n
@@ -250,88 +265,11 @@ def accuracy(correct) -> float:
 
 
 def balanced_accuracy(correct, gold) -> float:
-    """Mean over the gold classes present of the per-class accuracy."""
-    c = torch.as_tensor(correct, dtype=torch.float).flatten()
+    """Mean over the gold classes present of the per-class accuracy (``gold`` may be any group
+    label: :func:`act_kernels.scoring.metrics` groups by (task, gold option))."""
+    c = torch.as_tensor(correct, dtype=torch.float64).flatten()
     g = torch.as_tensor(gold, dtype=torch.long).flatten()
     if c.numel() == 0:
         return float("nan")
     per_class = [float(c[g == k].mean()) for k in torch.unique(g).tolist()]
     return sum(per_class) / len(per_class)
-
-
-# ---------------------------------------------------------------------- plain model loops
-def _cat(parts: list[dict]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key in parts[0]:
-        tensors = [p[key] for p in parts]
-        if tensors[0].dim() == 2:
-            width = max(t.shape[1] for t in tensors)
-            tensors = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-math.inf)
-                       for t in tensors]
-        out[key] = torch.cat(tensors)
-    return out
-
-
-def _forward(model, enc: dict, keep: int) -> torch.Tensor:
-    try:
-        return model(**enc, logits_to_keep=keep).logits
-    except TypeError:
-        return model(**enc).logits[:, -keep:]
-
-
-@torch.no_grad()
-def evaluate_last_token(model, tokenizer, task: Task, examples: Sequence[Example], *,
-                        chat_template: bool = False, batch_size: int = 8,
-                        max_length: int | None = None) -> dict[str, torch.Tensor]:
-    """Run ``model`` on the prompts (no calibration hooks of its own) and score them with
-    :func:`score_last_logits`; returns the concatenated result dict (on CPU)."""
-    device = next(model.parameters()).device
-    parts = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        enc, items = prepare_batch(task, chunk, tokenizer, chat_template=chat_template,
-                                   max_length=max_length, device=device)
-        logits = _forward(model, enc, 1)[:, -1]
-        parts.append({k: v.cpu() for k, v in score_last_logits(logits, items).items()})
-    return _cat(parts)
-
-
-@torch.no_grad()
-def evaluate_loglik(model, tokenizer, task: Task, examples: Sequence[Example], *,
-                    chat_template: bool = False, with_options: bool = False,
-                    normalize: str | None = None, batch_size: int = 8,
-                    max_length: int | None = None) -> dict[str, torch.Tensor]:
-    """Log-likelihood variant: sum each option's continuation log-prob and pick the best.
-
-    ``normalize``: ``None`` (sum), ``"token"`` (per continuation token) or ``"char"`` (per
-    character of the continuation).  Returns :func:`score_option_logprobs`' dict plus
-    ``option_logprobs`` (the raw sums) and ``option_greedy`` (greedy decoding reproduces it).
-    """
-    if normalize not in (None, "token", "char"):
-        raise ValueError("normalize must be None, 'token' or 'char'")
-    device = next(model.parameters()).device
-    reqs, owner = [], []
-    for i, ex in enumerate(examples):
-        for j, pair in enumerate(task.loglik_requests(ex, tokenizer, chat_template, with_options)):
-            reqs.append(pair)
-            owner.append((i, j))
-    k = max(len(e.options) for e in examples)
-    sums = torch.full((len(examples), k), -math.inf)
-    greedy = torch.zeros((len(examples), k), dtype=torch.bool)
-    lengths = torch.ones((len(examples), k))
-    for start in range(0, len(reqs), batch_size):
-        chunk = reqs[start:start + batch_size]
-        enc = encode_loglik(tokenizer, chunk, add_special_tokens=not chat_template,
-                            max_length=max_length, device=device)
-        n_cont = enc.pop("n_cont")
-        logits = _forward(model, enc, int(n_cont.max()) + 1)
-        total, match = continuation_logprobs(logits, enc["input_ids"], n_cont)
-        for r, (i, j) in enumerate(owner[start:start + batch_size]):
-            sums[i, j] = float(total[r])
-            greedy[i, j] = bool(match[r])
-            lengths[i, j] = float(n_cont[r]) if normalize == "token" else float(len(chunk[r][1]))
-    out = score_option_logprobs(sums, [e.gold for e in examples], lengths=lengths,
-                                normalize=normalize is not None)
-    out["option_logprobs"] = sums
-    out["option_greedy"] = greedy
-    return out
