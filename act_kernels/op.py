@@ -16,13 +16,13 @@ import math
 import warnings
 import weakref
 from dataclasses import dataclass
-from numbers import Integral
 from typing import Optional, Sequence, Union
 
 import torch
 
-from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_beta, check_tau,
-                     check_window, head_mask, resolve_backend)
+from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_beta, check_heads,
+                     check_key_padding_mask, check_tau, check_window, head_indices, head_mask,
+                     resolve_backend)
 from .tensor_cache import TensorCache
 
 __all__ = ["ACTStats", "BACKENDS", "act_attention", "normalize_heads",
@@ -83,32 +83,17 @@ def _check_tensors(q, k, v):
 
 
 def normalize_heads(heads, bsz: int, hq: int, device) -> Optional[torch.Tensor]:
-    """``None`` | bool ``[Hq]`` / ``[B, Hq]`` | head indices  ->  ``None`` or bool ``[B, Hq]``."""
-    if heads is None:
+    """``None`` | bool ``[Hq]`` / ``[B, Hq]`` | head indices  ->  ``None`` or bool ``[B, Hq]``
+    (the argument read by :func:`~act_kernels.params.check_heads`, its one home)."""
+    heads = check_heads(heads, bsz, hq)
+    if isinstance(heads, torch.Tensor) and heads.dtype != torch.bool:
+        heads = head_indices(heads.reshape(-1).tolist(), hq, who="act_attention")
+    if heads is None or heads == ():
         return None
-    if isinstance(heads, torch.Tensor) and heads.dtype == torch.bool:
-        if heads.dim() == 1 and heads.shape[0] == hq:
-            mask = heads[None, :].expand(bsz, hq)
-        elif heads.dim() == 2 and tuple(heads.shape) == (bsz, hq):
-            mask = heads
-        else:
-            raise ValueError(f"act_attention: bool heads must have shape [Hq]=[{hq}] or "
-                             f"[B, Hq]=[{bsz}, {hq}], got {tuple(heads.shape)}")
-        mask = mask.to(device)
+    if isinstance(heads, tuple):
+        mask = _index_row(heads, hq, torch.device(device))[None, :].expand(bsz, hq)
     else:
-        if isinstance(heads, torch.Tensor):
-            if heads.is_floating_point() or heads.is_complex() or heads.dim() > 1:
-                raise TypeError("act_attention: heads must be a bool mask [Hq] / [B, Hq] or "
-                                f"a 1-D list of head indices, got a {heads.dtype} tensor "
-                                f"of shape {tuple(heads.shape)}")
-            heads = heads.reshape(-1).tolist()
-        elif isinstance(heads, Integral) and not isinstance(heads, bool):
-            heads = [heads]
-        elif isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence):
-            raise TypeError("act_attention: heads must be None, a bool tensor [Hq] or [B, Hq], "
-                            f"or a sequence of head indices; got {type(heads).__name__}")
-        row = _index_row(heads, hq, device)
-        mask = row[None, :].expand(bsz, hq)
+        mask = (heads[None, :].expand(bsz, hq) if heads.dim() == 1 else heads).to(device)
     # whether anything is calibrated: read from the device once per mask (TensorCache), so
     # steady-state calls with a layer's mask never synchronise; the mask is returned as the
     # view it is, so that the backends' caches keyed on it hit too
@@ -123,40 +108,19 @@ _ALL_REAL = TensorCache()
 _ZERO_ONE = TensorCache()
 
 
-def _index_row(indices, hq: int, device) -> torch.Tensor:
-    """``head_mask`` of a list of head indices, the same tensor for the same list (cached).
-
-    Only lists of plain ints are cached: ``0.0 == 0`` and ``True == 1`` hash alike, so a cached
-    ``[0, 1]`` would otherwise answer for ``[0.0, 1.0]``, which ``head_mask`` refuses."""
-    key = tuple(indices)
-    if all(type(i) is int for i in key):
-        return _cached_index_row(key, hq, torch.device(device))
-    return head_mask(indices, hq, who="act_attention", device=device)
-
-
 @functools.lru_cache(maxsize=256)
-def _cached_index_row(indices: tuple, hq: int, device: torch.device) -> torch.Tensor:
+def _index_row(indices: tuple, hq: int, device: torch.device) -> torch.Tensor:
+    """Bool ``[Hq]`` of checked head indices, the same tensor for the same indices."""
     return head_mask(indices, hq, who="act_attention", device=device)
 
 
 def normalize_key_padding_mask(mask, bsz: int, nk: int, device) -> Optional[torch.Tensor]:
     """``None`` | bool/0-1 integer ``[B, Nk]`` (True = real token)  ->  ``None`` or bool ``[B, Nk]``."""
-    if mask is None:
+    if check_key_padding_mask(mask, bsz, nk, device) is None:
         return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"act_attention: key_padding_mask must be a bool tensor [B, Nk], "
-                        f"got {type(mask).__name__}")
-    if tuple(mask.shape) != (bsz, nk):
-        raise ValueError(f"act_attention: key_padding_mask must have shape [B, Nk]=[{bsz}, {nk}], "
-                         f"got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool:
-        if mask.is_floating_point() or mask.is_complex():
-            raise TypeError(f"act_attention: key_padding_mask must be bool (True = real token), "
-                            f"got {mask.dtype}")
-        if not _ZERO_ONE.get(mask, lambda m: bool(((m == 0) | (m == 1)).all())):
-            raise ValueError("act_attention: an integer key_padding_mask must hold only 0 and 1")
-    if mask.device != device:
-        raise ValueError(f"act_attention: key_padding_mask is on {mask.device} but q is on {device}")
+    if mask.dtype != torch.bool and \
+            not _ZERO_ONE.get(mask, lambda m: bool(((m == 0) | (m == 1)).all())):
+        raise ValueError("act_attention: an integer key_padding_mask must hold only 0 and 1")
     # no padding at all: read once per mask (TensorCache), not on every call
     if _ALL_REAL.get(mask, lambda m: bool((m != 0).all())):
         return None
@@ -403,8 +367,9 @@ def _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, 
         from .triton_backend import compiled_call
         return compiled_call(q, k, v, heads, key_padding_mask, check_beta(beta), check_tau(tau),
                              scale, check_window(window))
-    if heads is not None and not isinstance(heads, torch.Tensor):
-        heads = head_mask(heads if isinstance(heads, Sequence) else [heads], q.shape[1],
-                          who="act_attention", device=q.device)
+    heads = check_heads(heads, q.shape[0], q.shape[1])
+    if isinstance(heads, tuple):   # a constant row; an index tensor is read by the op's body
+        heads = head_mask(heads, q.shape[1], who="act_attention", device=q.device) if heads \
+            else None
     return act_attention_op(q, k, v, heads, key_padding_mask, check_beta(beta), check_tau(tau),
                             scale, backend, check_window(window))

@@ -328,3 +328,27 @@ def make_planted():
     q, k, v = qkv()
     k[:, :, 2] = q.mean(2).mean(1, keepdim=True) * 4
     return q, k, v
+
+
+@pytest.mark.parametrize("heads", ["12", b"12", 1.5, {1, 2}])
+def test_heads_are_read_alike_inside_torch_compile(backend, heads):
+    """Compiled and eager calls read ``heads`` by the same rule: a string is not a list of head
+    indices (the compiled path once iterated it, calibrating heads {1, 2})."""
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="heads must be None, a bool tensor") as eager:
+        act_attention(q, k, v, heads=heads, backend=backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q: act_attention(q, k, v, heads=heads, backend=backend),
+                             fullgraph=True)
+    with pytest.raises(Exception, match=re.escape(str(eager.value))):
+        compiled(q)
+
+
+def test_compiled_heads_lists_give_the_eager_output(backend):
+    q, k, v = make_planted()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q: act_attention(q, k, v, heads=[3, "0", 3], tau=0.05,
+                                                     backend=backend), fullgraph=True)
+    want = act_attention(q, k, v, heads=[0, 3], tau=0.05, backend=backend)
+    assert torch.equal(compiled(q), want)
+    assert not torch.equal(want, act_attention(q, k, v, tau=0.05, backend=backend))
