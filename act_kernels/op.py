@@ -14,7 +14,6 @@ import functools
 import importlib
 import math
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -170,11 +169,11 @@ def _backend_module(name: str):
 _VALID_TENSORS = set()          # (shapes, dtypes, devices) of q, k, v that passed _check_tensors
 _VALID_LIMIT = 4096
 _BACKEND_NAMES = {}             # (backend, device type) -> resolved backend name
-# id(heads tensor) -> (weak reference to it, its version, {(B, Hq, device): answer}); an answer
-# is normalize_heads' result, or _ITSELF / _EXPANDED when that is the mask itself or its expand
-# to [B, Hq], rebuilt per call so that the cache holds no reference to the mask
-_STEADY_HEADS = {}
-_ITSELF, _EXPANDED, _UNSEEN = object(), object(), object()
+# normalize_heads' answer per heads tensor (its data, view and version) and call shape: the
+# answer itself, or _ITSELF / _EXPANDED when that is the mask itself or its expand to [B, Hq],
+# rebuilt per call so that the cache holds no reference to the mask
+_STEADY_HEADS = TensorCache()
+_ITSELF, _EXPANDED = object(), object()
 
 
 def _tensor_facts(q, k, v):
@@ -188,17 +187,13 @@ def _owner(t: torch.Tensor) -> torch.Tensor:
 def _steady_heads(heads, bsz: int, hq: int, device):
     """:func:`normalize_heads` of a heads tensor, computed once per tensor, version and call
     shape (an in-place edit of the mask bumps its version and is seen)."""
-    version = None if heads.is_inference() else heads._version   # inference: no counter
-    entry = _STEADY_HEADS.get(id(heads))
-    if entry is None or entry[0]() is not heads or entry[1] != version:
-        ref = weakref.ref(heads, lambda _, key=id(heads): _STEADY_HEADS.pop(key, None))
-        entry = _STEADY_HEADS[id(heads)] = (ref, version, {})
-    answer = entry[2].get((bsz, hq, device), _UNSEEN)
-    if answer is _UNSEEN:
-        mask = answer = normalize_heads(heads, bsz, hq, device)      # raises for a bad mask
+    def answer_of(heads):
+        mask = normalize_heads(heads, bsz, hq, device)      # raises for a bad mask
         if mask is not None and _owner(mask) is _owner(heads):
-            answer = _ITSELF if mask is heads else _EXPANDED
-        entry[2][(bsz, hq, device)] = answer
+            return _ITSELF if mask is heads else _EXPANDED
+        return mask
+
+    answer = _STEADY_HEADS.get(heads, answer_of, (bsz, hq, device))
     if answer is _ITSELF:
         return heads
     return heads[None, :].expand(bsz, hq) if answer is _EXPANDED else answer

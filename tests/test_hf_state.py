@@ -156,3 +156,20 @@ def test_no_module_level_mutable_state_in_the_integration():
                                                            types.FunctionType)):
                 continue
             assert not isinstance(value, (list, set, dict, bytearray)), f"{mod.__name__}.{name}"
+
+
+def test_inference_mode_runs_and_gives_the_no_grad_output():
+    """Masks built under ``torch.inference_mode`` have no version counter: the mask records and
+    the checked-mask cache must still work (they once raised on ``mask._version``)."""
+    model = apply_profile(tiny_llama(3), PROFILE_A, backend="torch")
+    mask = torch.ones_like(IDS)
+    mask[1, :3] = 0                                   # left padding: a mask is built and read
+    with torch.no_grad():
+        want = model(input_ids=IDS, attention_mask=mask).logits
+    with torch.inference_mode():
+        first = model(input_ids=IDS, attention_mask=mask).logits
+        again = model(input_ids=IDS, attention_mask=mask).logits
+    assert torch.equal(first, want) and torch.equal(again, want)
+    with torch.no_grad():
+        plain = model(input_ids=IDS).logits
+    assert not torch.allclose(want[1], plain[1], atol=1e-4)     # the padding was applied
