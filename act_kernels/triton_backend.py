@@ -201,8 +201,9 @@ def _attend(q, k, v, cal: CalibratedPairs, no_slot, heads, beta, tau, scale, key
                            first_valid_i32, STABLE_REST, window=window)
     if not return_stats:
         return out, None
-    calibrated = (heads if heads is not None
-                  else torch.zeros(bsz, hq, dtype=torch.bool, device=dev))
+    calibrated = torch.zeros(bsz, hq, dtype=torch.bool, device=dev)
+    if heads is not None:       # a copy: the stats never alias the caller's (or a cached) mask
+        calibrated.copy_(heads)
     stats = {
         "scores": scores.reshape(bsz, hq, nk),
         "sinks": sinks.reshape(bsz, hq, nk),
