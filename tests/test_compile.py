@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from act_kernels import ACTProfile, act_attention, apply_profile  # noqa: E402
 

@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 import act_kernels.hf as hf  # noqa: E402
 from act_kernels import ACTProfile, apply_profile, head_override, recording  # noqa: E402

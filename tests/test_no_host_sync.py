@@ -28,7 +28,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-triton = pytest.importorskip("triton")
+from helpers.optional import import_optional
+
+triton = import_optional("triton", "triton")
 
 from act_kernels import triton_backend as tb  # noqa: E402
 from act_kernels.kernels import column_scores, decode, flash_forward, sink_correction  # noqa: E402

@@ -30,7 +30,9 @@ import sys
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from helpers.optional import import_optional
+
+triton = import_optional("triton", "triton")
 
 from act_kernels import triton_backend as tb  # noqa: E402
 from bruteforce import act_bruteforce  # noqa: E402
