@@ -35,14 +35,15 @@ class ACTStats:
     """What the calibration saw, per key and per row, for every (batch row, head).
 
     ``scores`` and ``sinks`` are filled for every head (the sinks a calibration *would* use), so
-    one call with ``heads=None`` shows the sinks of a whole layer; ``calibrated`` says which heads
-    were actually changed.
+    one call with ``heads=None`` shows the sinks of a whole layer; ``calibrated`` lists the
+    (batch row, head) pairs ``heads`` requested (also those where no row had a sink, which are
+    unchanged), in a fresh tensor that shares no memory with ``heads``.
     """
 
     scores: torch.Tensor      # [B, Hq, Nk] float32: mean attention each key receives (0 if unseen)
     sinks: torch.Tensor       # [B, Hq, Nk] bool: score > tau, first valid key excluded
     sink_mass: torch.Tensor   # [B, Hq, Nq] float32: m_i, each row's attention on the sinks
-    calibrated: torch.Tensor  # [B, Hq] bool
+    calibrated: torch.Tensor  # [B, Hq] bool: the requested pairs
 
     @classmethod
     def from_dict(cls, stats: dict) -> "ACTStats":

@@ -285,7 +285,7 @@ def column_sums(q, k, neg_lse, b_idx, h_idx, scale, window=None):
 # pruned column pass: bound every key cheaply, sum exactly only the keys that could be sinks
 # --------------------------------------------------------------------------------------------
 
-# Floats of one block of the bound pass (rows x heads x keys): 4 Mi entries, at least 32 rows.
+# Floats of one block of the bound pass (rows x heads x keys): 1 Mi (4 MiB), at least 32 rows.
 BOUND_BLOCK_FLOATS = 1 << 20
 BOUND_MIN_ROWS = 32
 # Stand-in for -inf on rows that count for nothing, so that no inf enters a matmul.
