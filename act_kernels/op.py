@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import importlib
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -233,9 +232,6 @@ def _remember_valid(q, k, v, backend, name) -> None:
     _BACKEND_NAMES[(backend, q.device.type)] = name
 
 
-_warned_grad = False
-
-
 def _validated_args(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, window):
     """The full validation of :func:`act_attention`'s arguments: one clear error for bad input,
     else ``(calibrated, key_padding_mask, beta, tau, scale, name, window)``, normalised."""
@@ -284,7 +280,6 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     Returns:
         ``[B, Hq, Nq, D]`` in q's dtype, or ``(out, ACTStats)`` with ``return_stats=True``.
     """
-    global _warned_grad
     if torch.compiler.is_compiling():
         return _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend,
                               return_stats, window)
@@ -305,16 +300,12 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     if name != "eager" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                         or v.requires_grad):
-        if not _warned_grad:
-            warnings.warn(f"act_attention: the {name!r} backend is forward-only; gradients do "
-                          "not flow through it (use backend='eager' to differentiate)",
-                          stacklevel=2)
-            _warned_grad = True
-        with torch.no_grad():
-            out, stats = fn(q, k, v, calibrated, beta, tau, scale, kpm, bool(return_stats),
-                            **extra)
-    else:
-        out, stats = fn(q, k, v, calibrated, beta, tau, scale, kpm, bool(return_stats), **extra)
+        raise RuntimeError(
+            f"act_attention: the {name!r} backend is forward-only, but gradients were asked for "
+            "(q, k or v requires grad and grad mode is on): no gradient would reach them. For "
+            "inference run it under torch.no_grad() or torch.inference_mode() (a model's "
+            "forward too); to differentiate use backend='eager', the reference")
+    out, stats = fn(q, k, v, calibrated, beta, tau, scale, kpm, bool(return_stats), **extra)
     if return_stats:
         return out, ACTStats.from_dict(stats)
     return out
