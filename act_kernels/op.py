@@ -21,7 +21,7 @@ import torch
 from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_beta, check_heads,
                      check_key_padding_mask, check_tau, check_window, head_indices, head_mask,
                      resolve_backend)
-from .tensor_cache import TensorCache
+from .tensor_cache import TensorCache, data_owner
 
 __all__ = ["ACTStats", "BACKENDS", "act_attention", "normalize_heads",
            "normalize_key_padding_mask", "resolve_backend"]
@@ -115,7 +115,7 @@ def _index_row(indices: tuple, hq: int, device: torch.device) -> torch.Tensor:
 
 def normalize_key_padding_mask(mask, bsz: int, nk: int, device) -> Optional[torch.Tensor]:
     """``None`` | bool/0-1 integer ``[B, Nk]`` (True = real token)  ->  ``None`` or bool ``[B, Nk]``."""
-    if check_key_padding_mask(mask, bsz, nk, device) is None:
+    if mask is None or check_key_padding_mask(mask, bsz, nk, device) is None:
         return None
     if mask.dtype != torch.bool and \
             not _ZERO_ONE.get(mask, lambda m: bool(((m == 0) | (m == 1)).all())):
@@ -169,10 +169,10 @@ def _backend_module(name: str):
 _VALID_TENSORS = set()          # (shapes, dtypes, devices) of q, k, v that passed _check_tensors
 _VALID_LIMIT = 4096
 _BACKEND_NAMES = {}             # (backend, device type) -> resolved backend name
-# normalize_heads' answer per heads tensor (its data, view and version) and call shape: the
-# answer itself, or _ITSELF / _EXPANDED when that is the mask itself or its expand to [B, Hq],
-# rebuilt per call so that the cache holds no reference to the mask
-_STEADY_HEADS = TensorCache()
+# normalize_heads' answer per heads tensor object (and its version) and call shape: the answer
+# itself, or _ITSELF / _EXPANDED when that is the mask itself or its expand to [B, Hq], rebuilt
+# per call so that the cache holds no reference to the mask
+_STEADY_HEADS = TensorCache(views=False)
 _ITSELF, _EXPANDED = object(), object()
 
 
@@ -180,16 +180,12 @@ def _tensor_facts(q, k, v):
     return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device)
 
 
-def _owner(t: torch.Tensor) -> torch.Tensor:
-    return t if t._base is None else t._base
-
-
 def _steady_heads(heads, bsz: int, hq: int, device):
     """:func:`normalize_heads` of a heads tensor, computed once per tensor, version and call
     shape (an in-place edit of the mask bumps its version and is seen)."""
     def answer_of(heads):
         mask = normalize_heads(heads, bsz, hq, device)      # raises for a bad mask
-        if mask is not None and _owner(mask) is _owner(heads):
+        if mask is not None and data_owner(mask) is data_owner(heads):
             return _ITSELF if mask is heads else _EXPANDED
         return mask
 

@@ -26,13 +26,14 @@ def data_version(tensor: torch.Tensor) -> Optional[int]:
     return None if tensor.is_inference() else tensor._version
 
 
-def _owner(tensor: torch.Tensor) -> torch.Tensor:
+def data_owner(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor that owns ``tensor``'s data: itself, or the base of a view."""
     return tensor if tensor._base is None else tensor._base
 
 
 def _view_key(tensor: torch.Tensor, owner: torch.Tensor) -> tuple:
-    return (id(owner), tuple(tensor.shape), tensor.stride(), tensor.storage_offset(),
-            tensor.device)
+    # the owner's identity fixes the storage and so the device
+    return id(owner), tensor.shape, tensor.stride(), tensor.storage_offset()
 
 
 class TensorCache:
@@ -46,12 +47,16 @@ class TensorCache:
     therefore hits, a copy does not. ``tensor`` may also be a tuple of tensors (``None`` allowed
     in it): the entry then depends on all of them.
 
+    With ``views=False`` an entry is keyed by the tensor object itself (held weakly): a fresh
+    view misses, and a lookup costs a third as much (for a per-call cache on the op's hot path).
+
     The cached value must not hold a reference to the tensor (a view of it included), or the
     entry would keep the tensor alive; callers store a marker instead (see ``op._steady_heads``).
     """
 
-    def __init__(self):
+    def __init__(self, views: bool = True):
         self._entries = {}
+        self._views = views
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -62,9 +67,13 @@ class TensorCache:
     def get(self, tensor, compute: Callable[..., T], extra=None) -> T:
         if type(tensor) is tuple:
             return self._get_many(tensor, compute, extra)
-        owner = _owner(tensor)
-        key = (_view_key(tensor, owner), extra)
-        version = data_version(tensor)
+        # data_owner, _view_key and data_version written out: this runs on every steady call
+        if self._views:
+            owner = tensor if tensor._base is None else tensor._base
+            key = (id(owner), tensor.shape, tensor.stride(), tensor.storage_offset(), extra)
+        else:
+            owner, key = tensor, (id(tensor), extra)
+        version = None if tensor.is_inference() else tensor._version
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is owner and entry[1] == version:
             return entry[2]
@@ -73,9 +82,9 @@ class TensorCache:
         return value
 
     def _get_many(self, tensors: tuple, compute, extra):
-        owners = tuple(None if t is None else _owner(t) for t in tensors)
-        key = (tuple(None if t is None else _view_key(t, o) for t, o in zip(tensors, owners)),
-               extra)
+        owners = tuple(None if t is None else data_owner(t) for t in tensors)
+        key = tuple(None if t is None else _view_key(t, o) for t, o in zip(tensors, owners)) \
+            + (extra,)
         version = tuple(None if t is None else data_version(t) for t in tensors)
         entry = self._entries.get(key)
         if entry is not None and entry[1] == version \

@@ -54,3 +54,15 @@ def test_inference_tensors_have_no_version_and_are_cached():
     assert data_version(t) is None and data_version(torch.zeros(2)) == 0
     cache, (calls, compute) = TensorCache(), counting()
     assert cache.get(t, compute) == cache.get(t, compute) == 1
+
+
+def test_by_object_a_fresh_view_misses():
+    cache, (calls, compute) = TensorCache(views=False), counting()
+    t = torch.zeros(4)
+    assert cache.get(t, compute, extra=1) == cache.get(t, compute, extra=1) == 1
+    assert cache.get(t[:], compute, extra=1) == 2                  # another object
+    t.add_(1)
+    assert cache.get(t, compute, extra=1) == 3
+    del t
+    gc.collect()
+    assert len(cache) == 0
