@@ -87,9 +87,11 @@ def normalize_heads(heads, bsz: int, hq: int, device) -> Optional[torch.Tensor]:
     heads = check_heads(heads, bsz, hq)
     if isinstance(heads, torch.Tensor) and heads.dtype != torch.bool:
         heads = head_indices(heads.reshape(-1).tolist(), hq, who="act_attention")
-    if heads is None or heads == ():
+    if heads is None:
         return None
     if isinstance(heads, tuple):
+        if not heads:
+            return None
         mask = _index_row(heads, hq, torch.device(device))[None, :].expand(bsz, hq)
     else:
         mask = (heads[None, :].expand(bsz, hq) if heads.dim() == 1 else heads).to(device)
