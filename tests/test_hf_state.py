@@ -10,24 +10,11 @@ import weakref
 import pytest
 import torch
 
-import transformers
-
-import act_kernels.hf as hf  # noqa: E402
-from act_kernels import ACTProfile, apply_profile, head_override, recording  # noqa: E402
+import act_kernels.hf as hf
+from act_kernels import ACTProfile, apply_profile, head_override, recording
+from helpers.models import tiny_llama
 
 TAU = 0.05
-
-
-def tiny_llama(seed: int, layers: int = 3):
-    config = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96,
-                                      num_hidden_layers=layers, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    with torch.no_grad():      # sharper attention than the random init gives: sinks exist
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-    return model.eval()
 
 
 IDS = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(5))
