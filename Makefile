@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-floor bench install clean
 
 $(STAMP): setup.py requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(OFFLINE) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+
+# The Transformers tests against the oldest Transformers setup.py accepts (README, "Versions"),
+# installed beside the pinned set (with the tokenizers and hub releases it requires)
+FLOOR := $(VENV)/transformers-floor
+TRANSFORMERS_TESTS := tests/test_mask_records.py tests/test_hf_state.py tests/test_compile.py \
+	tests/test_windows.py tests/test_integration.py tests/test_models_anywhere.py
+
+test-floor: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps --target $(FLOOR) transformers==5.4.0 \
+		tokenizers==0.22.2 "huggingface-hub>=1.5,<2"
+	$(BIN)/python -m pip install -q --target $(FLOOR) httpx
+	$(OFFLINE) TRITON_INTERPRET=1 PYTHONPATH=$(FLOOR) $(BIN)/python -c \
+		"import transformers as t; assert t.__version__ == '5.4.0', t.__version__"
+	$(OFFLINE) TRITON_INTERPRET=1 PYTHONPATH=$(FLOOR) $(BIN)/python -m pytest -q $(TRANSFORMERS_TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_attention.py

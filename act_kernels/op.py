@@ -13,17 +13,15 @@ from __future__ import annotations
 import functools
 import importlib
 import math
-import warnings
-import weakref
 from dataclasses import dataclass
-from numbers import Integral
 from typing import Optional, Sequence, Union
 
 import torch
 
-from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_beta, check_tau,
-                     check_window, default_scale, head_mask, resolve_backend)
-from .tensor_cache import TensorCache
+from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_beta, check_heads,
+                     check_key_padding_mask, check_tau, check_window, default_scale, head_indices,
+                     head_mask, resolve_backend)
+from .tensor_cache import TensorCache, data_owner
 
 __all__ = ["ACTStats", "BACKENDS", "act_attention", "normalize_heads",
            "normalize_key_padding_mask", "resolve_backend"]
@@ -36,14 +34,15 @@ class ACTStats:
     """What the calibration saw, per key and per row, for every (batch row, head).
 
     ``scores`` and ``sinks`` are filled for every head (the sinks a calibration *would* use), so
-    one call with ``heads=None`` shows the sinks of a whole layer; ``calibrated`` says which heads
-    were actually changed.
+    one call with ``heads=None`` shows the sinks of a whole layer; ``calibrated`` lists the
+    (batch row, head) pairs ``heads`` requested (also those where no row had a sink, which are
+    unchanged), in a fresh tensor that shares no memory with ``heads``.
     """
 
     scores: torch.Tensor      # [B, Hq, Nk] float32: mean attention each key receives (0 if unseen)
     sinks: torch.Tensor       # [B, Hq, Nk] bool: score > tau, first valid key excluded
     sink_mass: torch.Tensor   # [B, Hq, Nq] float32: m_i, each row's attention on the sinks
-    calibrated: torch.Tensor  # [B, Hq] bool
+    calibrated: torch.Tensor  # [B, Hq] bool: the requested pairs
 
     @classmethod
     def from_dict(cls, stats: dict) -> "ACTStats":
@@ -83,32 +82,19 @@ def _check_tensors(q, k, v):
 
 
 def normalize_heads(heads, bsz: int, hq: int, device) -> Optional[torch.Tensor]:
-    """``None`` | bool ``[Hq]`` / ``[B, Hq]`` | head indices  ->  ``None`` or bool ``[B, Hq]``."""
+    """``None`` | bool ``[Hq]`` / ``[B, Hq]`` | head indices  ->  ``None`` or bool ``[B, Hq]``
+    (the argument read by :func:`~act_kernels.params.check_heads`, its one home)."""
+    heads = check_heads(heads, bsz, hq)
+    if isinstance(heads, torch.Tensor) and heads.dtype != torch.bool:
+        heads = head_indices(heads.reshape(-1).tolist(), hq, who="act_attention")
     if heads is None:
         return None
-    if isinstance(heads, torch.Tensor) and heads.dtype == torch.bool:
-        if heads.dim() == 1 and heads.shape[0] == hq:
-            mask = heads[None, :].expand(bsz, hq)
-        elif heads.dim() == 2 and tuple(heads.shape) == (bsz, hq):
-            mask = heads
-        else:
-            raise ValueError(f"act_attention: bool heads must have shape [Hq]=[{hq}] or "
-                             f"[B, Hq]=[{bsz}, {hq}], got {tuple(heads.shape)}")
-        mask = mask.to(device)
+    if isinstance(heads, tuple):
+        if not heads:
+            return None
+        mask = _index_row(heads, hq, torch.device(device))[None, :].expand(bsz, hq)
     else:
-        if isinstance(heads, torch.Tensor):
-            if heads.is_floating_point() or heads.is_complex() or heads.dim() > 1:
-                raise TypeError("act_attention: heads must be a bool mask [Hq] / [B, Hq] or "
-                                f"a 1-D list of head indices, got a {heads.dtype} tensor "
-                                f"of shape {tuple(heads.shape)}")
-            heads = heads.reshape(-1).tolist()
-        elif isinstance(heads, Integral) and not isinstance(heads, bool):
-            heads = [heads]
-        elif isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence):
-            raise TypeError("act_attention: heads must be None, a bool tensor [Hq] or [B, Hq], "
-                            f"or a sequence of head indices; got {type(heads).__name__}")
-        row = _index_row(heads, hq, device)
-        mask = row[None, :].expand(bsz, hq)
+        mask = (heads[None, :].expand(bsz, hq) if heads.dim() == 1 else heads).to(device)
     # whether anything is calibrated: read from the device once per mask (TensorCache), so
     # steady-state calls with a layer's mask never synchronise; the mask is returned as the
     # view it is, so that the backends' caches keyed on it hit too
@@ -123,40 +109,19 @@ _ALL_REAL = TensorCache()
 _ZERO_ONE = TensorCache()
 
 
-def _index_row(indices, hq: int, device) -> torch.Tensor:
-    """``head_mask`` of a list of head indices, the same tensor for the same list (cached).
-
-    Only lists of plain ints are cached: ``0.0 == 0`` and ``True == 1`` hash alike, so a cached
-    ``[0, 1]`` would otherwise answer for ``[0.0, 1.0]``, which ``head_mask`` refuses."""
-    key = tuple(indices)
-    if all(type(i) is int for i in key):
-        return _cached_index_row(key, hq, torch.device(device))
-    return head_mask(indices, hq, who="act_attention", device=device)
-
-
 @functools.lru_cache(maxsize=256)
-def _cached_index_row(indices: tuple, hq: int, device: torch.device) -> torch.Tensor:
+def _index_row(indices: tuple, hq: int, device: torch.device) -> torch.Tensor:
+    """Bool ``[Hq]`` of checked head indices, the same tensor for the same indices."""
     return head_mask(indices, hq, who="act_attention", device=device)
 
 
 def normalize_key_padding_mask(mask, bsz: int, nk: int, device) -> Optional[torch.Tensor]:
     """``None`` | bool/0-1 integer ``[B, Nk]`` (True = real token)  ->  ``None`` or bool ``[B, Nk]``."""
-    if mask is None:
+    if mask is None or check_key_padding_mask(mask, bsz, nk, device) is None:
         return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"act_attention: key_padding_mask must be a bool tensor [B, Nk], "
-                        f"got {type(mask).__name__}")
-    if tuple(mask.shape) != (bsz, nk):
-        raise ValueError(f"act_attention: key_padding_mask must have shape [B, Nk]=[{bsz}, {nk}], "
-                         f"got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool:
-        if mask.is_floating_point() or mask.is_complex():
-            raise TypeError(f"act_attention: key_padding_mask must be bool (True = real token), "
-                            f"got {mask.dtype}")
-        if not _ZERO_ONE.get(mask, lambda m: bool(((m == 0) | (m == 1)).all())):
-            raise ValueError("act_attention: an integer key_padding_mask must hold only 0 and 1")
-    if mask.device != device:
-        raise ValueError(f"act_attention: key_padding_mask is on {mask.device} but q is on {device}")
+    if mask.dtype != torch.bool and \
+            not _ZERO_ONE.get(mask, lambda m: bool(((m == 0) | (m == 1)).all())):
+        raise ValueError("act_attention: an integer key_padding_mask must hold only 0 and 1")
     # no padding at all: read once per mask (TensorCache), not on every call
     if _ALL_REAL.get(mask, lambda m: bool((m != 0).all())):
         return None
@@ -206,35 +171,27 @@ def _backend_module(name: str):
 _VALID_TENSORS = set()          # (shapes, dtypes, devices) of q, k, v that passed _check_tensors
 _VALID_LIMIT = 4096
 _BACKEND_NAMES = {}             # (backend, device type) -> resolved backend name
-# id(heads tensor) -> (weak reference to it, its version, {(B, Hq, device): answer}); an answer
-# is normalize_heads' result, or _ITSELF / _EXPANDED when that is the mask itself or its expand
-# to [B, Hq], rebuilt per call so that the cache holds no reference to the mask
-_STEADY_HEADS = {}
-_ITSELF, _EXPANDED, _UNSEEN = object(), object(), object()
+# normalize_heads' answer per heads tensor object (and its version) and call shape: the answer
+# itself, or _ITSELF / _EXPANDED when that is the mask itself or its expand to [B, Hq], rebuilt
+# per call so that the cache holds no reference to the mask
+_STEADY_HEADS = TensorCache(views=False)
+_ITSELF, _EXPANDED = object(), object()
 
 
 def _tensor_facts(q, k, v):
     return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device)
 
 
-def _owner(t: torch.Tensor) -> torch.Tensor:
-    return t if t._base is None else t._base
-
-
 def _steady_heads(heads, bsz: int, hq: int, device):
     """:func:`normalize_heads` of a heads tensor, computed once per tensor, version and call
     shape (an in-place edit of the mask bumps its version and is seen)."""
-    version = None if heads.is_inference() else heads._version   # inference: no counter
-    entry = _STEADY_HEADS.get(id(heads))
-    if entry is None or entry[0]() is not heads or entry[1] != version:
-        ref = weakref.ref(heads, lambda _, key=id(heads): _STEADY_HEADS.pop(key, None))
-        entry = _STEADY_HEADS[id(heads)] = (ref, version, {})
-    answer = entry[2].get((bsz, hq, device), _UNSEEN)
-    if answer is _UNSEEN:
-        mask = answer = normalize_heads(heads, bsz, hq, device)      # raises for a bad mask
-        if mask is not None and _owner(mask) is _owner(heads):
-            answer = _ITSELF if mask is heads else _EXPANDED
-        entry[2][(bsz, hq, device)] = answer
+    def answer_of(heads):
+        mask = normalize_heads(heads, bsz, hq, device)      # raises for a bad mask
+        if mask is not None and data_owner(mask) is data_owner(heads):
+            return _ITSELF if mask is heads else _EXPANDED
+        return mask
+
+    answer = _STEADY_HEADS.get(heads, answer_of, (bsz, hq, device))
     if answer is _ITSELF:
         return heads
     return heads[None, :].expand(bsz, hq) if answer is _EXPANDED else answer
@@ -271,9 +228,6 @@ def _remember_valid(q, k, v, backend, name) -> None:
         _VALID_TENSORS.clear()
     _VALID_TENSORS.add(_tensor_facts(q, k, v))
     _BACKEND_NAMES[(backend, q.device.type)] = name
-
-
-_warned_grad = False
 
 
 def _validated_args(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, window):
@@ -324,7 +278,6 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     Returns:
         ``[B, Hq, Nq, D]`` in q's dtype, or ``(out, ACTStats)`` with ``return_stats=True``.
     """
-    global _warned_grad
     if torch.compiler.is_compiling():
         return _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend,
                               return_stats, window)
@@ -345,16 +298,12 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     if name != "eager" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                         or v.requires_grad):
-        if not _warned_grad:
-            warnings.warn(f"act_attention: the {name!r} backend is forward-only; gradients do "
-                          "not flow through it (use backend='eager' to differentiate)",
-                          stacklevel=2)
-            _warned_grad = True
-        with torch.no_grad():
-            out, stats = fn(q, k, v, calibrated, beta, tau, scale, kpm, bool(return_stats),
-                            **extra)
-    else:
-        out, stats = fn(q, k, v, calibrated, beta, tau, scale, kpm, bool(return_stats), **extra)
+        raise RuntimeError(
+            f"act_attention: the {name!r} backend is forward-only, but gradients were asked for "
+            "(q, k or v requires grad and grad mode is on): no gradient would reach them. For "
+            "inference run it under torch.no_grad() or torch.inference_mode() (a model's "
+            "forward too); to differentiate use backend='eager', the reference")
+    out, stats = fn(q, k, v, calibrated, beta, tau, scale, kpm, bool(return_stats), **extra)
     if return_stats:
         return out, ACTStats.from_dict(stats)
     return out
@@ -403,8 +352,9 @@ def _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, 
         from .triton_backend import compiled_call
         return compiled_call(q, k, v, heads, key_padding_mask, check_beta(beta), check_tau(tau),
                              scale, check_window(window))
-    if heads is not None and not isinstance(heads, torch.Tensor):
-        heads = head_mask(heads if isinstance(heads, Sequence) else [heads], q.shape[1],
-                          who="act_attention", device=q.device)
+    heads = check_heads(heads, q.shape[0], q.shape[1])
+    if isinstance(heads, tuple):   # a constant row; an index tensor is read by the op's body
+        heads = head_mask(heads, q.shape[1], who="act_attention", device=q.device) if heads \
+            else None
     return act_attention_op(q, k, v, heads, key_padding_mask, check_beta(beta), check_tau(tau),
                             scale, backend, check_window(window))

@@ -7,7 +7,7 @@ caller (``who``) and the offending value.
 from __future__ import annotations
 
 from numbers import Integral, Real
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -82,20 +82,30 @@ def as_index(value, what: str, who: str, plural: bool = False) -> int:
     raise TypeError(f"{who}: {what} {must}, got {value!r}")
 
 
-def head_mask(indices: Iterable, num_heads: int, *, who: str, layer: Optional[int] = None,
-              device=None) -> torch.Tensor:
-    """Bool ``[num_heads]`` selecting the query heads ``indices``.
+def head_indices(indices: Iterable, num_heads: int, *, who: str,
+                 layer: Optional[int] = None) -> tuple:
+    """The distinct query heads ``indices`` lists, sorted: the one check of a head index.
 
     Each index must be an integer in ``0 .. num_heads - 1``; the error names the head (and the
     layer, when given) that is out of range.
     """
     where = "" if layer is None else f" of layer {layer}"
-    mask = torch.zeros(num_heads, dtype=torch.bool)
+    found = set()
     for value in indices:
         head = as_index(value, f"head indices{where}", who, plural=True)
         if not 0 <= head < num_heads:
             raise ValueError(f"{who}: head index {head}{where} out of range: there are "
                              f"{num_heads} query heads (valid indices 0..{num_heads - 1})")
+        found.add(head)
+    return tuple(sorted(found))
+
+
+def head_mask(indices: Iterable, num_heads: int, *, who: str, layer: Optional[int] = None,
+              device=None) -> torch.Tensor:
+    """Bool ``[num_heads]`` selecting the query heads ``indices`` (checked by
+    :func:`head_indices`)."""
+    mask = torch.zeros(num_heads, dtype=torch.bool)
+    for head in head_indices(indices, num_heads, who=who, layer=layer):
         mask[head] = True
     return mask if device is None else mask.to(device)
 
@@ -160,3 +170,53 @@ def parse_index_list(spec, upper: int, what: str) -> Optional[list[int]]:
     if not out:
         raise ValueError(f"no {what} selected by {spec!r}")
     return sorted(out)
+
+
+def check_heads(heads, bsz: int, hq: int, who: str = "act_attention"):
+    """The one reading of ``act_attention``'s ``heads`` argument; reads no device value.
+
+    Returns ``None`` (nothing named), a bool tensor ``[Hq]`` / ``[B, Hq]`` (its shape checked,
+    its values unread), an integer tensor of head indices (unread: the caller reads it on the
+    host, or refuses it where it cannot) or a sorted tuple of distinct head indices in range
+    (``()`` for an empty list). Anything else raises one ``TypeError`` / ``ValueError``; a
+    string is not a list of indices.
+    """
+    if heads is None:
+        return None
+    if isinstance(heads, torch.Tensor):
+        if heads.dtype == torch.bool:
+            if tuple(heads.shape) not in ((hq,), (bsz, hq)):
+                raise ValueError(f"{who}: bool heads must have shape [Hq]=[{hq}] or "
+                                 f"[B, Hq]=[{bsz}, {hq}], got {tuple(heads.shape)}")
+            return heads
+        if heads.is_floating_point() or heads.is_complex() or heads.dim() > 1:
+            raise TypeError(f"{who}: heads must be a bool mask [Hq] / [B, Hq] or a 1-D list "
+                            f"of head indices, got a {heads.dtype} tensor of shape "
+                            f"{tuple(heads.shape)}")
+        return heads
+    if isinstance(heads, Integral) and not isinstance(heads, bool):
+        heads = (heads,)
+    elif isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence):
+        raise TypeError(f"{who}: heads must be None, a bool tensor [Hq] or [B, Hq], or a "
+                        f"sequence of head indices; got {type(heads).__name__}")
+    return head_indices(heads, hq, who=who)
+
+
+def check_key_padding_mask(mask, bsz: int, nk: int, device, who: str = "act_attention"):
+    """The checks of a ``key_padding_mask`` that read no device value: ``None`` or a bool /
+    integer tensor ``[B, Nk]`` on ``device`` (True or 1 = real token), returned as it is.
+    Whether an integer mask holds only 0 and 1 is left to the caller (it reads the values)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{who}: key_padding_mask must be a bool tensor [B, Nk], "
+                        f"got {type(mask).__name__}")
+    if tuple(mask.shape) != (bsz, nk):
+        raise ValueError(f"{who}: key_padding_mask must have shape [B, Nk]=[{bsz}, {nk}], "
+                         f"got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and (mask.is_floating_point() or mask.is_complex()):
+        raise TypeError(f"{who}: key_padding_mask must be bool (True = real token), "
+                        f"got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"{who}: key_padding_mask is on {mask.device} but q is on {device}")
+    return mask

@@ -94,10 +94,9 @@ def act_attention_reference(q, k, v, *, beta, tau, heads=None, scale=None,
     # 4. Each row keeps beta of its sink mass m_i and gives (1 - beta) m_i to its other keys.
     new_probs, mass = calibrate_probs(probs, sinks[:, :, None, :], beta)
 
-    if heads is None:
-        calibrated = torch.zeros(bsz, hq, dtype=torch.bool, device=q.device)
-    else:
-        calibrated = heads.to(device=q.device, dtype=torch.bool)
+    calibrated = torch.zeros(bsz, hq, dtype=torch.bool, device=q.device)
+    if heads is not None:       # a copy: the stats never alias the caller's (or a cached) mask
+        calibrated.copy_(heads.to(device=q.device, dtype=torch.bool).expand(bsz, hq))
     new_probs = torch.where(calibrated[:, :, None, None], new_probs, probs)
 
     # 5. o_i = sum_j P'_ij v_j

@@ -30,13 +30,12 @@ that see nothing (padded query rows), whose output is 0.
 from __future__ import annotations
 
 import functools
-from numbers import Integral
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 
-from .params import as_index
 from .calibration import stable_rest
+from .params import check_heads, check_key_padding_mask
 from .sinks import first_valid_index, seen_counts, select_sinks
 from .tensor_cache import TensorCache
 
@@ -204,8 +203,9 @@ def _attend(q, k, v, cal: CalibratedPairs, no_slot, heads, beta, tau, scale, key
                            first_valid_i32, stable_rest(torch.float32), window=window)
     if not return_stats:
         return out, None
-    calibrated = (heads if heads is not None
-                  else torch.zeros(bsz, hq, dtype=torch.bool, device=dev))
+    calibrated = torch.zeros(bsz, hq, dtype=torch.bool, device=dev)
+    if heads is not None:       # a copy: the stats never alias the caller's (or a cached) mask
+        calibrated.copy_(heads)
     stats = {
         "scores": scores.reshape(bsz, hq, nk),
         "sinks": sinks.reshape(bsz, hq, nk),
@@ -276,44 +276,26 @@ def compiled_call(q, k, v, heads, key_padding_mask, beta: float, tau: float, sca
     all-real mask runs the padded kernels). ``beta``, ``tau``, ``window`` already checked."""
     bsz, hq = q.shape[0], q.shape[1]
     mask, pairs = _compiled_heads(heads, bsz, hq, q.device)
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise TypeError("act_attention: inside torch.compile, backend='triton' needs a bool "
-                            "key_padding_mask [B, Nk] (True = real token)")
-        if tuple(key_padding_mask.shape) != (bsz, k.shape[2]) \
-                or key_padding_mask.device != q.device:
-            raise ValueError(f"act_attention: key_padding_mask must be [B, Nk]=[{bsz}, "
-                             f"{k.shape[2]}] on {q.device}, got {tuple(key_padding_mask.shape)} "
-                             f"on {key_padding_mask.device}")
+    if check_key_padding_mask(key_padding_mask, bsz, k.shape[2], q.device) is not None \
+            and key_padding_mask.dtype != torch.bool:
+        raise TypeError("act_attention: inside torch.compile, backend='triton' needs a bool "
+                        "key_padding_mask [B, Nk] (True = real token)")
     return act_attention_triton_op(q, k, v, mask, pairs, key_padding_mask, beta, tau, scale,
                                    window)
 
 
 def _compiled_heads(heads, bsz: int, hq: int, device):
-    """``(mask [B, Hq] or None, pairs int32 [P] or None)`` without reading device values."""
-    if heads is None:
-        return None, None
-    if isinstance(heads, torch.Tensor) and heads.dtype == torch.bool:
-        if tuple(heads.shape) not in ((hq,), (bsz, hq)):
-            raise ValueError(f"act_attention: bool heads must have shape [Hq]=[{hq}] or "
-                             f"[B, Hq]=[{bsz}, {hq}], got {tuple(heads.shape)}")
+    """``(mask [B, Hq] or None, pairs int32 [P] or None)`` without reading device values (the
+    argument read by ``params.check_heads``, its one home)."""
+    heads = check_heads(heads, bsz, hq)
+    if isinstance(heads, torch.Tensor):
+        if heads.dtype != torch.bool:
+            raise TypeError("act_attention: inside torch.compile, heads must be a bool tensor "
+                            f"or a list of head indices, not a {heads.dtype} tensor")
         mask = heads.to(device).expand(bsz, hq)
         return mask, torch.arange(bsz * hq, device=device, dtype=torch.int32)
-    if isinstance(heads, torch.Tensor):
-        raise TypeError("act_attention: inside torch.compile, heads must be a bool tensor or a "
-                        f"list of head indices, not a {heads.dtype} tensor")
-    if isinstance(heads, Integral):
-        heads = [heads]
-    if isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence):
-        raise TypeError("act_attention: heads must be None, a bool tensor [Hq] or [B, Hq], or a "
-                        f"sequence of head indices; got {type(heads).__name__}")
-    listed = sorted({as_index(h, "head indices", "act_attention", plural=True) for h in heads})
-    outside = [h for h in listed if not 0 <= h < hq]
-    if outside:
-        raise ValueError(f"act_attention: head index {outside[0]} out of range: there are {hq} "
-                         f"query heads (valid indices 0..{hq - 1})")
-    if not listed:
+    if not heads:
         return None, None
-    pairs = torch.tensor([b * hq + h for b in range(bsz) for h in listed], dtype=torch.int32,
+    pairs = torch.tensor([b * hq + h for b in range(bsz) for h in heads], dtype=torch.int32,
                          device=device)
     return torch.ones(bsz, hq, dtype=torch.bool, device=device), pairs

@@ -5,25 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
-from act_kernels import ACTProfile, act_attention, apply_profile  # noqa: E402
-
-
-PROFILE = ACTProfile(heads={1: [0, 2], 2: [1]}, tau=0.05)
-
-
-def tiny_llama(backend="torch"):
-    config = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96,
-                                      num_hidden_layers=3, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    with torch.no_grad():      # sharper attention than the random init gives: sinks exist
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-    model = apply_profile(model.eval(), PROFILE, backend=backend)
-    return model
+from act_kernels import act_attention
+from helpers.models import profiled_llama as tiny_llama
 
 
 def batch():

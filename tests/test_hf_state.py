@@ -10,24 +10,11 @@ import weakref
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
-import act_kernels.hf as hf  # noqa: E402
-from act_kernels import ACTProfile, apply_profile, head_override, recording  # noqa: E402
+import act_kernels.hf as hf
+from act_kernels import ACTProfile, apply_profile, head_override, recording
+from helpers.models import tiny_llama
 
 TAU = 0.05
-
-
-def tiny_llama(seed: int, layers: int = 3):
-    config = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96,
-                                      num_hidden_layers=layers, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    with torch.no_grad():      # sharper attention than the random init gives: sinks exist
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-    return model.eval()
 
 
 IDS = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(5))
@@ -156,3 +143,28 @@ def test_no_module_level_mutable_state_in_the_integration():
                                                            types.FunctionType)):
                 continue
             assert not isinstance(value, (list, set, dict, bytearray)), f"{mod.__name__}.{name}"
+
+
+def test_inference_mode_runs_and_gives_the_no_grad_output():
+    """Masks built under ``torch.inference_mode`` have no version counter: the mask records and
+    the checked-mask cache must still work (they once raised on ``mask._version``)."""
+    model = apply_profile(tiny_llama(3), PROFILE_A, backend="torch")
+    mask = torch.ones_like(IDS)
+    mask[1, :3] = 0                                   # left padding: a mask is built and read
+    with torch.no_grad():
+        want = model(input_ids=IDS, attention_mask=mask).logits
+    with torch.inference_mode():
+        first = model(input_ids=IDS, attention_mask=mask).logits
+        again = model(input_ids=IDS, attention_mask=mask).logits
+    assert torch.equal(first, want) and torch.equal(again, want)
+    with torch.no_grad():
+        plain = model(input_ids=IDS).logits
+    assert not torch.allclose(want[1], plain[1], atol=1e-4)     # the padding was applied
+
+
+def test_a_forward_with_gradients_is_refused_not_silently_untrained():
+    model = apply_profile(tiny_llama(4), PROFILE_A, backend="torch")
+    with pytest.raises(RuntimeError, match="forward-only, but gradients were asked for"):
+        model(input_ids=IDS)                             # grad mode on, weights require grad
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=IDS).logits).all()

@@ -22,7 +22,7 @@ from act_kernels.reference import act_attention_reference, visibility
 
 from conftest import require  # noqa: E402
 
-transformers = pytest.importorskip("transformers")
+import transformers
 from transformers import AttentionInterface, AttentionMaskInterface  # noqa: E402
 from transformers.masking_utils import eager_mask  # noqa: E402
 

@@ -31,7 +31,9 @@ import textwrap
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from helpers.optional import import_optional
+
+triton = import_optional("triton", "triton")
 import triton.language as tl  # noqa: E402
 
 from act_kernels.kernels import common  # noqa: E402

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-masking_utils = pytest.importorskip("transformers.masking_utils")
+from transformers import masking_utils
 
 from act_kernels.hf.masks import (ACTMaskError, _check_mask, act_sdpa_mask,  # noqa: E402
                                   built_from, keys_dropped, mask_to_key_padding)

@@ -28,7 +28,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-triton = pytest.importorskip("triton")
+from helpers.optional import import_optional
+
+triton = import_optional("triton", "triton")
 
 from act_kernels import triton_backend as tb  # noqa: E402
 from act_kernels.kernels import column_scores, decode, flash_forward, sink_correction  # noqa: E402
@@ -268,13 +270,12 @@ HF_CASES = {  # name: (model kind, left padding of row 1)
 @torch.no_grad()
 def test_hf_decode_steady_state_does_not_sync(case, impl, monkeypatch):
     from act_kernels import apply_profile
-    from test_compile import PROFILE, tiny_llama
-    from test_windows import tiny
+    from helpers.models import PROFILE, profiled_llama, tiny_sliding
 
     kind, pad = case
     backend = impl.removeprefix("act_")
-    model = tiny_llama(backend) if kind == "llama" else \
-        apply_profile(tiny(kind), PROFILE, backend=backend)
+    model = profiled_llama(backend) if kind == "llama" else \
+        apply_profile(tiny_sliding(kind), PROFILE, backend=backend)
     ids = torch.randint(3, 97, (2, 13), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     mask[1, :pad] = 0
@@ -293,9 +294,9 @@ def test_hf_decode_steady_state_does_not_sync(case, impl, monkeypatch):
 def test_hf_check_is_not_vacuous(monkeypatch):
     """Without the mask builder's record, the full mask check reads the mask: caught."""
     from act_kernels.hf import masks
-    from test_compile import tiny_llama
+    from helpers.models import profiled_llama
 
-    model = tiny_llama("triton")
+    model = profiled_llama("triton")
     ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(6))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0

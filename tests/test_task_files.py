@@ -72,7 +72,7 @@ def goals(tmp_path):
 
 
 # the SmolLM2 tokenizer and a tiny Llama on its vocabulary, shared with the built-in tasks' tests
-from test_tasks import tiny_model, tokenizer  # noqa: E402,F401
+from helpers.smollm import tiny_model, tokenizer  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------- same prompts and scoring

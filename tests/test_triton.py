@@ -11,19 +11,22 @@ import random
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from helpers.optional import import_optional
+
+triton = import_optional("triton", "triton")
 
 from act_kernels import act_attention, calibration  # noqa: E402
 from act_kernels.reference import act_attention_reference  # noqa: E402
 
-tb = pytest.importorskip("act_kernels.triton_backend")
+from act_kernels import triton_backend as tb  # noqa: E402
 from act_kernels.kernels import column_scores as cs_mod  # noqa: E402
 from act_kernels.kernels import configs, decode  # noqa: E402
 from act_kernels.kernels.flash_forward import flash_forward  # noqa: E402
 
 from bruteforce import act_bruteforce  # noqa: E402  (the independent float64 judge)
 from inputs import left_padding, make_qkv, random_head_mask, random_pads  # noqa: E402
-from test_op import check  # noqa: E402  (the op-level comparison with the brute force)
+from helpers.compare import (assert_stats_calibrated_is_fresh,  # noqa: E402
+                             check)  # (the op-level comparison with the brute force)
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1"
                                 and not torch.cuda.is_available(),
@@ -118,6 +121,13 @@ def test_act_matches_reference_and_bruteforce(nq, nk, hq, hkv, dim, dtype):
     # calibration really changed the calibrated heads (else the test proves nothing)
     plain = triton_act(q, k, v, None, kpm=kpm)
     assert out_error(out[heads], plain[heads], v) > 10 * tol
+
+
+@pytest.mark.parametrize("nq", [1, 9], ids=["decode", "prefill"])
+@pytest.mark.parametrize("spelling", ["bool [B, Hq]", "bool [Hq]", "index list"])
+def test_stats_calibrated_is_a_fresh_copy_of_the_requested_pairs(spelling, nq):
+    """Editing ``stats.calibrated`` changes no later call (it once was the heads mask itself)."""
+    assert_stats_calibrated_is_fresh("triton", spelling, nq=nq)
 
 
 def test_stats_without_calibration_fill_every_head():

@@ -10,17 +10,19 @@ import os
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from helpers.optional import import_optional
+
+triton = import_optional("triton", "triton")
 
 from act_kernels import act_attention, calibration  # noqa: E402
 
-tb = pytest.importorskip("act_kernels.triton_backend")
+from act_kernels import triton_backend as tb  # noqa: E402
 from act_kernels.kernels import column_scores as cs_mod  # noqa: E402
 from act_kernels.kernels import configs, decode  # noqa: E402
 
 from bruteforce import bruteforce_details  # noqa: E402
 from inputs import left_padding, make_qkv  # noqa: E402
-from test_op import check  # noqa: E402
+from helpers.compare import check  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1"
                                 and not torch.cuda.is_available(),

@@ -328,3 +328,46 @@ def make_planted():
     q, k, v = qkv()
     k[:, :, 2] = q.mean(2).mean(1, keepdim=True) * 4
     return q, k, v
+
+
+@pytest.mark.parametrize("heads", ["12", b"12", 1.5, {1, 2}])
+def test_heads_are_read_alike_inside_torch_compile(backend, heads):
+    """Compiled and eager calls read ``heads`` by the same rule: a string is not a list of head
+    indices (the compiled path once iterated it, calibrating heads {1, 2})."""
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="heads must be None, a bool tensor") as eager:
+        act_attention(q, k, v, heads=heads, backend=backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q: act_attention(q, k, v, heads=heads, backend=backend),
+                             fullgraph=True)
+    with pytest.raises(Exception, match=re.escape(str(eager.value))):
+        compiled(q)
+
+
+def test_compiled_heads_lists_give_the_eager_output(backend):
+    q, k, v = make_planted()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q: act_attention(q, k, v, heads=[3, "0", 3], tau=0.05,
+                                                     backend=backend), fullgraph=True)
+    want = act_attention(q, k, v, heads=[0, 3], tau=0.05, backend=backend)
+    assert torch.equal(compiled(q), want)
+    assert not torch.equal(want, act_attention(q, k, v, tau=0.05, backend=backend))
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_gradients_through_a_forward_only_backend_are_refused(which):
+    """The torch backend has no backward: asked for gradients it refuses (it once warned and
+    ran under no_grad, so training through it silently trained nothing)."""
+    q, k, v = make_planted()
+    args = {"q": q, "k": k, "v": v}
+    args[which] = args[which].clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="forward-only, but gradients were asked for"):
+        act_attention(args["q"], args["k"], args["v"], heads=[0], tau=0.05, backend="torch")
+    with torch.no_grad():
+        out = act_attention(args["q"], args["k"], args["v"], heads=[0], tau=0.05,
+                            backend="torch")
+    eager = act_attention(args["q"], args["k"], args["v"], heads=[0], tau=0.05, backend="eager")
+    torch.testing.assert_close(out, eager.detach(), atol=1e-5, rtol=1e-5)
+    eager.square().sum().backward()                       # the reference differentiates
+    grad = args[which].grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0

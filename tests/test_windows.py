@@ -10,7 +10,7 @@ import torch
 
 from bruteforce import bruteforce_details, visible
 from inputs import backend_name, left_padding, make_qkv, random_head_mask
-from test_op import check
+from helpers.compare import check
 
 from act_kernels import act_attention
 
@@ -87,31 +87,12 @@ def test_the_first_valid_key_is_never_a_sink_even_outside_every_window():
 # Transformers: Gemma 3 (sliding and full layers) and Mistral (one window for every layer)
 # ---------------------------------------------------------------------------------------------
 
-transformers = pytest.importorskip("transformers")
-
 from act_kernels import ACTProfile, apply_profile  # noqa: E402
 from act_kernels.hf import remove_profile  # noqa: E402
+from helpers.models import tiny_sliding as tiny  # noqa: E402
 
 TAU = 0.05
 HOOK = {"profile": None, "real": None}
-
-
-def tiny(kind: str):
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if kind == "gemma3":
-        config = transformers.Gemma3TextConfig(
-            head_dim=8, sliding_window=5, query_pre_attn_scalar=8,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"], **common)
-    else:
-        config = transformers.MistralConfig(sliding_window=6, **common)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    with torch.no_grad():      # sharper attention than the random init gives: sinks exist
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-    return model.eval()
 
 
 def prompts(lengths=(14, 9)):

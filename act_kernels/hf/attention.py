@@ -110,7 +110,8 @@ def _mark_dropped_start(key, value, kpm, position_ids, dropped_any: Optional[boo
         return torch.cat([dropped[:, None], real], dim=1)
 
     marked_kpm = marked() if cache is None else \
-        cache.derived("dropped start", (kpm, position_ids), (bsz, nk, dropped_any), marked)
+        cache.get((kpm, position_ids), lambda _: marked(),
+                  ("dropped start", bsz, nk, dropped_any))
     if marked_kpm is None:
         return key, value, kpm
     pad = key.new_zeros(key.shape[0], key.shape[1], 1, key.shape[3])

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import functools
 import inspect
-import weakref
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+
+from ..tensor_cache import TensorCache, data_version
 
 
 class ACTMaskError(ValueError):
@@ -46,45 +47,6 @@ def refuse(reason: str):
         "attention with key (left) padding, within the layer's sliding window if it has one: no "
         "chunked, bidirectional or custom 4D masks. Use attn_implementation='sdpa' or 'eager' "
         "for this model/input.")
-
-
-class MaskCheckCache:
-    """Memo of the last checked mask per layer window, by identity and version: every layer of a
-    forward (of one window kind) receives the same mask tensor, so it is checked once per
-    forward, and the layers get the same key-padding mask tensor. One per model (held by its
-    :class:`~act_kernels.hf.state.ACTModelState`)."""
-
-    def __init__(self):
-        self._entries = {}          # window -> (weak ref, version, shape, result); or derived()
-
-    def get(self, mask: torch.Tensor, shape):
-        entry = self._entries.get(shape[-1])
-        if entry is None:
-            return None
-        ref, version, cached_shape, result = entry
-        if ref() is mask and version == mask._version and cached_shape == shape:
-            return result
-        return None
-
-    def put(self, mask: torch.Tensor, shape, result) -> None:
-        try:
-            self._entries[shape[-1]] = (weakref.ref(mask), mask._version, shape, result)
-        except TypeError:
-            self._entries.pop(shape[-1], None)
-
-    def derived(self, name: str, tensors: tuple, extra, compute):
-        """``compute()`` once while ``tensors`` (each None or the same tensor, unedited) and
-        ``extra`` stay the same, one entry per ``name``: a value every layer of a forward
-        derives alike gets one tensor (and so one entry in the op's caches)."""
-        key = tuple((None, None) if t is None else (id(t), t._version) for t in tensors)
-        entry = self._entries.get(name)
-        if entry is not None and entry[0] == key and entry[2] == extra \
-                and all(r is None or r() is t for r, t in zip(entry[1], tensors)):
-            return entry[3]
-        value = compute()
-        refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
-        self._entries[name] = (key, refs, extra, value)
-        return value
 
 
 class BuiltMask(NamedTuple):
@@ -140,8 +102,8 @@ def act_sdpa_mask(*args, **kwargs):
         padding = prepare_padding_mask(a["attention_mask"], kv_len, kv_offset)
         if padding is not None:      # indexed by key position: the call's keys from kv_offset
             padding = padding[:, kv_offset:kv_offset + kv_len].to(torch.bool)
-        setattr(mask, _RECORD, (mask._version, BuiltMask(*windows, padding, q_offset, kv_offset,
-                                                         (batch, q_len, kv_len))))
+        built = BuiltMask(*windows, padding, q_offset, kv_offset, (batch, q_len, kv_len))
+        setattr(mask, _RECORD, (data_version(mask), built))
     return mask
 
 
@@ -220,7 +182,7 @@ def _causal_windows(structure: torch.Tensor, q_offset: int, kv_offset: int):
 def built_from(mask: torch.Tensor) -> Optional[BuiltMask]:
     """The record of a mask :func:`act_sdpa_mask` built and nobody edited since, else None."""
     record = getattr(mask, _RECORD, None)
-    if record is None or record[0] != mask._version:
+    if record is None or record[0] != data_version(mask):
         return None
     return record[1]
 
@@ -246,7 +208,7 @@ def keys_dropped(mask: Optional[torch.Tensor]) -> Optional[bool]:
 
 
 def mask_to_key_padding(attention_mask: Optional[torch.Tensor], batch: int, q_len: int,
-                        kv_len: int, cache: Optional[MaskCheckCache] = None,
+                        kv_len: int, cache: Optional[TensorCache] = None,
                         window: Optional[int] = None) -> Tuple[Optional[torch.Tensor], int]:
     """Turn the mask Transformers passes into ``(key_padding_mask or None, keys_used)``.
 
@@ -268,18 +230,18 @@ def mask_to_key_padding(attention_mask: Optional[torch.Tensor], batch: int, q_le
         return None, q_len
     if not isinstance(attention_mask, torch.Tensor):
         refuse(f"got a {type(attention_mask).__name__} (only tensors or None are supported)")
-    shape = (batch, q_len, kv_len, window)
-    if cache is not None:
-        hit = cache.get(attention_mask, shape)
-        if hit is not None:
-            return hit
-    built = built_from(attention_mask)
+    if cache is not None:    # every layer of a forward (of one window) gets the same mask
+        return cache.get(attention_mask, lambda mask: _key_padding(mask, batch, q_len, kv_len,
+                                                                   window),
+                         (batch, q_len, kv_len, window))
+    return _key_padding(attention_mask, batch, q_len, kv_len, window)
+
+
+def _key_padding(mask: torch.Tensor, batch: int, q_len: int, kv_len: int,
+                 window: Optional[int]):
+    built = built_from(mask)
     result = None if built is None else _from_built(built, batch, q_len, kv_len, window)
-    if result is None:
-        result = _check_mask(attention_mask, batch, q_len, kv_len, window)
-    if cache is not None:
-        cache.put(attention_mask, shape, result)
-    return result
+    return _check_mask(mask, batch, q_len, kv_len, window) if result is None else result
 
 
 def _allowed(mask: torch.Tensor) -> torch.Tensor:

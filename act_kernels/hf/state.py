@@ -21,7 +21,7 @@ import torch
 from ..modelinfo import text_config
 from ..params import DEFAULT_BETA, DEFAULT_TAU
 from ..profiles import ACTProfile
-from .masks import MaskCheckCache
+from ..tensor_cache import TensorCache
 
 STATE_ATTR = "_act_state"
 
@@ -52,7 +52,9 @@ class RecorderEntry:
 class ACTModelState:
     overrides: List[Override] = field(default_factory=list)
     recorders: List[RecorderEntry] = field(default_factory=list)
-    mask_cache: MaskCheckCache = field(default_factory=MaskCheckCache)
+    # the attention masks checked and the key-padding masks derived from them, per mask tensor:
+    # every layer of a forward gets the same mask, so it is checked once per forward
+    mask_cache: TensorCache = field(default_factory=TensorCache)
     model_level: bool = True
     _raw: object = None
     _profile: Optional[ACTProfile] = None

@@ -20,7 +20,7 @@ A sample costs about three forwards whatever the number of candidates.
 
 :func:`screen_candidates` averages the estimates over the scoring part and keeps each sample's
 estimate and plain objective value, for :func:`screen_order` (predicted answers gained first)
-and :func:`boundary_samples` (which samples an exact check must run).
+and :func:`near_boundary` (which samples an exact check must run).
 """
 from __future__ import annotations
 
