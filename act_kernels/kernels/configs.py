@@ -214,11 +214,25 @@ def _num_sms() -> int:
         return 132
 
 
-def decode_config(batch_heads: int, nk: int, dim: int, split_size=None):
-    """(BLOCK_N, split size in keys, number of splits, num_warps) for the decode kernel.
+# query rows of one decode program: a GQA group padded to a power of two, at least 16 (the
+# smallest tl.dot operand), at most this (larger groups are cut into chunks of this many rows)
+MIN_BLOCK_G = 16
+MAX_BLOCK_G = 64
 
-    Flash-decoding: a long context is cut into splits (at least 256 keys each) so that about eight
-    programs per SM run even for a single sequence; each split is a multiple of BLOCK_N keys.
+
+def decode_group_block(group: int):
+    """(BLOCK_G, chunks per group) of the GQA-packed decode kernels for ``group = Hq / Hkv``."""
+    block_g = min(max(MIN_BLOCK_G, triton.next_power_of_2(group)), MAX_BLOCK_G)
+    return block_g, triton.cdiv(group, block_g)
+
+
+def decode_config(programs: int, nk: int, dim: int, block_g: int = MIN_BLOCK_G,
+                  split_size=None):
+    """(BLOCK_N, split size in keys, number of splits, num_warps) for the decode kernels.
+
+    ``programs``: programs per split (one per group chunk, ``B * Hkv * chunks``). Flash-decoding:
+    a long context is cut into splits (at least 256 keys each) so that about eight programs per
+    SM run even for a single sequence; each split is a multiple of BLOCK_N keys.
     """
     if INTERPRET:
         block_n = INTERP_BLOCK
@@ -228,13 +242,14 @@ def decode_config(batch_heads: int, nk: int, dim: int, split_size=None):
         if split_size is None:
             # about 8 programs (32 warps) per SM in flight to hide memory latency
             target_programs = 8 * _num_sms()
-            splits = max(1, min(triton.cdiv(nk, 256), triton.cdiv(target_programs, batch_heads)))
+            splits = max(1, min(triton.cdiv(nk, 256), triton.cdiv(target_programs, programs)))
             split = triton.cdiv(nk, splits)
         else:
             split = split_size
     split = triton.cdiv(max(split, 1), block_n) * block_n
     num_splits = triton.cdiv(nk, split)
-    num_warps = 4 if dim <= 128 else 8
+    # the [BLOCK_G, BLOCK_D] fp32 accumulator: 16 values per thread at 4 warps up to 16 x 128
+    num_warps = 4 if block_g * head_block(dim) <= 16 * 128 else 8
     return block_n, split, num_splits, num_warps
 
 
