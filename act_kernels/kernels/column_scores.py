@@ -19,8 +19,8 @@ import triton.language as tl
 
 from . import configs
 from .aot import launch
-from .common import (LOG2E, head_prologue, key_real, load_rows, load_rows_t, mma, row_real, sees,
-                     window_arg, window_start)
+from .common import (LOG2E, cost, head_prologue, key_real, load_rows, load_rows_t, loaded_keys, mma,
+                     row_real, sees, window_arg, window_start, window_start_host)
 
 @configs.maybe_autotune("column", key=["nq_key", "nk_key", "HEAD_DIM"])
 @triton.jit
@@ -86,3 +86,26 @@ def column_scores(q, k, lse2, scale, kpm_i8, pairs, window=None):
         HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), BLOCK_D=configs.head_block(dim),
         HEAD_DIM=dim, **meta)
     return colsum
+
+
+def column_cost(grid, a) -> dict:
+    """Bytes and FLOPs of one ``_column_scores_kernel`` launch (``a``: its arguments by name, the
+    autotune config included), from its loop: each key block loads its K tile once, then the Q
+    rows and ``lse2`` of the query blocks that can see it; stores its column sums. FLOPs: one
+    ``[BLOCK_M, BLOCK_N, BLOCK_D]`` product per query block."""
+    n_blocks, pairs = grid
+    el, d, bm, bn = a["Q"].element_size(), a["HEAD_DIM"], a["BLOCK_M"], a["BLOCK_N"]
+    nq, nk, window = a["Nq"], a["Nk"], a["window"]
+    read = write = flops = 0
+    for n in range(n_blocks):
+        start_n = window_start_host(nk - nq, window, bn) + n * bn
+        keys = min(bn, nk - start_n)
+        first_row = max(start_n - (nk - nq), 0)
+        blocks, rows = loaded_keys((first_row // bm) * bm,
+                                   min(nq, start_n + bn - 1 + window - (nk - nq)), bm, nq)
+        read += pairs * (4 + keys * d * el + rows * (d * el + 4))
+        if a["HAS_KPM"]:
+            read += pairs * (keys + rows)
+        write += pairs * keys * 4
+        flops += pairs * blocks * 2 * bm * bn * a["BLOCK_D"]
+    return cost(read, write, flops)

@@ -186,3 +186,32 @@ def attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride
         else:
             acc, l_i, m_i, _ = online_step(acc, l_i, m_i, s, v, IN_PREC, UPCAST)
     return acc, l_i, m_i
+
+
+# ---------------------------------------------------------------------------------------------
+# host side: the loop bounds of the kernels, for their ``*_cost`` functions (bytes and FLOPs per
+# launch; ``benchmarks/gpu_model.py``)
+# ---------------------------------------------------------------------------------------------
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def window_start_host(pos_first: int, window: int, block: int) -> int:
+    """``window_start`` on the host (same formula)."""
+    return (max(pos_first - window + 1, 0) // block) * block
+
+
+def loaded_keys(lo: int, hi: int, block: int, limit: int):
+    """(blocks, keys fetched) of a loop ``for start in range(lo, hi, block)`` whose tile loads are
+    masked by ``key < limit`` (masked rows are not fetched)."""
+    if hi <= lo:
+        return 0, 0
+    blocks = cdiv(hi - lo, block)
+    return blocks, min(lo + blocks * block, limit) - lo
+
+
+def cost(read: float, write: float, flops: float) -> dict:
+    """A kernel launch's modelled traffic: HBM bytes read and written (every program's loads
+    counted in full, no reuse across programs in L2) and tensor-core FLOPs (the tile products
+    as issued, padded rows and lanes included)."""
+    return {"read": float(read), "write": float(write), "flops": float(flops)}

@@ -171,13 +171,24 @@ def prune_configs(configs, named_args, kind=None, **kwargs):
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
     q = named_args.get("Q")
     elsize = q.element_size() if q is not None else 2
-    kept = [c for c in configs if fits(kind, c, block_d, elsize, smem_limit())]
+    return kept_configs(kind, configs, block_d, elsize, smem_limit())
+
+
+def kept_configs(kind: str, configs, block_d: int, elsize: int, smem: int):
+    """The rule of ``prune_configs`` on a list of candidates (``candidates(kind)`` or the
+    autotuner's), in their order."""
+    kept = [c for c in configs if fits(kind, c, block_d, elsize, smem)]
     if len(kept) > 1:
         kept = kept[:-1] if kept[-1] is configs[-1] else kept    # the fallback only if alone
     if kept:
         return kept
     return [min(configs, key=lambda c: smem_bytes(kind, c.kwargs, block_d, elsize,
                                                   c.num_stages))]
+
+
+def candidates(kind: str):
+    """The autotune candidates of a kernel kind (the GPU list, whatever the mode)."""
+    return _gpu_configs(kind)
 
 
 # the autotuned kernels by kind (tests switch their pruning off to check the rule)
@@ -215,9 +226,10 @@ def _num_sms() -> int:
 
 
 # query rows of one decode program: a GQA group padded to a power of two, at least 16 (the
-# smallest tl.dot operand), at most this (larger groups are cut into chunks of this many rows)
+# smallest tl.dot operand), at most this (larger groups are cut into chunks of this many rows;
+# with 8 warps a 32-row chunk holds as many fp32 values per thread as 16 rows with 4)
 MIN_BLOCK_G = 16
-MAX_BLOCK_G = 64
+MAX_BLOCK_G = 32
 
 
 def decode_group_block(group: int):
@@ -227,18 +239,20 @@ def decode_group_block(group: int):
 
 
 def decode_config(programs: int, nk: int, dim: int, block_g: int = MIN_BLOCK_G,
-                  split_size=None):
+                  split_size=None, elsize: int = 2):
     """(BLOCK_N, split size in keys, number of splits, num_warps) for the decode kernels.
 
     ``programs``: programs per split (one per group chunk, ``B * Hkv * chunks``). Flash-decoding:
     a long context is cut into splits (at least 256 keys each) so that about eight programs per
-    SM run even for a single sequence; each split is a multiple of BLOCK_N keys.
+    SM run even for a single sequence; each split is a multiple of BLOCK_N keys. BLOCK_N: 64
+    keys of 256 bytes (D <= 128 in 16 bits), fewer for wider rows (D > 128, fp32 inputs): the
+    K/V tiles and the epilogue's guard pass then fit the registers (compile test: no spills).
     """
     if INTERPRET:
         block_n = INTERP_BLOCK
         split = split_size or INTERP_DECODE_SPLIT
     else:
-        block_n = 64 if dim <= 128 else 32
+        block_n = max(16, min(64, 16384 // (head_block(dim) * elsize)))
         if split_size is None:
             # about 8 programs (32 warps) per SM in flight to hide memory latency
             target_programs = 8 * _num_sms()

@@ -32,8 +32,10 @@ with ``P = exp2(s - lse2) > tau``, gathers their V rows for ``w = sum P_j v_j`` 
 ``m = sum P_j``, and applies ``o = beta w + (1 - beta m) / (1 - m) (u - w)`` to the calibrated
 rows. When ``1 - m < STABLE_REST`` for some row (cancellation in ``u - w``) the program makes
 one direct pass over the group's K/V (read once for all its rows) with a softmax over each
-row's non-sink keys instead (exact even when ``1 - m`` is subnormal), with the same logit code
-and the same ``P > tau`` test, so it picks exactly the same sinks.
+row's non-sink keys instead (exact even when ``1 - m`` is subnormal: nothing cancels; its ``P V``
+rounds ``P`` to V's dtype like the plain pass, an error relative to the output, not amplified
+by ``1 / (1 - m)``), with the same logit code and the same ``P > tau`` test, so it picks
+exactly the same sinks.
 
 Sliding window (``window``, a runtime argument, ``Nk`` for none): the row sees only the last
 ``W`` keys, so the splits cover only those (from the block holding key ``Nk - W``; the keys of
@@ -58,8 +60,8 @@ import triton.language as tl
 from ..sinks import STABLE_REST
 from . import configs
 from .aot import launch
-from .common import (LOG2E, dim_lanes, key_real, load_rows, load_rows_t, mma, online_step,
-                     store_rows, window_arg)
+from .common import (LOG2E, cost, dim_lanes, key_real, load_rows, load_rows_t, loaded_keys, mma,
+                     online_step, store_rows, window_arg)
 
 # slack of the online candidate test, in log2 units (keys with partial P > tau * 2^-MARGIN kept)
 MARGIN = 1e-3
@@ -193,7 +195,7 @@ def _decode_epilogue_kernel(
         stride_ob, stride_oh, stride_od,
         Hq, Hkv, group, n_chunks, Nk, qk_scale, num_splits, beta, tau, stable_rest, window,
         HAS_KPM: tl.constexpr, TRACK: tl.constexpr, IN_PREC: tl.constexpr,
-        UPCAST: tl.constexpr, F32_PREC: tl.constexpr, BLOCK_G: tl.constexpr,
+        UPCAST: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
         CAND: tl.constexpr):
     b, kvh, h_rows, g_ok, bh_rows, offs_d, d_ok, kpm_row = _group_prologue(
@@ -268,9 +270,8 @@ def _decode_epilogue_kernel(
                 s = mma(q, kt, IN_PREC, UPCAST) * qk_scale
                 sink = (tl.math.exp2(s - lse2[:, None]) > tau) & (offs_n != first)[None, :]
                 s = tl.where(unstable[:, None] & k_ok[None, :] & (sink == 0), s, float("-inf"))
-                vr = load_rows(v_base, offs_n, offs_n < Nk, stride_vn, offs_d, d_ok,
-                               stride_vd).to(tl.float32)
-                acc_ns, l_ns, m_ns, _ = online_step(acc_ns, l_ns, m_ns, s, vr, F32_PREC, False)
+                vr = load_rows(v_base, offs_n, offs_n < Nk, stride_vn, offs_d, d_ok, stride_vd)
+                acc_ns, l_ns, m_ns, _ = online_step(acc_ns, l_ns, m_ns, s, vr, IN_PREC, UPCAST)
             l_safe = tl.where(l_ns > 0, l_ns, 1.0)
             rest = tl.where(unstable,
                             tl.where(l_ns > 0, tl.math.exp2(m_ns + tl.math.log2(l_safe) - lse2),
@@ -310,10 +311,10 @@ def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calib
     win = window_arg(window, nk)
     # the splits cover the keys from the block that holds the window's first key (BLOCK_N does
     # not depend on the length)
-    block_n = configs.decode_config(programs, nk, dim, block_g, split_size)[0]
+    block_n = configs.decode_config(programs, nk, dim, block_g, split_size, q.element_size())[0]
     span = nk - (nk - win) // block_n * block_n
     block_n, split, num_splits, num_warps = configs.decode_config(programs, span, dim, block_g,
-                                                                  split_size)
+                                                                  split_size, q.element_size())
     track = calibrated is not None
     cand = candidate_slots(tau) if track else 2
     if cand is None:
@@ -352,6 +353,67 @@ def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calib
         part_m, part_l, part_acc, cand_s, cand_i,
         *qs, *k.stride(), *v.stride(), out.stride(0), out.stride(1), out.stride(3),
         hq, hkv, group, n_chunks, nk, qk_scale, num_splits, float(beta), float(tau),
-        float(stable_rest), win, HAS_KPM=has_kpm, TRACK=track, **flags,
-        F32_PREC=configs.F32_PREC, **blocks, num_warps=num_warps)
+        float(stable_rest), win, HAS_KPM=has_kpm, TRACK=track, **flags, **blocks,
+        num_warps=num_warps)
     return out, lse2, u32, mass
+
+
+def _rows(a):
+    """(query rows, calibrated rows) of a decode launch."""
+    rows = a["Q"].shape[0] * a["Q"].shape[1]
+    cal = int((a["Cal"] != 0).sum()) if a["TRACK"] else 0
+    return rows, cal
+
+
+def split_cost(grid, a) -> dict:
+    """Bytes and FLOPs of one ``_decode_split_kernel`` launch (``a``: its arguments by name),
+    from its loop: each program loads its rows' q, then the K and V rows of the key blocks
+    ``[n_lo, n_hi)`` of its split (``HEAD_DIM`` lanes; the load mask drops keys past ``n_hi``),
+    and stores each row's partials (and the candidate buffers of calibrated rows). FLOPs: two
+    ``[BLOCK_G, BLOCK_N, BLOCK_D]`` products per block. No left padding is assumed (``first``
+    = 0: padding only shortens the loop)."""
+    n_splits, programs = grid
+    el, d, bn = a["Q"].element_size(), a["HEAD_DIM"], a["BLOCK_N"]
+    rows, cal = _rows(a)
+    win_lo = a["Nk"] - a["window"]
+    blocks = keys = 0
+    for sp in range(n_splits):
+        n_lo = (win_lo // bn) * bn + sp * a["split_size"]
+        nb, nkeys = loaded_keys(n_lo, min(a["Nk"], n_lo + a["split_size"]), bn, a["Nk"])
+        blocks, keys = blocks + nb, keys + nkeys
+    read = n_splits * rows * d * el + programs * keys * d * el * 2
+    write = n_splits * rows * (8 + a["BLOCK_D"] * 4)
+    if a["HAS_KPM"]:
+        read += programs * (keys + 5 * n_splits)
+    if a["TRACK"]:
+        read += n_splits * rows
+        write += n_splits * (cal * a["CAND"] * 8 + rows * 4)
+    flops = programs * blocks * 4 * a["BLOCK_G"] * bn * a["BLOCK_D"]
+    return cost(read, write, flops)
+
+
+def epilogue_cost(grid, a) -> dict:
+    """Bytes of one ``_decode_epilogue_kernel`` launch without its guard pass: each row's
+    partials of every split, the candidate buffers of the calibrated rows and the V rows of
+    their sinks (at most ``ceil(1/tau) - 1`` per row: an upper bound); stores ``out``, ``lse2``,
+    the mass and the fp32 ``u`` of the rows with a slot. The guard pass is ``guard_cost``."""
+    el, d, ns = a["Q"].element_size(), a["HEAD_DIM"], a["num_splits"]
+    rows, cal = _rows(a)
+    slots = int((a["USlot"] >= 0).sum())
+    read = ns * rows * (8 + a["BLOCK_D"] * 4) + rows * 4
+    write = rows * (d * el + 4) + slots * d * 4
+    if a["TRACK"]:
+        sinks = math.ceil(1.0 / a["tau"]) - 1
+        read += rows + ns * cal * a["CAND"] * 8 + cal * sinks * d * el
+        write += rows * 4
+    return cost(read, write, 0)
+
+
+def guard_cost(grid, a) -> dict:
+    """Bytes and FLOPs of the epilogue's direct pass if every program took it (rows with
+    ``1 - m < STABLE_REST``; data-dependent): the group's q and its window's K/V blocks."""
+    programs, el, d, bn = grid[0], a["Q"].element_size(), a["HEAD_DIM"], a["BLOCK_N"]
+    blocks, keys = loaded_keys((max(0, a["Nk"] - a["window"]) // bn) * bn, a["Nk"], bn, a["Nk"])
+    rows = a["Q"].shape[0] * a["Q"].shape[1]
+    return cost(rows * d * el + programs * keys * d * el * 2, 0,
+                programs * blocks * 4 * a["BLOCK_G"] * bn * a["BLOCK_D"])

@@ -24,8 +24,8 @@ import triton.language as tl
 
 from . import configs
 from .aot import launch
-from .common import (LOG2E, attend_blocks, head_prologue, load_rows, row_real, store_rows,
-                     window_arg, window_start)
+from .common import (LOG2E, attend_blocks, cost, head_prologue, load_rows, loaded_keys, row_real,
+                     store_rows, window_arg, window_start, window_start_host)
 
 
 @configs.maybe_autotune("forward", key=["nq_key", "nk_key", "HEAD_DIM"])
@@ -119,3 +119,27 @@ def flash_forward(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, window=N
         HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), F32_PREC=configs.F32_PREC,
         BLOCK_D=configs.head_block(dim), HEAD_DIM=dim, **meta)
     return out, lse2, u32
+
+
+def forward_cost(grid, a) -> dict:
+    """Bytes and FLOPs of one ``_flash_forward_kernel`` launch (``a``: its arguments by name,
+    the autotune config included), from its walk: each query block of ``BLOCK_M`` rows loads
+    its Q tile once and the K and V rows of the key blocks ``[lo, hi)`` (the three stages
+    together); it stores ``out``, ``lse2`` and, for heads with a slot, the fp32 ``u``. FLOPs:
+    two ``[BLOCK_M, BLOCK_N, BLOCK_D]`` products per block. No left padding is assumed."""
+    n_blocks, heads = grid
+    el, d, bm, bn = a["Q"].element_size(), a["HEAD_DIM"], a["BLOCK_M"], a["BLOCK_N"]
+    nq, nk, window = a["Nq"], a["Nk"], a["window"]
+    slots = int((a["USlot"] >= 0).sum())
+    read = write = flops = 0
+    for m in range(n_blocks):
+        start_m = m * bm
+        lo = window_start_host(nk - nq + start_m, window, bn)
+        blocks, keys = loaded_keys(lo, min(nk, nk - nq + start_m + bm), bn, nk)
+        rows = min(bm, nq - start_m)
+        read += heads * (rows * d * el + keys * d * el * 2 + 4)
+        if a["HAS_KPM"]:
+            read += heads * (keys + rows + 4)
+        write += heads * rows * (d * el + 4) + slots * rows * d * 4
+        flops += heads * blocks * 4 * bm * bn * a["BLOCK_D"]
+    return cost(read, write, flops)

@@ -33,8 +33,8 @@ import triton.language as tl
 
 from . import configs
 from .aot import launch
-from .common import (LOG2E, attend_blocks, head_prologue, load_rows, load_rows_t, mma, row_real,
-                     sees, store_rows, window_arg, window_start)
+from .common import (LOG2E, attend_blocks, cdiv, cost, head_prologue, load_rows, load_rows_t, mma,
+                     row_real, sees, store_rows, window_arg, window_start)
 
 
 @configs.maybe_autotune("correction", key=["nq_key", "nk_key", "HEAD_DIM"])
@@ -162,3 +162,24 @@ def sink_correction(q, k, v, out, lse2, u32, pairs, slots, sinks, beta, scale, k
         HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), F32_PREC=configs.F32_PREC,
         BLOCK_D=configs.head_block(dim), HEAD_DIM=dim, **meta)
     return mass
+
+
+def correction_cost(grid, a, n_sinks: int) -> dict:
+    """Bytes and FLOPs of one ``_sink_correction_kernel`` launch (``a``: its arguments by name,
+    the autotune config included) for ``n_sinks`` sinks per pair (data-dependent: the caller
+    states it), without the guard pass: each query block loads its Q tile and ``lse2``, the
+    sinks' indices and K and V rows ``BLOCK_S`` at a time, and, for pairs with a slot, ``u``;
+    stores the mass and the rewritten ``out`` rows. FLOPs: two ``[BLOCK_M, BLOCK_S, BLOCK_D]``
+    products per sink block."""
+    n_blocks, pairs = grid
+    el, d, bm = a["Q"].element_size(), a["HEAD_DIM"], a["BLOCK_M"]
+    calibrated = int((a["Slots"] >= 0).sum())
+    read = pairs * 12                # pair, slot and sink count
+    write = flops = 0
+    for m in range(n_blocks):
+        rows = min(bm, a["Nq"] - m * bm)
+        read += pairs * (rows * (d * el + 4) + n_sinks * (4 + 2 * d * el))
+        read += calibrated * rows * d * 4
+        write += pairs * rows * 4 + calibrated * rows * d * el
+        flops += pairs * cdiv(n_sinks, a["BLOCK_S"]) * 4 * bm * a["BLOCK_S"] * a["BLOCK_D"]
+    return cost(read, write, flops)
