@@ -9,7 +9,7 @@ exact arguments and every autotune config left after ``configs.prune_configs``, 
 
 Asserted for every compiled kernel: it compiles; its shared memory (``metadata.shared``) is
 within the target's per-block limit and within ``configs.smem_bytes`` (the estimate the pruning
-rule uses, so every config the rule keeps fits); no register spills at head dims <= 128
+rule uses, so every config the rule keeps fits); no register spills at any head dim
 (``aot.resource_usage``: cuobjdump ``--dump-resource-usage``, and ``ptxas -v`` for the spill
 bytes of the kernels that have a stack frame).
 
@@ -283,8 +283,8 @@ def _spills(r):
     return r["spill_stores"] > 0 or r["spill_loads"] > 0
 
 
-def test_no_register_spills_up_to_head_dim_128(compiled):
+def test_no_register_spills(compiled):
     spilling = [f"{describe(r)}: {r['regs']} regs, spill stores {r['spill_stores']} B, loads "
                 f"{r['spill_loads']} B (stack frame {r['stack']} B)"
-                for r in compiled["records"] if r["dim"] <= 128 and _spills(r)]
+                for r in compiled["records"] if _spills(r)]
     assert not spilling, "\n".join(spilling)

@@ -104,3 +104,17 @@ def test_packed_decode_guard_for_some_rows_of_a_group(monkeypatch):
     assert rest[0] < 0.01 and rest[2] < 0.01 and rest[1] > 0.2
     out = act_attention(q, k, v, heads=heads, tau=0.1, backend="triton")
     assert out_error(out, bf.out, v) < 2e-6
+
+
+def test_groups_larger_than_a_tile_are_cut_into_chunks(monkeypatch, decode_launches):
+    """A group of 20 rows with 16-row tiles: two programs per kv head, the second one with 4
+    real rows and 12 padded ones; the same results as the brute force."""
+    monkeypatch.setattr(configs, "MAX_BLOCK_G", 16)
+    bsz, hkv, group, nk = 1, 1, 20, 30
+    q, k, v = make_qkv(bsz, group, hkv, 1, nk, 16, seed=6, planted=(3,), sink_logit=3.0)
+    heads = mixed_heads(bsz, hkv, group, seed=2)
+    out = act_attention(q, k, v, heads=heads, tau=0.1, backend="triton")
+    bf = bruteforce_details(q, k, v, heads, 0.4, 0.1)
+    assert out_error(out, bf.out, v) < 2e-5
+    split = decode_launches[0]
+    assert split[1][1] == 2 and split[3]["BLOCK_G"] == 16

@@ -52,8 +52,10 @@ def _gpu_configs(kind: str):
     if kind == "forward":
         # (64 x 64 with 4 warps is not a candidate: at D = 128 it spills when Nq is not a
         # multiple of 16, though the register rule gives it the same 96 values as 128 x 64 / 8w)
+        # (64 x 32 with 8 warps: the one that fits the registers at D = 256; only for D > 128,
+        # see WIDE_HEAD_ONLY)
         for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 4),
-                             (64, 32, 4, 4), FALLBACK["forward"]]:
+                             (64, 32, 4, 4), (64, 32, 8, 3), FALLBACK["forward"]]:
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
     elif kind == "column":
         # key block outer (BLOCK_N), query block inner (BLOCK_M)
@@ -63,7 +65,9 @@ def _gpu_configs(kind: str):
     elif kind == "correction":
         # measured spill-free on sm_90 at D = 64 and 128 (bf16); a 64-key guard block or 4 warps
         # at BLOCK_M = 32 spill 72..416 bytes at D = 128
-        for bm, bs, bn, w, s in [(64, 16, 32, 8, 2), (32, 16, 32, 8, 2), FALLBACK["correction"]]:
+        # (16 rows with 8 warps: the one that fits the registers at D = 256)
+        for bm, bs, bn, w, s in [(64, 16, 32, 8, 2), (32, 16, 32, 8, 2), (16, 16, 16, 8, 1),
+                                 FALLBACK["correction"]]:
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_S": bs, "BLOCK_N": bn},
                                      num_warps=w, num_stages=s))
     else:
@@ -150,15 +154,22 @@ def _device_smem_limit() -> int:
     return int(limit) if limit else SMEM_LIMIT.get(props.major * 10 + props.minor, 101376)
 
 
+# candidates kept only for head dims above 128 (kind, BLOCK_M, BLOCK_N, warps): the forward's
+# 64 x 32 with 8 warps spills 304 bytes at D = 128 in fp32 (tf32x3), where the rule counts 80
+WIDE_HEAD_ONLY = {("forward", 64, 32, 8)}
+
+
 def fits(kind: str, config, block_d: int, elsize: int, smem: int) -> bool:
-    """The pruning rule: the config's estimated shared memory fits ``smem`` bytes and, for head
-    dims up to 128, its live fp32 tiles fit the registers without spilling
-    (``register_tiles`` <= ``REGISTER_TILE_LIMIT``). At D = 256 every tile config holds more;
-    there the autotuner chooses among the configs that fit shared memory."""
+    """The pruning rule: the config's estimated shared memory fits ``smem`` bytes and its live
+    fp32 tiles fit the registers without spilling (``register_tiles`` <=
+    ``REGISTER_TILE_LIMIT``), at every head dim (D > 128 keeps the 8-warp candidates with
+    narrow tiles; ``WIDE_HEAD_ONLY`` ones only there)."""
     if smem_bytes(kind, config.kwargs, block_d, elsize, config.num_stages) > smem:
         return False
-    return (block_d > 128
-            or register_tiles(kind, config.kwargs, block_d, config.num_warps, elsize)
+    bm, bn, _ = _blocks(config.kwargs)
+    if block_d <= 128 and (kind, bm, bn, config.num_warps) in WIDE_HEAD_ONLY:
+        return False
+    return (register_tiles(kind, config.kwargs, block_d, config.num_warps, elsize)
             <= REGISTER_TILE_LIMIT)
 
 
