@@ -68,7 +68,8 @@ PREFILL_N = (2048, 4096, 8192, 16384, 32768)
 FRACTIONS = (0.0, 0.25, 1.0)
 TAU, BETA = 0.1, 0.4
 GOALS = {"decode_25%_bytes_vs_min": 1.15, "prefill_25%_flops_vs_flash": 1.3,
-         "prefill_100%_flops_vs_flash": 1.6}
+         "prefill_100%_flops_vs_flash": 1.6, "prefill_25%_flops_vs_plain": 1.3,
+         "prefill_100%_flops_vs_plain": 1.6}
 
 # kernel (its Python name) -> (short name, cost function, autotune kind or None)
 KERNELS = {
@@ -213,14 +214,13 @@ def run(decode_nk=DECODE_NK, decode_b=DECODE_B, prefill_n=PREFILL_N, models=tupl
 
 def goals(cases):
     """The modelled figures of issue 22 against their targets (worst case over the shapes)."""
-    worst = {
-        "decode_25%_bytes_vs_min": max(c["bytes_vs_min"] for c in cases
-                                       if c["path"] == "decode" and c["calibrated"] == "25%"),
-        "prefill_25%_flops_vs_flash": max(c["flops_vs_flash"] for c in cases
-                                          if c["path"] == "prefill" and c["calibrated"] == "25%"),
-        "prefill_100%_flops_vs_flash": max(c["flops_vs_flash"] for c in cases if
-                                           c["path"] == "prefill" and c["calibrated"] == "100%"),
-    }
+    worst = {"decode_25%_bytes_vs_min": max(
+        c["bytes_vs_min"] for c in cases if c["path"] == "decode" and c["calibrated"] == "25%")}
+    for frac in ("25%", "100%"):
+        for ref in ("flash", "plain"):
+            worst[f"prefill_{frac}_flops_vs_{ref}"] = max(
+                c[f"flops_vs_{ref}"] for c in cases
+                if c["path"] == "prefill" and c["calibrated"] == frac)
     return {key: {"modelled_worst": val, "goal": GOALS[key], "met": val <= GOALS[key]}
             for key, val in worst.items()}
 
@@ -251,7 +251,9 @@ def markdown(cases, decode_nk=(4096, 32768, 131072), decode_b=(1, 8, 64)):
                        f"{c['flops_vs_flash']:.3f} | {c['flops_vs_plain']:.3f} | "
                        f"{c['bytes_vs_plain']:.3f} | {c['bound_us'][dev[0]] / 1e3:.3f} | "
                        f"{c['bound_us'][dev[1]] / 1e3:.3f} |")
-    out += ["", "Goals (issue 22, worst over the shapes):", ""]
+    out += ["", "Goals (issue 22, worst over the shapes; `flash`: the exact causal count, "
+            "`plain`: this model's plain pass, whose diagonal tiles FlashAttention also "
+            "computes):", ""]
     for key, g in goals(cases).items():
         out.append(f"- {key}: {g['modelled_worst']:.3f} (goal <= {g['goal']}): "
                    f"{'met' if g['met'] else 'NOT met'}")

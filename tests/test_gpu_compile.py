@@ -37,8 +37,8 @@ is its own binary; only non-powers of two carry a lane mask. So:
 * sliding windows: prefill at W = 17 on sm_80 and W = 1 on sm_90 (Triton specialises an
   argument equal to 1), decode and chunked prefill at W = 17 on sm_90.
 
-About 100 kernels; on 2 cores it takes under 3 minutes (see the figures printed by the first
-test).
+About 150 kernels; on 2 cores about 150 s of CPU, 4-5 minutes wall on a loaded machine (see the
+figures printed by the first test, with the registers of every variant).
 
 Compiled artefacts go to a per-session ``TRITON_CACHE_DIR`` (nothing from an earlier run is
 reused); the cases run in parallel worker processes (one per core, at most 4). If ptxas,
