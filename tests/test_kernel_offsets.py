@@ -45,8 +45,8 @@ BIG = dict(bsz=8, hq=32, hkv=8, n=128 * 1024, dim=128)
 
 
 @triton.jit
-def _offsets_probe(Out, Kpm, Rows, stride_b, stride_h, stride_n, stride_d, Hq, group, Nk, D,
-                   N_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _offsets_probe(Out, Kpm, Rows, stride_b, stride_h, stride_n, stride_d, Hq, group, Nk,
+                   D: tl.constexpr, N_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """For program ``bh``: the element offsets of rows ``Rows`` (lane 0 and the last lane) of
     query head h and of kv head kvh, built exactly as the kernels build them."""
     bh, b, h, kvh, offs_d, d_ok, kpm_row = common.head_prologue(tl.program_id(0), Hq, group, Kpm,

@@ -86,20 +86,26 @@ def test_key_blocks_left_of_every_window_are_never_read(nq):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter block sizes")
-def test_column_grid_starts_at_the_first_rows_window():
+def test_column_grid_starts_at_the_first_rows_window(monkeypatch):
     nq, nk, w = 20, 90, 24
     q, k, v = make_qkv(1, 2, 2, nq, nk, 16, seed=5, planted=(80,))
-    cs_mod.LAUNCHES.update(calls=0, programs=0)
+    grids = []
+    real = cs_mod.launch
+
+    def spy(kernel, grid, *args, **kwargs):            # the column launcher's grids
+        grids.append(grid(kwargs))
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(cs_mod, "launch", spy)
     windowed(q, k, v, w, heads=[1])
     first_block = (nk - nq - w + 1) // BLOCK                     # block 2: keys 32..47
-    assert cs_mod.LAUNCHES["programs"] == math.ceil(nk / BLOCK) - first_block
-    cs_mod.LAUNCHES.update(calls=0, programs=0)
+    assert grids == [(math.ceil(nk / BLOCK) - first_block, 1)]
     windowed(q, k, v, None, heads=[1])
-    assert cs_mod.LAUNCHES["programs"] == math.ceil(nk / BLOCK)
+    assert grids[1:] == [(math.ceil(nk / BLOCK), 1)]
 
 
 @pytest.mark.parametrize("split", [None, 16])
-def test_decode_window_keeps_the_sequences_first_valid_key(split):
+def test_decode_window_keeps_the_sequences_first_valid_key(split, monkeypatch):
     """The first key of the window is a sink candidate like any other; the excluded key is the
     sequence's first valid key, outside the window here."""
     nk, w = 61, 29
@@ -110,11 +116,20 @@ def test_decode_window_keeps_the_sequences_first_valid_key(split):
     heads = torch.ones(2, 2, dtype=torch.bool)
     first = tb.first_valid_index(kpm, 2, q.device).to(torch.int32)
     no_slot = torch.full((4,), -1, dtype=torch.int32)
+    flags = []
+    real = decode.launch
+
+    def spy(kernel, grid, *args, **kwargs):            # the split kernel's overflow flags
+        if kernel is decode._decode_split_kernel:
+            flags.append(args[11])
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(decode, "launch", spy)
     fast, _, _, mass = decode.decode_attention(
         q, k, v, 16 ** -0.5, kpm.to(torch.int8), first, no_slot, 0,
         calibrated=heads.reshape(-1).to(torch.int8), beta=0.4, tau=0.1, split_size=split,
         window=w)
-    assert not decode.LAST["overflow"].any()
+    assert len(flags) == 1 and not flags[0].any()
     bf = bruteforce_details(q, k, v, heads, 0.4, 0.1, key_padding_mask=kpm, window=w)
     assert bf.sinks[..., first_in_window].all()
     assert out_error(fast, bf.out, v) < 2e-5

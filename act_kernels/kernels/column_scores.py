@@ -12,7 +12,6 @@ starts at the first row's window; their column sums stay 0). Reads Q, K, lse2; w
 ``colsum`` [P, Nk] fp32. It never touches V.
 
 Only the pairs listed are launched: an uncalibrated head costs no program at all.
-``LAUNCHES`` counts launched programs (read by the tests).
 """
 import torch
 import triton
@@ -20,25 +19,23 @@ import triton.language as tl
 
 from . import configs
 from .aot import launch
-from .common import (LOG2E, head_prologue, key_real, load_rows, load_rows_t, mma, row_real, sees,
-                     window_arg, window_start)
+from .common import (LOG2E, cost, head_prologue, key_real, load_rows, load_rows_t, loaded_keys, mma,
+                     row_real, sees, window_arg, window_start, window_start_host)
 
-LAUNCHES = {"calls": 0, "programs": 0}
-
-
-@configs.maybe_autotune("column", key=["nq_key", "nk_key", "BLOCK_D"])
+@configs.maybe_autotune("column", key=["nq_key", "nk_key", "HEAD_DIM"])
 @triton.jit
 def _column_scores_kernel(
         Q, K, Lse, Pairs, Kpm, ColSum,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
-        Hq, group, Nq, Nk, D, qk_scale, window, nq_key, nk_key,
+        Hq, group, Nq, Nk, qk_scale, window, nq_key, nk_key,
         HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr):
     start_n = window_start(Nk - Nq, window, BLOCK_N) + tl.program_id(0) * BLOCK_N
     pid_p = tl.program_id(1).to(tl.int64)
     bh, b, h, kvh, offs_d, d_ok, kpm_row = head_prologue(tl.load(Pairs + pid_p), Hq, group, Kpm,
-                                                         Nk, D, BLOCK_D)
+                                                         Nk, HEAD_DIM, BLOCK_D)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k_ok = key_real(kpm_row, offs_n, Nk, HAS_KPM)
     kt = load_rows_t(K + b * stride_kb + kvh * stride_kh, offs_n, offs_n < Nk, stride_kn,
@@ -51,7 +48,7 @@ def _column_scores_kernel(
     first_row = tl.maximum(start_n - (Nk - Nq), 0)
     end_row = tl.minimum(Nq, start_n + BLOCK_N - 1 + window - (Nk - Nq))
     for start_m in range((first_row // BLOCK_M) * BLOCK_M, end_row, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_m = tl.multiple_of(start_m, BLOCK_M) + tl.arange(0, BLOCK_M)
         r_ok = row_real(kpm_row, offs_m, Nq, Nk, HAS_KPM)
         q = load_rows(q_base, offs_m, offs_m < Nq, stride_qn, offs_d, d_ok, stride_qd)
         lse2 = tl.load(Lse + bh * Nq + offs_m, mask=r_ok, other=float("inf"))
@@ -79,15 +76,36 @@ def column_scores(q, k, lse2, scale, kpm_i8, pairs, window=None):
 
     def grid(m):
         key0 = (max(nk - nq - win + 1, 0) // m["BLOCK_N"]) * m["BLOCK_N"]   # window_start
-        g = (triton.cdiv(nk - key0, m["BLOCK_N"]), n_pairs)
-        LAUNCHES["programs"] += g[0] * g[1]
-        return g
+        return (triton.cdiv(nk - key0, m["BLOCK_N"]), n_pairs)
 
-    LAUNCHES["calls"] += 1
     launch(_column_scores_kernel, grid,
         q, k, lse2, pairs, kpm_i8 if has_kpm else pairs, colsum,
         *q.stride(), *k.stride(),
-        hq, hq // hkv, nq, nk, dim, scale * LOG2E, win, configs.len_bucket(nq),
+        hq, hq // hkv, nq, nk, scale * LOG2E, win, configs.len_bucket(nq),
         configs.len_bucket(nk),
-        HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), BLOCK_D=configs.head_block(dim), **meta)
+        HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), BLOCK_D=configs.head_block(dim),
+        HEAD_DIM=dim, **meta)
     return colsum
+
+
+def column_cost(grid, a) -> dict:
+    """Bytes and FLOPs of one ``_column_scores_kernel`` launch (``a``: its arguments by name, the
+    autotune config included), from its loop: each key block loads its K tile once, then the Q
+    rows and ``lse2`` of the query blocks that can see it; stores its column sums. FLOPs: one
+    ``[BLOCK_M, BLOCK_N, BLOCK_D]`` product per query block."""
+    n_blocks, pairs = grid
+    el, d, bm, bn = a["Q"].element_size(), a["HEAD_DIM"], a["BLOCK_M"], a["BLOCK_N"]
+    nq, nk, window = a["Nq"], a["Nk"], a["window"]
+    read = write = flops = 0
+    for n in range(n_blocks):
+        start_n = window_start_host(nk - nq, window, bn) + n * bn
+        keys = min(bn, nk - start_n)
+        first_row = max(start_n - (nk - nq), 0)
+        blocks, rows = loaded_keys((first_row // bm) * bm,
+                                   min(nq, start_n + bn - 1 + window - (nk - nq)), bm, nq)
+        read += pairs * (4 + keys * d * el + rows * (d * el + 4))
+        if a["HAS_KPM"]:
+            read += pairs * (keys + rows)
+        write += pairs * keys * 4
+        flops += pairs * blocks * 2 * bm * bn * a["BLOCK_D"]
+    return cost(read, write, flops)

@@ -32,19 +32,33 @@ def window_arg(window, nk: int) -> int:
 
 
 @triton.jit
-def head_prologue(bh, Hq, group, Kpm, Nk, D, BLOCK_D: tl.constexpr):
+def dim_lanes(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The head-dim lanes ``offs_d`` [BLOCK_D] and their mask ``d_ok``. ``HEAD_DIM`` is a
+    constexpr: when it is a power of two (``BLOCK_D == HEAD_DIM``) the mask is a constant true,
+    which the compiler folds away (no lane is masked); otherwise only the padded lanes
+    ``HEAD_DIM .. BLOCK_D - 1`` are. The lanes are hinted contiguous and block-aligned."""
+    offs_d = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_D), BLOCK_D), BLOCK_D)
+    if HEAD_DIM == BLOCK_D:
+        d_ok = tl.full([BLOCK_D], 1, tl.int1)
+    else:
+        d_ok = offs_d < HEAD_DIM
+    return offs_d, d_ok
+
+
+@triton.jit
+def head_prologue(bh, Hq, group, Kpm, Nk, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """The shared start of every program that works on one (batch row, query head).
 
     ``bh = b * Hq + h`` (a program id or an entry of a pair list). Returns, as int64,
     ``(bh, b, h, kvh)`` (``kvh = h // group``, the kv head GQA reads), then the head-dim lanes
-    ``offs_d`` and their mask ``d_ok`` (``D`` padded to ``BLOCK_D``), and ``kpm_row``, the
-    key-padding row of batch ``b`` (only read when the kernel has a mask).
+    ``offs_d`` and their mask ``d_ok`` (``dim_lanes``), and ``kpm_row``, the key-padding row of
+    batch ``b`` (only read when the kernel has a mask).
     """
     b = (bh // Hq).to(tl.int64)            # the divisions in 32 bits (bh < 2**31), then widen
     h = (bh % Hq).to(tl.int64)
     kvh = ((bh % Hq) // group).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    return bh.to(tl.int64), b, h, kvh, offs_d, offs_d < D, Kpm + b * Nk
+    offs_d, d_ok = dim_lanes(HEAD_DIM, BLOCK_D)
+    return bh.to(tl.int64), b, h, kvh, offs_d, d_ok, Kpm + b * Nk
 
 
 @triton.jit
@@ -124,6 +138,22 @@ def mma(a, b, IN_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def online_step(acc, l_i, m_i, s, v, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One key block of a row tile's online softmax in base 2: logits ``s`` [M, BLOCK_N]
+    (``-inf`` = masked), values ``v`` [BLOCK_N, BLOCK_D]. ``P`` is rounded to ``v``'s dtype for
+    the product (tensor cores, as FlashAttention does; pass fp32 ``v`` and ``PREC`` for an fp32
+    product). Returns the new ``(acc, l, m)`` and the reference max the sum is relative to (0
+    for rows that saw no key yet: no ``inf - inf``)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PREC, UPCAST)
+    return acc, l_i, m_new, m_safe
+
+
+@triton.jit
 def attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                   kpm_row, skip_row, pos_m, window, offs_d, d_ok, lo, hi, Nk, qk_scale,
                   BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
@@ -140,7 +170,7 @@ def attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride
     tensor cores, as FlashAttention does.
     """
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
         k_ok = key_real(kpm_row, offs_n, Nk, HAS_KPM)
         if SKIP:
             k_ok = k_ok & (tl.load(skip_row + offs_n, mask=offs_n < Nk, other=0) == 0)
@@ -150,15 +180,38 @@ def attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride
         if CAUSAL:
             vis = vis & sees(pos_m, offs_n, window)
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet: no NaN
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = load_rows(v_base, offs_n, offs_n < Nk, stride_vn, offs_d, d_ok, stride_vd)
         if SKIP:
-            acc = acc * alpha[:, None] + mma(p, v.to(tl.float32), F32_PREC, False)
+            acc, l_i, m_i, _ = online_step(acc, l_i, m_i, s, v.to(tl.float32), F32_PREC, False)
         else:
-            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, IN_PREC, UPCAST)
-        m_i = m_new
+            acc, l_i, m_i, _ = online_step(acc, l_i, m_i, s, v, IN_PREC, UPCAST)
     return acc, l_i, m_i
+
+
+# ---------------------------------------------------------------------------------------------
+# host side: the loop bounds of the kernels, for their ``*_cost`` functions (bytes and FLOPs per
+# launch; ``benchmarks/gpu_model.py``)
+# ---------------------------------------------------------------------------------------------
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def window_start_host(pos_first: int, window: int, block: int) -> int:
+    """``window_start`` on the host (same formula)."""
+    return (max(pos_first - window + 1, 0) // block) * block
+
+
+def loaded_keys(lo: int, hi: int, block: int, limit: int):
+    """(blocks, keys fetched) of a loop ``for start in range(lo, hi, block)`` whose tile loads are
+    masked by ``key < limit`` (masked rows are not fetched)."""
+    if hi <= lo:
+        return 0, 0
+    blocks = cdiv(hi - lo, block)
+    return blocks, min(lo + blocks * block, limit) - lo
+
+
+def cost(read: float, write: float, flops: float) -> dict:
+    """A kernel launch's modelled traffic: HBM bytes read and written (every program's loads
+    counted in full, no reuse across programs in L2) and tensor-core FLOPs (the tile products
+    as issued, padded rows and lanes included)."""
+    return {"read": float(read), "write": float(write), "flops": float(flops)}

@@ -52,8 +52,10 @@ def _gpu_configs(kind: str):
     if kind == "forward":
         # (64 x 64 with 4 warps is not a candidate: at D = 128 it spills when Nq is not a
         # multiple of 16, though the register rule gives it the same 96 values as 128 x 64 / 8w)
+        # (64 x 32 with 8 warps: the one that fits the registers at D = 256; only for D > 128,
+        # see WIDE_HEAD_ONLY)
         for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 4),
-                             (64, 32, 4, 4), FALLBACK["forward"]]:
+                             (64, 32, 4, 4), (64, 32, 8, 3), FALLBACK["forward"]]:
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
     elif kind == "column":
         # key block outer (BLOCK_N), query block inner (BLOCK_M)
@@ -63,7 +65,9 @@ def _gpu_configs(kind: str):
     elif kind == "correction":
         # measured spill-free on sm_90 at D = 64 and 128 (bf16); a 64-key guard block or 4 warps
         # at BLOCK_M = 32 spill 72..416 bytes at D = 128
-        for bm, bs, bn, w, s in [(64, 16, 32, 8, 2), (32, 16, 32, 8, 2), FALLBACK["correction"]]:
+        # (16 rows with 8 warps: the one that fits the registers at D = 256)
+        for bm, bs, bn, w, s in [(64, 16, 32, 8, 2), (32, 16, 32, 8, 2), (16, 16, 16, 8, 1),
+                                 FALLBACK["correction"]]:
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_S": bs, "BLOCK_N": bn},
                                      num_warps=w, num_stages=s))
     else:
@@ -150,15 +154,22 @@ def _device_smem_limit() -> int:
     return int(limit) if limit else SMEM_LIMIT.get(props.major * 10 + props.minor, 101376)
 
 
+# candidates kept only for head dims above 128 (kind, BLOCK_M, BLOCK_N, warps): the forward's
+# 64 x 32 with 8 warps spills 304 bytes at D = 128 in fp32 (tf32x3), where the rule counts 80
+WIDE_HEAD_ONLY = {("forward", 64, 32, 8)}
+
+
 def fits(kind: str, config, block_d: int, elsize: int, smem: int) -> bool:
-    """The pruning rule: the config's estimated shared memory fits ``smem`` bytes and, for head
-    dims up to 128, its live fp32 tiles fit the registers without spilling
-    (``register_tiles`` <= ``REGISTER_TILE_LIMIT``). At D = 256 every tile config holds more;
-    there the autotuner chooses among the configs that fit shared memory."""
+    """The pruning rule: the config's estimated shared memory fits ``smem`` bytes and its live
+    fp32 tiles fit the registers without spilling (``register_tiles`` <=
+    ``REGISTER_TILE_LIMIT``), at every head dim (D > 128 keeps the 8-warp candidates with
+    narrow tiles; ``WIDE_HEAD_ONLY`` ones only there)."""
     if smem_bytes(kind, config.kwargs, block_d, elsize, config.num_stages) > smem:
         return False
-    return (block_d > 128
-            or register_tiles(kind, config.kwargs, block_d, config.num_warps, elsize)
+    bm, bn, _ = _blocks(config.kwargs)
+    if block_d <= 128 and (kind, bm, bn, config.num_warps) in WIDE_HEAD_ONLY:
+        return False
+    return (register_tiles(kind, config.kwargs, block_d, config.num_warps, elsize)
             <= REGISTER_TILE_LIMIT)
 
 
@@ -171,13 +182,24 @@ def prune_configs(configs, named_args, kind=None, **kwargs):
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
     q = named_args.get("Q")
     elsize = q.element_size() if q is not None else 2
-    kept = [c for c in configs if fits(kind, c, block_d, elsize, smem_limit())]
+    return kept_configs(kind, configs, block_d, elsize, smem_limit())
+
+
+def kept_configs(kind: str, configs, block_d: int, elsize: int, smem: int):
+    """The rule of ``prune_configs`` on a list of candidates (``candidates(kind)`` or the
+    autotuner's), in their order."""
+    kept = [c for c in configs if fits(kind, c, block_d, elsize, smem)]
     if len(kept) > 1:
         kept = kept[:-1] if kept[-1] is configs[-1] else kept    # the fallback only if alone
     if kept:
         return kept
     return [min(configs, key=lambda c: smem_bytes(kind, c.kwargs, block_d, elsize,
                                                   c.num_stages))]
+
+
+def candidates(kind: str):
+    """The autotune candidates of a kernel kind (the GPU list, whatever the mode)."""
+    return _gpu_configs(kind)
 
 
 # the autotuned kernels by kind (tests switch their pruning off to check the rule)
@@ -214,27 +236,45 @@ def _num_sms() -> int:
         return 132
 
 
-def decode_config(batch_heads: int, nk: int, dim: int, split_size=None):
-    """(BLOCK_N, split size in keys, number of splits, num_warps) for the decode kernel.
+# query rows of one decode program: a GQA group padded to a power of two, at least 16 (the
+# smallest tl.dot operand), at most this (larger groups are cut into chunks of this many rows;
+# with 8 warps a 32-row chunk holds as many fp32 values per thread as 16 rows with 4)
+MIN_BLOCK_G = 16
+MAX_BLOCK_G = 32
 
-    Flash-decoding: a long context is cut into splits (at least 256 keys each) so that about eight
-    programs per SM run even for a single sequence; each split is a multiple of BLOCK_N keys.
+
+def decode_group_block(group: int):
+    """(BLOCK_G, chunks per group) of the GQA-packed decode kernels for ``group = Hq / Hkv``."""
+    block_g = min(max(MIN_BLOCK_G, triton.next_power_of_2(group)), MAX_BLOCK_G)
+    return block_g, triton.cdiv(group, block_g)
+
+
+def decode_config(programs: int, nk: int, dim: int, block_g: int = MIN_BLOCK_G,
+                  split_size=None, elsize: int = 2):
+    """(BLOCK_N, split size in keys, number of splits, num_warps) for the decode kernels.
+
+    ``programs``: programs per split (one per group chunk, ``B * Hkv * chunks``). Flash-decoding:
+    a long context is cut into splits (at least 256 keys each) so that about eight programs per
+    SM run even for a single sequence; each split is a multiple of BLOCK_N keys. BLOCK_N: 64
+    keys of 256 bytes (D <= 128 in 16 bits), fewer for wider rows (D > 128, fp32 inputs): the
+    K/V tiles and the epilogue's guard pass then fit the registers (compile test: no spills).
     """
     if INTERPRET:
         block_n = INTERP_BLOCK
         split = split_size or INTERP_DECODE_SPLIT
     else:
-        block_n = 64 if dim <= 128 else 32
+        block_n = max(16, min(64, 16384 // (head_block(dim) * elsize)))
         if split_size is None:
             # about 8 programs (32 warps) per SM in flight to hide memory latency
             target_programs = 8 * _num_sms()
-            splits = max(1, min(triton.cdiv(nk, 256), triton.cdiv(target_programs, batch_heads)))
+            splits = max(1, min(triton.cdiv(nk, 256), triton.cdiv(target_programs, programs)))
             split = triton.cdiv(nk, splits)
         else:
             split = split_size
     split = triton.cdiv(max(split, 1), block_n) * block_n
     num_splits = triton.cdiv(nk, split)
-    num_warps = 4 if dim <= 128 else 8
+    # the [BLOCK_G, BLOCK_D] fp32 accumulator: 16 values per thread at 4 warps up to 16 x 128
+    num_warps = 4 if block_g * head_block(dim) <= 16 * 128 else 8
     return block_n, split, num_splits, num_warps
 
 

@@ -24,11 +24,11 @@ import triton.language as tl
 
 from . import configs
 from .aot import launch
-from .common import (LOG2E, attend_blocks, head_prologue, load_rows, row_real, store_rows,
-                     window_arg, window_start)
+from .common import (LOG2E, attend_blocks, cost, head_prologue, load_rows, loaded_keys, row_real,
+                     store_rows, window_arg, window_start, window_start_host)
 
 
-@configs.maybe_autotune("forward", key=["nq_key", "nk_key", "BLOCK_D"])
+@configs.maybe_autotune("forward", key=["nq_key", "nk_key", "HEAD_DIM"])
 @triton.jit
 def _flash_forward_kernel(
         Q, K, V, Out, Lse, U32, Kpm, FirstValid, USlot,
@@ -36,13 +36,14 @@ def _flash_forward_kernel(
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_on, stride_od,
-        Hq, group, Nq, Nk, D, qk_scale, window, nq_key, nk_key,
+        Hq, group, Nq, Nk, qk_scale, window, nq_key, nk_key,
         HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
         F32_PREC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
-    bh, b, h, kvh, offs_d, d_ok, kpm_row = head_prologue(tl.program_id(1), Hq, group, Kpm, Nk, D,
-                                                         BLOCK_D)
+    bh, b, h, kvh, offs_d, d_ok, kpm_row = head_prologue(tl.program_id(1), Hq, group, Kpm, Nk,
+                                                         HEAD_DIM, BLOCK_D)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     pos_m = (Nk - Nq) + offs_m
 
@@ -88,7 +89,8 @@ def _flash_forward_kernel(
                offs_d, d_ok, stride_od)
     slot = tl.load(USlot + bh).to(tl.int64)
     if slot >= 0:
-        store_rows(U32 + slot * Nq * D, o, offs_m, offs_m < Nq, D, offs_d, d_ok, 1)
+        store_rows(U32 + slot * Nq * HEAD_DIM, o, offs_m, offs_m < Nq, HEAD_DIM, offs_d, d_ok,
+                   1)
 
 
 def flash_forward(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, window=None):
@@ -112,8 +114,32 @@ def flash_forward(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, window=N
     launch(_flash_forward_kernel, grid,
         q, k, v, out, lse2, u32, kpm_arg, first_valid, u_slot,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        hq, hq // hkv, nq, nk, dim, scale * LOG2E, window_arg(window, nk),
+        hq, hq // hkv, nq, nk, scale * LOG2E, window_arg(window, nk),
         configs.len_bucket(nq), configs.len_bucket(nk),
         HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), F32_PREC=configs.F32_PREC,
-        BLOCK_D=configs.head_block(dim), **meta)
+        BLOCK_D=configs.head_block(dim), HEAD_DIM=dim, **meta)
     return out, lse2, u32
+
+
+def forward_cost(grid, a) -> dict:
+    """Bytes and FLOPs of one ``_flash_forward_kernel`` launch (``a``: its arguments by name,
+    the autotune config included), from its walk: each query block of ``BLOCK_M`` rows loads
+    its Q tile once and the K and V rows of the key blocks ``[lo, hi)`` (the three stages
+    together); it stores ``out``, ``lse2`` and, for heads with a slot, the fp32 ``u``. FLOPs:
+    two ``[BLOCK_M, BLOCK_N, BLOCK_D]`` products per block. No left padding is assumed."""
+    n_blocks, heads = grid
+    el, d, bm, bn = a["Q"].element_size(), a["HEAD_DIM"], a["BLOCK_M"], a["BLOCK_N"]
+    nq, nk, window = a["Nq"], a["Nk"], a["window"]
+    slots = int((a["USlot"] >= 0).sum())
+    read = write = flops = 0
+    for m in range(n_blocks):
+        start_m = m * bm
+        lo = window_start_host(nk - nq + start_m, window, bn)
+        blocks, keys = loaded_keys(lo, min(nk, nk - nq + start_m + bm), bn, nk)
+        rows = min(bm, nq - start_m)
+        read += heads * (rows * d * el + keys * d * el * 2 + 4)
+        if a["HAS_KPM"]:
+            read += heads * (keys + rows + 4)
+        write += heads * rows * (d * el + 4) + slots * rows * d * 4
+        flops += heads * blocks * 4 * bm * bn * a["BLOCK_D"]
+    return cost(read, write, flops)

@@ -12,7 +12,7 @@ and then, for pairs that are calibrated (``slot >= 0``),
 with ``u`` the fp32 plain output the forward kept for this pair. Rows with ``m_i == 0`` or no
 non-sink mass keep ``u`` (cast exactly as the plain pass casts it).
 
-Cancellation guard: when ``1 - m_i < STABLE_REST`` the difference ``u - w`` has lost too many
+Cancellation guard: when ``1 - m_i < stable_rest`` (the float32 entry of ``calibration``'s table) the difference ``u - w`` has lost too many
 digits. If a row block holds such a row, the program makes one extra pass over the keys those
 rows see with an online softmax over the *non-sink* keys only (``common.attend_blocks`` with the
 dense sink mask as skip mask), which gives the non-sink average
@@ -33,11 +33,11 @@ import triton.language as tl
 
 from . import configs
 from .aot import launch
-from .common import (LOG2E, attend_blocks, head_prologue, load_rows, load_rows_t, mma, row_real,
-                     sees, store_rows, window_arg, window_start)
+from .common import (LOG2E, attend_blocks, cdiv, cost, head_prologue, load_rows, load_rows_t, mma,
+                     row_real, sees, store_rows, window_arg, window_start)
 
 
-@configs.maybe_autotune("correction", key=["nq_key", "nk_key", "BLOCK_D"])
+@configs.maybe_autotune("correction", key=["nq_key", "nk_key", "HEAD_DIM"])
 @triton.jit
 def _sink_correction_kernel(
         Q, K, V, Out, Lse, U32, Pairs, Slots, NSinks, SinkIdx, SinkMask, Kpm, FirstValid, Mass,
@@ -45,15 +45,15 @@ def _sink_correction_kernel(
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_on, stride_od,
-        Hq, group, Nq, Nk, D, qk_scale, beta, stable_rest, window, nq_key, nk_key,
+        Hq, group, Nq, Nk, qk_scale, beta, stable_rest, window, nq_key, nk_key,
         HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
         F32_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr):
+        BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     pid_p = tl.program_id(1).to(tl.int64)
     bh, b, h, kvh, offs_d, d_ok, kpm_row = head_prologue(tl.load(Pairs + pid_p), Hq, group, Kpm,
-                                                         Nk, D, BLOCK_D)
+                                                         Nk, HEAD_DIM, BLOCK_D)
     slot = tl.load(Slots + pid_p).to(tl.int64)
     n_sinks = tl.load(NSinks + pid_p)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -83,7 +83,7 @@ def _sink_correction_kernel(
 
     if slot >= 0:
         out_base = Out + b * stride_ob + h * stride_oh
-        u_base = U32 + slot * Nq * D
+        u_base = U32 + slot * Nq * HEAD_DIM
         rest = 1.0 - mass                       # non-sink mass
         unstable = r_ok & (mass > 0) & (rest < stable_rest)
         if tl.max(unstable.to(tl.int32), 0) > 0:
@@ -103,12 +103,12 @@ def _sink_correction_kernel(
             has = l_ns > 0
             l_safe = tl.where(has, l_ns, 1.0)
             rest_ns = tl.where(has, tl.math.exp2(m_ns + tl.math.log2(l_safe) - lse2), 0.0)
-            u = load_rows(u_base, offs_m, unstable, D, offs_d, d_ok, 1)
+            u = load_rows(u_base, offs_m, unstable, HEAD_DIM, offs_d, d_ok, 1)
             o = _identity(u, w, mass, acc_ns / l_safe[:, None], rest_ns, beta)
             store_rows(out_base, o, offs_m, unstable, stride_on, offs_d, d_ok, stride_od)
         # the other rows: the identity with the non-sink average (u - w) / (1 - m)
         stable = (offs_m < Nq) & (unstable == 0)
-        u = load_rows(u_base, offs_m, stable, D, offs_d, d_ok, 1)
+        u = load_rows(u_base, offs_m, stable, HEAD_DIM, offs_d, d_ok, 1)
         avg = (u - w) / tl.where(rest > 0, rest, 1.0)[:, None]
         o = _identity(u, w, mass, avg, rest, beta)
         store_rows(out_base, o, offs_m, stable, stride_on, offs_d, d_ok, stride_od)
@@ -157,8 +157,29 @@ def sink_correction(q, k, v, out, lse2, u32, pairs, slots, sinks, beta, scale, k
         q, k, v, out, lse2, u32, pairs, slots, n_sinks, idx, sink_mask,
         kpm_i8 if has_kpm else pairs, first_valid, mass,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        hq, hq // hkv, nq, nk, dim, scale * LOG2E, float(beta), float(stable_rest),
+        hq, hq // hkv, nq, nk, scale * LOG2E, float(beta), float(stable_rest),
         window_arg(window, nk), configs.len_bucket(nq), configs.len_bucket(nk),
         HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), F32_PREC=configs.F32_PREC,
-        BLOCK_D=configs.head_block(dim), **meta)
+        BLOCK_D=configs.head_block(dim), HEAD_DIM=dim, **meta)
     return mass
+
+
+def correction_cost(grid, a, n_sinks: int) -> dict:
+    """Bytes and FLOPs of one ``_sink_correction_kernel`` launch (``a``: its arguments by name,
+    the autotune config included) for ``n_sinks`` sinks per pair (data-dependent: the caller
+    states it), without the guard pass: each query block loads its Q tile and ``lse2``, the
+    sinks' indices and K and V rows ``BLOCK_S`` at a time, and, for pairs with a slot, ``u``;
+    stores the mass and the rewritten ``out`` rows. FLOPs: two ``[BLOCK_M, BLOCK_S, BLOCK_D]``
+    products per sink block."""
+    n_blocks, pairs = grid
+    el, d, bm = a["Q"].element_size(), a["HEAD_DIM"], a["BLOCK_M"]
+    calibrated = int((a["Slots"] >= 0).sum())
+    read = pairs * 12                # pair, slot and sink count
+    write = flops = 0
+    for m in range(n_blocks):
+        rows = min(bm, a["Nq"] - m * bm)
+        read += pairs * (rows * (d * el + 4) + n_sinks * (4 + 2 * d * el))
+        read += calibrated * rows * d * 4
+        write += pairs * rows * 4 + calibrated * rows * d * el
+        flops += pairs * cdiv(n_sinks, a["BLOCK_S"]) * 4 * bm * a["BLOCK_S"] * a["BLOCK_D"]
+    return cost(read, write, flops)
