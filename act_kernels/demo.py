@@ -25,7 +25,7 @@ from .params import DEFAULT_BETA, DEFAULT_MODEL_NAME, DEFAULT_TAU
 DEMO_TASKS = "sst2,mr,subj,arc_easy"
 DEMO_SAMPLES = 300
 DEMO_SCREEN_TOP = 40
-DEMO_TRANSFER_SAMPLES = 30     # per transfer task: 7 tasks in about 2 CPU-minutes (README)
+DEMO_TRANSFER_SAMPLES = 20     # per transfer task: the 7 tasks in about 4 CPU-minutes (README)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
