@@ -5,7 +5,9 @@
    of layers 2 .. L-2, the best ``--screen-top`` checked exactly) on a mixed calibration set;
 3. evaluate the uncalibrated model vs the profile on held-out splits of four tasks, by the
    next-token protocol and by option log-likelihood (``--protocols``, as ``act eval``);
-4. print the tables and where the profile and the reports are.
+4. show what transfers: the same comparison by option log-likelihood on the built-in tasks it
+   was not searched on (``act eval --transfer``, ``--transfer-samples`` each);
+5. print the tables and where the profile and the reports are.
 
 The defaults are budgeted for under 10 minutes on 2 CPU cores (measured: see the README). When
 the heads found do not beat the uncalibrated model on the search's validation part, the profile
@@ -23,6 +25,7 @@ from .params import DEFAULT_BETA, DEFAULT_MODEL_NAME, DEFAULT_TAU
 DEMO_TASKS = "sst2,mr,subj,arc_easy"
 DEMO_SAMPLES = 300
 DEMO_SCREEN_TOP = 40
+DEMO_TRANSFER_SAMPLES = 20     # per transfer task: the 7 tasks in about 4 CPU-minutes (README)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,12 +53,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scoring protocols of the evaluation, as for act eval (default: "
                              "next token, and option log-likelihood as lm-eval's acc and "
                              "acc_norm; --protocols next-token is about 2.5x faster)")
+    parser.add_argument("--transfer-samples", type=int, default=DEMO_TRANSFER_SAMPLES,
+                        help="evaluation samples per transfer task (the built-in tasks the "
+                             "profile was not searched on, by option log-likelihood; default "
+                             f"{DEMO_TRANSFER_SAMPLES}; 0 leaves the transfer table out)")
     add_common_arguments(parser, out_default=os.path.join("act_runs", "demo"))
 
 
 def run(args) -> int:
     from .cli_args import eprint, load_for_args, parse_data
-    from .evaluate import EvalConfig, run_eval
+    from .evaluate import (TRANSFER, TRANSFER_PROTOCOLS, EvalConfig, run_eval,
+                           transfer_heading, transfer_tasks)
     from .modelinfo import model_device, num_layers, num_query_heads
     from .params import parse_index_list, resolve_backend
     from .runtime import Dist
@@ -109,6 +117,18 @@ def run(args) -> int:
                                      backend=backend,
                                      protocols=protocols),
                           eval_dir, dist=dist)
+        transfer = None
+        if args.transfer_samples > 0:
+            others = transfer_tasks(profile, data)
+            eprint(f"act demo: what transfers: {args.transfer_samples} held-out samples of "
+                   f"each of {', '.join(others)}, by option log-likelihood ...")
+            transfer = run_eval(model, tokenizer, profile,
+                                EvalConfig(tasks=others, samples=args.transfer_samples,
+                                           seed=args.seed, chat_template=args.chat_template,
+                                           data=data, batch_size=args.batch_size,
+                                           bootstrap=args.bootstrap, backend=backend,
+                                           protocols=TRANSFER_PROTOCOLS),
+                                eval_dir, dist=dist, name=TRANSFER)
         if dist.main:
             heads_txt = ", ".join(f"{l}.{h}" for l, hs in profile.heads.items() for h in hs)
             print()
@@ -120,10 +140,17 @@ def run(args) -> int:
             print()
             print(report["table"])
             print()
+            if transfer is not None:
+                print(transfer_heading(profile, transfer))
+                print(transfer["table"])
+                print()
             print(f"profile:        {os.path.join(search_dir, 'profile.json')}")
             print(f"search report:  {os.path.join(search_dir, 'summary.md')} "
                   f"(every candidate: heads.csv)")
             print(f"eval report:    {os.path.join(eval_dir, 'eval.md')} (eval.json, eval.csv)")
+            if transfer is not None:
+                print(f"transfer:       {os.path.join(eval_dir, TRANSFER + '.md')} "
+                      f"({TRANSFER}.json, {TRANSFER}.csv)")
             print(f"time:           {time.time() - start:.0f} s")
         return 0
     finally:

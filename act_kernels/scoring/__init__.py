@@ -13,7 +13,7 @@ It sits between the Transformers integration and the pipeline: it imports nothin
 search, the evaluation or the command lines (``tests/test_architecture.py``).
 """
 from .plain import (LOGLIK, NEXT_TOKEN, PROTOCOLS, PlainScorer, check_protocol, parse_protocols,
-                    profile_masks)
+                    profile_masks, score_options)
 from .results import Results, metrics, paired_bootstrap
 from .samples import (Sample, calibration_examples, encode_examples, evaluation_examples,
                       fingerprint, make_batches, pad_batch, parse_tasks, share)
@@ -21,4 +21,4 @@ from .samples import (Sample, calibration_examples, encode_examples, evaluation_
 __all__ = ["LOGLIK", "NEXT_TOKEN", "PROTOCOLS", "PlainScorer", "Results", "Sample",
            "calibration_examples", "check_protocol", "encode_examples", "evaluation_examples",
            "fingerprint", "make_batches", "metrics", "pad_batch", "paired_bootstrap", "parse_protocols",
-           "parse_tasks", "profile_masks", "share"]
+           "parse_tasks", "profile_masks", "score_options", "share"]

@@ -48,6 +48,16 @@ def parse_protocols(spec) -> list[str]:
     return list(dict.fromkeys(check_protocol(p.strip()) for p in items if p.strip()))
 
 
+def score_options(sums: torch.Tensor, tokens: torch.Tensor, chars: torch.Tensor, gold,
+                  protocol: str) -> dict[str, torch.Tensor]:
+    """A log-likelihood protocol's scores of options ``[n, K]`` (summed continuation
+    log-probabilities, ``-inf`` where missing; their lengths in tokens and characters):
+    :func:`~act_kernels.tasks.score_option_logprobs`, normalised as ``protocol`` says.
+    Differentiable in ``sums`` (the search's screen takes its gradient)."""
+    lengths = {LOGLIK: None, "loglik/token": tokens, "loglik/char": chars}[check_protocol(protocol)]
+    return score_option_logprobs(sums, gold, lengths=lengths, normalize=lengths is not None)
+
+
 def profile_masks(heads: Mapping[int, Sequence[int]], num_heads: int, device=None
                   ) -> dict[int, torch.Tensor]:
     """``{layer: bool [Hq]}`` of a ``{layer: [heads]}`` mapping (empty layers dropped)."""
@@ -137,9 +147,7 @@ class PlainScorer:
                     sums, tokens, chars = self._option_logprobs(batch)
                     gold = [s.gold for s in batch]
                     for p in loglik:
-                        lengths = {LOGLIK: None, "loglik/token": tokens, "loglik/char": chars}[p]
-                        out[p].put(index, score_option_logprobs(
-                            sums, gold, lengths=lengths, normalize=lengths is not None))
+                        out[p].put(index, score_options(sums, tokens, chars, gold, p))
                     if progress:
                         progress(len(batch))
         return {p: r.reduce(self.dist) for p, r in out.items()}

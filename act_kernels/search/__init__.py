@@ -47,6 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "candidate may flip by its estimate (default, an approximation "
                              "measured in benchmarks/RESULTS.md; needs the decision objective), "
                              "or on every sample (the default with other objectives)")
+    parser.add_argument("--objective", default="next-token",
+                        choices=("next-token", "loglik", "loglik/token", "loglik/char"),
+                        help="the scoring protocol the search raises, screen and exact checks "
+                             "alike: next-token (default, the ACT reference's) or option "
+                             "log-likelihood (loglik: lm-eval's acc; loglik/char: acc_norm; "
+                             "loglik/token), whose decision margin is the gold option's "
+                             "(normalised) log-likelihood minus the best other option's; costs "
+                             "one sequence per option (README)")
     parser.add_argument("--beta", type=float, default=DEFAULT_BETA,
                         help=f"ACT beta (default {DEFAULT_BETA})")
     parser.add_argument("--tau", type=float, default=DEFAULT_TAU,
@@ -93,6 +101,7 @@ def config_from_args(args, num_layers: int, num_heads: int) -> SearchConfig:
         max_greedy=args.max_greedy, strategy=args.strategy, screen_top=args.screen_top,
         screen_objective=args.screen_objective, exact_check=args.exact_check or (
             "boundary" if args.screen_objective == "decision" else "all"),
+        objective=args.objective,
         chat_template=args.chat_template,
         max_length=args.max_length, model_name=args.model or DEFAULT_MODEL_NAME,
         data=parse_data(args.data), batch_size=args.batch_size, max_rows=args.max_rows,

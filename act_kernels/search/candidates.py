@@ -15,23 +15,31 @@ import torch
 from ..hf import head_override
 from ..params import DEFAULT_BACKEND, DEFAULT_BATCH_SIZE, DEFAULT_BETA, DEFAULT_TAU
 from ..runtime import Dist
-from ..scoring import PlainScorer, Results, Sample, make_batches, pad_batch
+from ..scoring import (NEXT_TOKEN, PlainScorer, Results, Sample, check_protocol, make_batches,
+                       pad_batch)
 from ..tasks import score_last_logits
 from .layerwise import (Context, KVRecorder, LayerRunner, RowPrefixKV, one_hot_heads,
                         run_layer_with_probe, suffix_mask)
+from .options import OptionItem, OptionRows, keep_of, option_sums, sums_scored
 
 
 class Scorer(PlainScorer):
     """The plain scorer run layer by layer (:class:`~.layerwise.LayerRunner`), plus the
     candidate passes (:meth:`candidates`) that reuse its hidden states. ``batch_tokens``: rows
-    x positions per forward through the layers after a candidate's."""
+    x positions per forward through the layers after a candidate's. ``objective``: the scoring
+    protocol the search works on (:data:`~act_kernels.scoring.PROTOCOLS`): the next-token
+    protocol, or option log-likelihood, whose candidates run on option rows
+    (:mod:`.options`)."""
 
     def __init__(self, model, tokenizer, *, beta: float = DEFAULT_BETA,
                  tau: float = DEFAULT_TAU, backend: str = DEFAULT_BACKEND,
                  batch_size: int = DEFAULT_BATCH_SIZE, max_rows: int = 64,
                  batch_tokens: int = 4096, dist: Optional[Dist] = None,
-                 skip_sinkless: bool = True, reuse_prefix: bool = True):
+                 skip_sinkless: bool = True, reuse_prefix: bool = True,
+                 objective: str = NEXT_TOKEN):
         self.runner = LayerRunner(model)
+        self.objective = check_protocol(objective)
+        self._plain_options: dict[int, torch.Tensor] = {}   # sample index -> plain option sums
         super().__init__(model, tokenizer, beta=beta, tau=tau, backend=backend,
                          batch_size=batch_size, dist=dist)
         self.max_rows = int(max_rows)
@@ -47,6 +55,18 @@ class Scorer(PlainScorer):
     def last_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The next-token protocol's forward, layer by layer (what the candidates reuse)."""
         return self.runner.forward_last(ids, mask)
+
+    def _logits(self, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+        """The log-likelihood protocols' forward, layer by layer too (what the candidates'
+        option rows are compared with)."""
+        hidden, ctx = self.runner.context(ids, mask)
+        return self.runner.tail_logits(self.runner.run_layers(hidden, ctx, 0, self.num_layers),
+                                       keep)
+
+    def plain(self, n_total: int, samples: Sequence[Sample], heads=None, progress=None,
+              protocol: Optional[str] = None) -> Results:
+        """:meth:`PlainScorer.plain` under the search's objective unless told otherwise."""
+        return super().plain(n_total, samples, heads, progress, protocol or self.objective)
 
     def my_groups(self, samples: Sequence[Sample]) -> list[list[list[Sample]]]:
         """Consecutive batches grouped until a group holds ``2 * batch_size`` samples; this
@@ -84,7 +104,50 @@ class Scorer(PlainScorer):
                    on_layer: Callable[[int, dict[int, Results]], None],
                    progress: Optional[Callable[[int], None]] = None,
                    only: Optional[Mapping[tuple[int, int], Container[int]]] = None) -> None:
-        """Score every candidate ``(layer, head)`` of ``todo`` alone, layer by layer.
+        """Score every candidate ``(layer, head)`` of ``todo`` alone, layer by layer, under the
+        search's objective (see :meth:`_candidate_rows`; the log-likelihood objective runs the
+        samples' option rows and puts each sample's rows back together)."""
+        if self.objective == NEXT_TOKEN:
+            return self._candidate_rows(n_total, samples, baseline, todo, on_layer, progress,
+                                        only)
+        view = OptionRows(samples)
+        todo = {int(l): list(h) for l, h in todo.items() if h}
+        rows_only = (None if only is None else
+                     {key: view.rows_of(only[key]) for l, hs in todo.items()
+                      for key in ((l, h) for h in hs)})
+
+        def per_sample(layer: int, results: dict[int, Results]) -> None:
+            on_layer(layer, {h: view.to_samples(r, n_total, self.objective).fill_from(baseline)
+                             for h, r in results.items()})
+            if progress:
+                progress(len(samples) * len(results))
+
+        self._candidate_rows(view.n, view.rows, self._plain_rows(view), todo, per_sample, None,
+                             rows_only)
+
+    def _plain_rows(self, view: OptionRows) -> Results:
+        """The uncalibrated model's option-row results (sums in ``margin``), each sample's
+        options computed once per scorer."""
+        todo = [s for s in view.samples if s.index not in self._plain_options]
+        with self.override():
+            for batch in make_batches(todo, self.batch_size):
+                sums = self._option_logprobs(batch)[0]
+                for i, s in enumerate(batch):
+                    self._plain_options[s.index] = sums[i, :len(s.options)]
+        out = Results.empty(view.n)
+        sums = torch.stack([self._plain_options[view.samples[i].index][j]
+                            for i, j in view.where]) if view.n else torch.zeros(0)
+        out.put(torch.arange(view.n), sums_scored(sums))
+        return out
+
+    def _candidate_rows(self, n_total: int, samples: Sequence[Sample], baseline: Results,
+                        todo: Mapping[int, Sequence[int]],
+                        on_layer: Callable[[int, dict[int, Results]], None],
+                        progress: Optional[Callable[[int], None]] = None,
+                        only: Optional[Mapping[tuple[int, int], Container[int]]] = None
+                        ) -> None:
+        """Score every candidate ``(layer, head)`` of ``todo`` alone on rows ``samples`` (the
+        samples, or the option rows of the log-likelihood objective), layer by layer.
 
         * Hidden states entering each layer are computed once per sample (plain) and reused
           for every candidate of that layer; a batch row is one (sample, head) pair.
@@ -136,8 +199,8 @@ class Scorer(PlainScorer):
                             continue
                         total = st.ctx.key_mask.shape[1]
                         first = [] if first_sink is None else first_sink.tolist()
-                        mine = [_Row(st, r, h, min(first[k][h], total - 1) if self.reuse_prefix
-                                     else 0)
+                        mine = [_Row(st, r, h, min(first[k][h], total - keep_of(
+                                     st.batch[r].item)) if self.reuse_prefix else 0)
                                 for k, r in enumerate(batch_rows) for h in heads
                                 if (not self.skip_sinkless or first[k][h] < total)
                                 and (only is None or st.batch[r].index in only[(layer, h)])]
@@ -235,8 +298,7 @@ class Scorer(PlainScorer):
                 with self.override():
                     hidden = self.runner.run_layers(hidden, ctx, layer + 1, self.num_layers,
                                                     cache)
-            logits = self.runner.last_logits(hidden)
-            scored = score_last_logits(logits, [r.st.batch[r.row].item for r in chunk])
+            scored = self._score_rows(hidden, [r.st.batch[r.row].item for r in chunk])
             heads = [r.head for r in chunk]
             for head in set(heads):
                 pick = [k for k, h in enumerate(heads) if h == head]
@@ -247,6 +309,14 @@ class Scorer(PlainScorer):
                 r.suffix = None
             if progress:
                 progress(n)
+
+
+    def _score_rows(self, hidden: torch.Tensor, items) -> dict[str, torch.Tensor]:
+        """Scores of right-aligned rows ``hidden [n, T, H]``: the next-token protocol's, or an
+        option row's continuation sum (:func:`~.options.option_sums`)."""
+        if items and isinstance(items[0], OptionItem):
+            return sums_scored(option_sums(self.runner.tail_logits, hidden, items))
+        return score_last_logits(self.runner.last_logits(hidden), items)
 
 
 # One decoder-layer call costs about as much as this many extra tokens on top of its tokens

@@ -22,8 +22,8 @@ from typing import Callable, Mapping, Optional, Sequence
 from ..params import (DEFAULT_BACKEND, DEFAULT_BATCH_SIZE, DEFAULT_BETA, DEFAULT_TASKS,
                       DEFAULT_TAU, check_range)
 from ..runtime import Checkpoint, Dist, progress
-from ..scoring import (Results, Sample, calibration_examples, encode_examples, fingerprint,
-                       metrics, parse_tasks)
+from ..scoring import (NEXT_TOKEN, Results, Sample, calibration_examples, encode_examples,
+                       fingerprint, metrics, parse_tasks)
 from .candidates import Scorer
 from .report import summarize, write_outputs
 from .rules import EPS, as_heads, improves, rank_key
@@ -54,6 +54,7 @@ class SearchConfig:
     screen_top: int = 40                        # screen: candidates scored exactly
     screen_objective: str = "decision"          # screen: "decision", "margin" or "logprob"
     exact_check: str = "boundary"               # screen: exact runs on "boundary" samples or "all"
+    objective: str = "next-token"               # scoring protocol searched for (PROTOCOLS)
     bootstrap: int = 2000                       # resamples of the final set's interval
     batch_size: int = DEFAULT_BATCH_SIZE
     max_rows: int = 64
@@ -172,7 +173,8 @@ def new_state(model, tokenizer, cfg: SearchConfig, out: Path, dist: Dist,
     scorer = Scorer(model, tokenizer, beta=cfg.beta, tau=cfg.tau, backend=cfg.backend,
                     batch_size=cfg.batch_size, max_rows=cfg.max_rows,
                     batch_tokens=cfg.batch_tokens, dist=dist,
-                    skip_sinkless=cfg.skip_sinkless, reuse_prefix=cfg.reuse_prefix)
+                    skip_sinkless=cfg.skip_sinkless, reuse_prefix=cfg.reuse_prefix,
+                    objective=cfg.objective)
     L, H = scorer.num_layers, scorer.num_heads
     layers = check_range(cfg.layers if cfg.layers is not None else default_layers(L), L,
                          "layer", "act search")
@@ -190,13 +192,16 @@ def load_data(st: SearchState, tokenizer) -> None:
     score_ex, val_ex = split_score_val(per_task, cfg.val_fraction)
     for task in st.tasks:
         enc = encode_examples(task, score_ex[task] + val_ex[task], tokenizer, cfg.chat_template,
-                              cfg.max_length, start=len(st.samples))
+                              cfg.max_length, start=len(st.samples),
+                              loglik=cfg.objective != NEXT_TOKEN)
         st.samples += enc
         st.score += enc[:len(score_ex[task])]
         st.val += enc[len(score_ex[task]):]
     st.calibration = {t: len(per_task[t]) for t in st.tasks}
     st.scorer.check(st.samples)
     settings = {k: v for k, v in asdict(cfg).items() if k not in _SPEED_SETTINGS}
+    if cfg.objective == NEXT_TOKEN:      # checkpoints written before the objective existed
+        settings.pop("objective")
     if cfg.strategy == "exhaustive":     # the screen's settings do not change its results
         for key in ("screen_top", "screen_objective", "exact_check"):
             settings.pop(key)

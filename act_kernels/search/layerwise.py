@@ -167,6 +167,11 @@ class LayerRunner:
         """Logits ``[B, V]`` of the last position (float32)."""
         return self.lm_head(self.base.norm(hidden[:, -1:]))[:, 0].float()
 
+    def tail_logits(self, hidden: torch.Tensor, keep: int) -> torch.Tensor:
+        """Logits ``[B, keep, V]`` of the last ``keep`` positions (float32; the log-likelihood
+        objective's continuation needs them)."""
+        return self.lm_head(self.base.norm(hidden[:, -keep:])).float()
+
     def forward_last(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         hidden, ctx = self.context(input_ids, attention_mask, position_ids)
         return self.last_logits(self.run_layers(hidden, ctx, 0, self.num_layers))

@@ -95,6 +95,7 @@ def summarize(st) -> dict:
     if cfg.strategy == "screen":
         provenance.update(screen_top=cfg.screen_top, screen_objective=cfg.screen_objective,
                           exact_check=cfg.exact_check)
+    provenance["objective"] = cfg.objective
     profile = ACTProfile(heads=chosen, beta=cfg.beta, tau=cfg.tau, model_name=cfg.model_name,
                          num_layers=st.scorer.num_layers, num_heads=st.scorer.num_heads,
                          provenance=provenance)

@@ -11,6 +11,12 @@ the objective ``f`` is ``sum_i <df / do[l, h, i], delta_o[l, h, i]>``. The objec
 * ``"margin"``: the gold option's log-probability margin over the other options;
 * ``"logprob"``: the gold option's log-probability.
 
+Under the log-likelihood objective of the search (``--objective loglik``, the scorer's
+``objective``) the same three are taken over the options' (normalised) summed continuation
+log-probabilities: the decision margin is the gold option's minus the best other option's. The
+forward then runs every option row of the batch's samples (:mod:`.options`), and a sample's
+estimate is the sum over its rows.
+
 :meth:`FirstOrderScreen.estimate` makes one plain differentiable forward (Transformers' SDPA,
 wrapped so that each screened layer's query/key/value are kept) and one backward, for ``df/do``
 of every layer and head at once (the input of each layer's ``o_proj`` is its heads' attention
@@ -31,8 +37,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..runtime import progress
-from ..scoring import Results, Sample, pad_batch
+from ..scoring import NEXT_TOKEN, Results, Sample, pad_batch
 from ..tasks import score_last_logits
+from .options import OptionRows, option_sums
 
 OBJECTIVES = ("decision", "margin", "logprob")
 SCREEN_CHUNK = 64    # scoring samples per checkpoint record (fixed: results do not depend on it)
@@ -56,6 +63,19 @@ def objective_values(logits: torch.Tensor, items, objective: str = "decision") -
         else:
             values.append(scored["option_logprobs"][0, item.gold])
     return torch.stack(values)
+
+
+def option_objective(scored: dict, gold: Sequence[int], objective: str = "decision"
+                     ) -> torch.Tensor:
+    """Per sample, the screen objective of log-likelihood scores
+    (:func:`~act_kernels.scoring.score_options`' output): the decision margin (= the gold
+    option's margin over the best other) or the gold option's score."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown screen objective {objective!r}; choose one of {OBJECTIVES}")
+    if objective == "logprob":
+        idx = torch.as_tensor(gold, dtype=torch.long, device=scored["option_scores"].device)
+        return scored["option_scores"].gather(1, idx[:, None])[:, 0]
+    return scored["decision_margin"]
 
 
 def _screen_attention(module, query, key, value, attention_mask, **kwargs):
@@ -148,6 +168,38 @@ class FirstOrderScreen:
         """``([B, len(layers), Hq] first-order objective change of each candidate,
         [B] objective value of the plain model, the plain model's scores)`` (the scores are
         :func:`~act_kernels.tasks.score_last_logits` of its logits)."""
+        def objective(hidden):
+            logits = self.runner.last_logits(hidden)
+            return (objective_values(logits, items, self.objective),
+                    lambda: score_last_logits(logits.detach(), items))
+        return self._first_order(ids, mask, layers, objective)
+
+    def estimate_options(self, batch: Sequence[Sample], layers: Sequence[int]
+                         ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """:meth:`estimate` under the log-likelihood objective: one forward and backward over
+        the option rows of ``batch`` (samples encoded with ``loglik=True``), the rows'
+        estimates summed per sample."""
+        view = OptionRows(batch)
+        ids, mask = pad_batch(view.rows, self.scorer.tokenizer, self.scorer.device)
+        protocol = self.scorer.objective
+        gold = [s.gold for s in batch]
+
+        def objective(hidden):
+            scored = view.scored(option_sums(self.runner.tail_logits, hidden,
+                                             [r.item for r in view.rows]), protocol)
+            return (option_objective(scored, gold, self.objective),
+                    lambda: {k: v.detach() for k, v in scored.items()})
+        est, values, scored = self._first_order(ids, mask, layers, objective)
+        owner = torch.as_tensor([i for i, _ in view.where], dtype=torch.long,
+                                device=est.device)
+        per_sample = est.new_zeros(len(batch), *est.shape[1:]).index_add_(0, owner, est)
+        return per_sample, values, scored
+
+    def _first_order(self, ids, mask, layers: Sequence[int], objective
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """``([rows, len(layers), Hq] first-order change, values, scores)`` of
+        ``objective(hidden after the last layer) -> (differentiable values, scores())`` over the
+        rows ``ids`` (the values may be per sample of several rows: the gradient is the sum's)."""
         first = min(layers)
         with self._kept(layers) as (outputs, inputs):
             with torch.no_grad():                 # no gradient is needed below the first layer
@@ -156,8 +208,7 @@ class FirstOrderScreen:
             with torch.enable_grad():
                 hidden = hidden.detach().requires_grad_(True)   # a graph even if frozen
                 hidden = self.runner.run_layers(hidden, ctx, first, self.runner.num_layers)
-                logits = self.runner.last_logits(hidden)
-                values = objective_values(logits, items, self.objective)
+                values, scores = objective(hidden)
                 grads = torch.autograd.grad(values.sum(), [outputs[l] for l in layers],
                                             allow_unused=True)
         missing = set(layers) - set(inputs)
@@ -175,8 +226,7 @@ class FirstOrderScreen:
             delta = self._delta(*inputs[l], ctx.key_mask)
             prod = grad.view(delta.shape).float() * delta.float()
             per_layer.append(torch.where(real, prod, 0.0).sum(dim=(1, 3)))
-        return (torch.stack(per_layer, dim=1), values.detach(),
-                score_last_logits(logits.detach(), items))
+        return torch.stack(per_layer, dim=1), values.detach(), scores()
 
     def run(self, n_total: int, samples: Sequence[Sample], layers: Sequence[int],
             progress: Optional[Callable[[int], None]] = None
@@ -189,9 +239,12 @@ class FirstOrderScreen:
         val = torch.zeros(n_total, dtype=torch.float64)
         plain = Results.empty(n_total)
         for batch in sc.my_batches(samples):
-            ids, mask = pad_batch(batch, sc.tokenizer, sc.device)
             index = torch.as_tensor([s.index for s in batch], dtype=torch.long)
-            e, v, scored = self.estimate(ids, mask, [s.item for s in batch], layers)
+            if sc.objective == NEXT_TOKEN:
+                ids, mask = pad_batch(batch, sc.tokenizer, sc.device)
+                e, v, scored = self.estimate(ids, mask, [s.item for s in batch], layers)
+            else:
+                e, v, scored = self.estimate_options(batch, layers)
             est[index], val[index] = e.double().cpu(), v.double().cpu()
             plain.put(index, scored)
             if progress:
