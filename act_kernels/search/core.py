@@ -372,7 +372,8 @@ def select_greedy(st: SearchState) -> None:
             rec = st.record({"kind": "greedy", "step": step, "layer": key[0], "head": key[1],
                              "val": m, "kept": kept, "runs": len(runs), "evidence": ev,
                              "run": [s.index for s in runs], "refreshed": len(stale),
-                             **({"current": refreshed.to_record()} if refreshed is not None else {}),
+                             **({"current": refreshed.to_record()}
+                                if refreshed is not None else {}),
                              **({"results": res.to_record()} if kept else {})})
         else:
             bar.update(len(st.val))
