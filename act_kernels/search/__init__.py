@@ -60,10 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-greedy", type=int, default=32,
                         help="at most this many individually good heads are tried (default 32)")
     parser.add_argument("--evidence-level", type=float, default=0.05,
-                        help="heads are kept on evidence: a one-sided Student-t lower "
-                             "confidence bound of the paired per-sample change of the decision "
-                             "margin (validation part) must be above zero, and accuracy must "
-                             "not fall; the greedy step tests each head at this level divided "
+                        help="heads are kept on evidence: a one-sided lower confidence "
+                             "bound (sign-flip test) of the mean paired per-sample change of "
+                             "the decision margin (validation part) must be above zero, and "
+                             "accuracy must not fall; the greedy step tests each head at this level divided "
                              "by the number of heads tried (Bonferroni: at most this chance of "
                              "keeping any head on noise), the final set against the "
                              "uncalibrated model at this level, else the profile is empty "

@@ -40,8 +40,10 @@ SEARCH_RULE = """\
    accuracy gain, then margin gain, then layer/head index), each added to the heads kept so
    far and run on the *validation* part, which did not score them. A head is kept only on
    evidence: the paired per-sample changes of the decision margin (the combination minus the
-   heads kept so far, on the same samples) have a one-sided Student-t lower confidence bound
-   above zero, and neither accuracy nor class-balanced accuracy falls. The level is
+   heads kept so far, on the same samples) have a one-sided lower confidence bound above zero,
+   from a sign-flip test (the observed mean against the means under random signs of the
+   changes: exact, no normality assumed, and a handful of samples cannot pass it), and neither
+   accuracy nor class-balanced accuracy falls. The level is
    `--evidence-level` (default 0.05) divided by the number of heads tried (Bonferroni), so on
    data where no head helps, the chance that any head is kept is at most 5%. At most
    `--max-greedy` heads are tried. With `--exact-check boundary` a trial runs the validation
@@ -52,7 +54,7 @@ SEARCH_RULE = """\
 5. **Does no harm, on evidence.** The final set is run exactly on every validation sample and
    compared with the uncalibrated model there. A non-empty profile is written only when the
    same rule holds against the uncalibrated model at level `--evidence-level` (one-sided
-   Student-t lower bound of the mean decision-margin change above zero, accuracy and
+   sign-flip lower bound of the mean decision-margin change above zero, accuracy and
    class-balanced accuracy not lower). Otherwise the profile written is empty and the set is
    only reported. The paired bootstrap intervals of the accuracy and margin differences are
    reported as well. (The validation part chose the set, so this check is not independent of
@@ -104,7 +106,7 @@ def summarize(st) -> dict:
         "layers": st.layers, "heads_searched": st.heads, "chat_template": cfg.chat_template,
         "max_length": cfg.max_length, "data_files": dict(cfg.data),
         "rule": "individually good on the scoring part, then greedy forward selection on the "
-                "validation part (one-sided Student-t lower bound of the paired decision-margin "
+                "validation part (one-sided sign-flip lower bound of the paired decision-margin "
                 f"change above zero at level {cfg.evidence_level:g}/heads tried, no loss of "
                 "accuracy or class-balanced accuracy); empty unless the final set beats the "
                 "uncalibrated model on the validation part by the same rule at level "
@@ -203,7 +205,7 @@ def _interval_lines(s: dict) -> list[str]:
                 f"{100 * acc['ci95'][1]:+.1f}], margin {mar['delta']:+.3f} "
                 f"[{mar['ci95'][0]:+.3f}, {mar['ci95'][1]:+.3f}].",
             "", f"Final check (evidence): decision margin {ev['mean']:+.3f}, one-sided "
-                f"{100 * (1 - ev['level']):g}% Student-t lower bound {_signed(ev['lower'], 3)} "
+                f"{100 * (1 - ev['level']):g}% sign-flip lower bound {_signed(ev['lower'], 3)} "
                 f"({ev['n']} samples); {verdict}."]
 
 
@@ -228,7 +230,7 @@ def summary_md(s: dict, cfg) -> str:
         f"{len(s['steps'])}; kept: {len(s['best_set'])}",
         f"- profile: `{json.dumps({str(k): v for k, v in s['profile'].heads.items()})}`",
     ]
-    lines.append(f"- rule: heads kept on evidence (one-sided Student-t bound of the decision "
+    lines.append(f"- rule: heads kept on evidence (one-sided sign-flip bound of the decision "
                  f"margin's change, level {cfg.evidence_level:g} split over the heads tried; "
                  f"final check at level {cfg.evidence_level:g})")
     if cfg.sham_labels is not None:
@@ -255,7 +257,7 @@ def summary_md(s: dict, cfg) -> str:
     if s["steps"]:
         level = step_level(cfg.evidence_level, len(s["steps"]))
         lines += [f"Evidence per step: the paired decision-margin change on the samples run "
-                  f"(one-sided Student-t lower bound at level {cfg.evidence_level:g}/"
+                  f"(one-sided sign-flip lower bound at level {cfg.evidence_level:g}/"
                   f"{len(s['steps'])} = {level:.2g}); kept when it is above zero and neither "
                   "accuracy nor balanced accuracy falls.", "",
                   "| step | layer.head | accuracy | balanced acc. | margin | run | "

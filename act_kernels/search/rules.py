@@ -20,64 +20,60 @@ def rank_key(row: dict) -> tuple:
     return (-row["d_acc"], -row["d_bal_acc"], -row["d_margin"], row["layer"], row["head"])
 
 
-def t_upper_tail(t: float, df: int) -> float:
-    """``P(T > t)`` for Student's t with ``df >= 1`` (integer) degrees of freedom, ``t >= 0``,
-    from the closed form for integer ``df`` (a finite series in ``cos`` of
-    ``theta = atan(t / sqrt(df))``)."""
-    theta = math.atan(t / math.sqrt(df))
-    c2, s = math.cos(theta) ** 2, math.sin(theta)
-    if df % 2:                       # odd: 2/pi (theta + sin cos (1 + 2/3 cos^2 + ...))
-        term, total = 1.0, 1.0 if df > 1 else 0.0
-        for k in range(1, (df - 1) // 2):
-            term *= c2 * (2 * k) / (2 * k + 1)
-            total += term
-        inside = 2 / math.pi * (theta + s * math.cos(theta) * total)
-    else:                            # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
-        term, total = 1.0, 1.0
-        for k in range(1, df // 2):
-            term *= c2 * (2 * k - 1) / (2 * k)
-            total += term
-        inside = s * total
-    return max(0.0, (1.0 - inside) / 2)
+SIGN_FLIP_EXACT = 14
+"""Up to this many samples the sign-flip distribution is enumerated exactly (2^n patterns)."""
+SIGN_FLIP_DRAWS = 20000
+"""Otherwise at least this many seeded random sign patterns (and 100 / level, so that the tail
+beyond the critical value holds about 100 of them)."""
 
 
-def t_quantile(p: float, df: int) -> float:
-    """The ``t >= 0`` with ``P(T > t) = p`` (``0 < p <= 1/2``) for Student's t, by bisection."""
-    if not 0 < p <= 0.5 or df < 1:
-        raise ValueError(f"t_quantile needs 0 < p <= 1/2 and df >= 1, got p={p}, df={df}")
-    lo, hi = 0.0, 1.0
-    while t_upper_tail(hi, df) > p:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_upper_tail(mid, df) > p else (lo, mid)
-        if hi - lo <= 1e-10 * hi:
-            break
-    return hi
+def _sign_flip_means(diff: torch.Tensor, level: float):
+    """The means of ``diff`` under every sign pattern (``n <= SIGN_FLIP_EXACT``) or under
+    seeded random ones; yields them by chunks (bounded memory). Returns (chunks, exact)."""
+    n = diff.numel()
+    if n <= SIGN_FLIP_EXACT:
+        bits = torch.arange(2 ** n, dtype=torch.long)[:, None] >> torch.arange(n)
+        return [((bits & 1) * 2 - 1).double() @ diff / n], True
+    draws = max(SIGN_FLIP_DRAWS, int(math.ceil(100 / level)))
+    gen = torch.Generator().manual_seed(0)
+    chunks, chunk = [], max(1, (1 << 22) // n)
+    for lo in range(0, draws, chunk):
+        signs = torch.randint(0, 2, (min(chunk, draws - lo), n), generator=gen) * 2 - 1
+        chunks.append(signs.double() @ diff / n)
+    return chunks, False
 
 
 def margin_evidence(diff: torch.Tensor, level: float) -> dict:
     """The evidence that calibration raises the decision margin: ``diff`` holds the paired
-    per-sample changes (calibrated minus before, on the same samples). Returns ``n``, their
-    ``mean``, and ``lower``, the one-sided ``1 - level`` Student-t lower confidence bound of the
-    mean (``mean - t(level, n - 1) * sd / sqrt(n)``; ``None``, no evidence, with fewer than 2
-    samples)."""
+    per-sample changes (calibrated minus before, on the same samples).
+
+    One-sided sign-flip (randomisation) test of their mean: if calibration did nothing
+    systematic, each change would be as likely negative as positive, so the observed mean is
+    compared with the means under random signs (every pattern up to
+    :data:`SIGN_FLIP_EXACT` samples, else seeded draws). Exact at any sample size, with no
+    normality assumed: a few samples cannot give evidence (six changes of one sign happen by
+    chance one time in 64). Returns ``n``, ``mean``, ``p`` (the share of sign patterns whose
+    mean reaches the observed one) and ``lower`` = mean minus the ``1 - level`` quantile of the
+    sign-flip means, the one-sided lower bound: above zero exactly when the test rejects "no
+    effect" at ``level`` (``None`` with no sample)."""
     diff = diff.double().flatten()
     n = int(diff.numel())
     if n == 0:
-        return {"n": 0, "mean": 0.0, "lower": None, "level": level}
+        return {"n": 0, "mean": 0.0, "lower": None, "p": 1.0, "level": level}
     mean = float(diff.mean())
-    if n < 2:
-        return {"n": n, "mean": mean, "lower": None, "level": level}
-    sd = float(diff.std(unbiased=True))
-    return {"n": n, "mean": mean, "lower": mean - t_quantile(level, n - 1) * sd / math.sqrt(n),
-            "level": level}
+    chunks, exact = _sign_flip_means(diff, level)
+    means = torch.cat(chunks)
+    reach = int((means >= mean - 1e-12 * max(1.0, abs(mean))).sum())
+    p = reach / len(means) if exact else (reach + 1) / (len(means) + 1)
+    critical = float(torch.quantile(means, 1 - level, interpolation="higher"))
+    return {"n": n, "mean": mean, "lower": mean - critical, "p": p, "level": level}
 
 
 def improves(trial: dict, current: dict, evidence: dict) -> bool:
     """The rule of the greedy step and of the final check (validation part): the decision
-    margin rises with evidence (``evidence["lower"] > 0``, :func:`margin_evidence` of the paired
-    changes), and neither accuracy nor class-balanced accuracy falls (``trial`` and ``current``:
+    margin rises with evidence (``evidence["lower"] > 0``: :func:`margin_evidence`'s one-sided
+    sign-flip test of the paired changes rejects "no effect"), and neither accuracy nor
+    class-balanced accuracy falls (``trial`` and ``current``:
     :func:`~act_kernels.search.scoring.metrics` of the same samples)."""
     if trial["acc"] < current["acc"] - EPS or trial["bal_acc"] < current["bal_acc"] - EPS:
         return False
