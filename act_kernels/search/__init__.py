@@ -64,6 +64,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "combination (default 1/3)")
     parser.add_argument("--max-greedy", type=int, default=32,
                         help="at most this many individually good heads are tried (default 32)")
+    parser.add_argument("--evidence-level", type=float, default=0.05,
+                        help="heads are kept on evidence: a one-sided lower confidence "
+                             "bound (sign-flip test) of the mean paired per-sample change of "
+                             "the decision margin (validation part) must be above zero, and "
+                             "accuracy must not fall; the greedy step tests each head at this level divided "
+                             "by the number of heads tried (Bonferroni: at most this chance of "
+                             "keeping any head on noise), the final set against the "
+                             "uncalibrated model at this level, else the profile is empty "
+                             "(default 0.05)")
+    parser.add_argument("--sham-labels", type=int, default=None, metavar="SEED",
+                        help="sham run: shuffle the validation part's gold labels within each "
+                             "task (seeded), so that no head can truly help there; measures how "
+                             "often the search keeps heads on noise (benchmarks/bench_sham.py)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="truncate prompts on the left to this many tokens")
     parser.add_argument("--max-rows", type=int, default=64,
@@ -93,6 +106,8 @@ def config_from_args(args, num_layers: int, num_heads: int) -> SearchConfig:
         raise SystemExit("--screen-top must be at least 1")
     if not 0 <= args.val_fraction < 1:
         raise SystemExit("--val-fraction must be in [0, 1)")
+    if not 0 < args.evidence_level < 0.5:
+        raise SystemExit("--evidence-level must be in (0, 0.5)")
     return SearchConfig(
         tasks=parse_tasks(args.tasks), samples=args.samples,
         layers=parse_index_list(args.layers, num_layers, "layer"),
@@ -106,7 +121,8 @@ def config_from_args(args, num_layers: int, num_heads: int) -> SearchConfig:
         max_length=args.max_length, model_name=args.model or DEFAULT_MODEL_NAME,
         data=parse_data(args.data), batch_size=args.batch_size, max_rows=args.max_rows,
         batch_tokens=args.batch_tokens, skip_sinkless=not args.no_skip,
-        reuse_prefix=not args.no_prefix_reuse)
+        reuse_prefix=not args.no_prefix_reuse, evidence_level=args.evidence_level,
+        sham_labels=args.sham_labels)
 
 
 def run(args) -> int:

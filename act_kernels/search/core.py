@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
+
+import torch
 
 from ..params import (DEFAULT_BACKEND, DEFAULT_BATCH_SIZE, DEFAULT_BETA, DEFAULT_TASKS,
                       DEFAULT_TAU, check_range)
@@ -26,7 +28,8 @@ from ..scoring import (NEXT_TOKEN, Results, Sample, calibration_examples, encode
                        fingerprint, metrics, parse_tasks)
 from .candidates import Scorer
 from .report import summarize, write_outputs
-from .rules import EPS, as_heads, improves, rank_key
+from .rules import (EPS, EVIDENCE_LEVEL, as_heads, beats, improves, margin_evidence,
+                    rank_key, step_level)
 
 CHECKPOINT = "search_checkpoint.jsonl"
 STRATEGIES = ("screen", "exhaustive")
@@ -62,6 +65,8 @@ class SearchConfig:
     backend: str = DEFAULT_BACKEND
     skip_sinkless: bool = True
     reuse_prefix: bool = True
+    evidence_level: float = EVIDENCE_LEVEL      # final check's level; greedy: split over tries
+    sham_labels: Optional[int] = None           # seed: shuffle the validation part's labels
 
 
 # Settings that change how fast a search runs, not what it finds (not in the checkpoint header).
@@ -170,6 +175,8 @@ def new_state(model, tokenizer, cfg: SearchConfig, out: Path, dist: Dist,
         raise ValueError("exact_check='boundary' needs screen_objective='decision' (the margin "
                          f"whose sign is the answer), got {cfg.screen_objective!r}; use "
                          "exact_check='all' with other objectives")
+    if not 0 < cfg.evidence_level < 0.5:
+        raise ValueError(f"evidence_level must be in (0, 0.5), got {cfg.evidence_level}")
     scorer = Scorer(model, tokenizer, beta=cfg.beta, tau=cfg.tau, backend=cfg.backend,
                     batch_size=cfg.batch_size, max_rows=cfg.max_rows,
                     batch_tokens=cfg.batch_tokens, dist=dist,
@@ -197,6 +204,10 @@ def load_data(st: SearchState, tokenizer) -> None:
         st.samples += enc
         st.score += enc[:len(score_ex[task])]
         st.val += enc[len(score_ex[task]):]
+    if cfg.sham_labels is not None:
+        st.val = sham_labels(st.val, cfg.sham_labels)
+        by_index = {s.index: s for s in st.val}
+        st.samples = [by_index.get(s.index, s) for s in st.samples]
     st.calibration = {t: len(per_task[t]) for t in st.tasks}
     st.scorer.check(st.samples)
     settings = {k: v for k, v in asdict(cfg).items() if k not in _SPEED_SETTINGS}
@@ -210,6 +221,22 @@ def load_data(st: SearchState, tokenizer) -> None:
                     data_fingerprint=fingerprint(st.samples))
     st.ckpt = Checkpoint(st.out / CHECKPOINT, {"kind": "header", "config": settings},
                          st.dist.main)
+
+
+def sham_labels(samples: Sequence[Sample], seed: int) -> list[Sample]:
+    """``samples`` with their gold labels shuffled (seeded) within each task and number of
+    options: sham data on which no head can truly raise accuracy, to measure how often the
+    search keeps heads on noise (``--sham-labels``)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    groups: dict[tuple, list[int]] = {}
+    for k, s in enumerate(samples):
+        groups.setdefault((s.task, len(s.item.option_token_ids)), []).append(k)
+    out = list(samples)
+    for members in groups.values():
+        golds = [samples[k].gold for k in members]
+        for k, j in zip(members, torch.randperm(len(members), generator=gen).tolist()):
+            out[k] = replace(samples[k], item=replace(samples[k].item, gold=golds[j]))
+    return out
 
 
 def measure_baseline(st: SearchState) -> None:
@@ -288,13 +315,20 @@ def score_candidates(st: SearchState) -> None:
 
 def select_greedy(st: SearchState) -> None:
     """Individually good heads (accuracy gain on the scoring part), best first, each kept only if
-    it :func:`improves` the heads kept so far on the validation part. With
-    ``exact_check="boundary"`` a trial runs only the validation samples whose answer the new
-    head may flip (by its first-order estimate, from the kept set's decision margins); the
-    others keep the kept set's outcome."""
+    it :func:`improves` the heads kept so far on the validation part: the paired changes of the
+    decision margin have a one-sided lower confidence bound above zero (level
+    ``evidence_level`` split over the heads tried, :func:`step_level`) and neither accuracy nor
+    class-balanced accuracy falls.
+
+    With ``exact_check="boundary"`` a trial runs only the validation samples whose answer the
+    new head may flip (by its first-order estimate, from the kept set's decision margins); the
+    others keep the kept set's outcome and are not part of the evidence. The evidence compares
+    exact values of both sets on the samples run: where the kept set's outcome on such a sample
+    was carried over from an earlier set, the kept set is run there first (``refreshed``)."""
     st.good = sorted((r for r in st.rows if r["d_acc"] > EPS), key=rank_key)
     tried = st.good[:max(0, st.cfg.max_greedy)]
-    current, current_res = metrics(st.baseline, st.val), st.baseline
+    level = step_level(st.cfg.evidence_level, len(tried))
+    current_res = st.baseline                  # exact on every sample (``ran`` marks exact)
     bar = progress(len(tried) * len(st.val), "greedy", st.dist.main and bool(st.val))
     for step, cand in enumerate(tried):
         key = (cand["layer"], cand["head"])
@@ -304,24 +338,36 @@ def select_greedy(st: SearchState) -> None:
             if _boundary(st.cfg):
                 from .screen import near_boundary
                 runs = near_boundary(st.val, current_res.decision, st.screen.column(key))
+            stale = [s for s in runs if current_res.ran[s.index] <= 0]
+            refreshed = None
+            if stale:
+                fresh = st.scorer.plain(st.n, stale, as_heads(st.kept))
+                refreshed = fresh.fill_from(current_res)
+                refreshed.ran = torch.maximum(fresh.ran, current_res.ran)
+                current_res = refreshed
             res = current_res
             if runs:
                 res = st.scorer.plain(st.n, runs, as_heads(st.kept + [key]),
                                       progress=bar.update).fill_from(current_res)
             bar.update(len(st.val) - len(runs))
             m = metrics(res, st.val)
-            kept = bool(st.val) and improves(m, current)
+            idx = torch.as_tensor([s.index for s in runs], dtype=torch.long)
+            ev = margin_evidence(res.decision[idx] - current_res.decision[idx], level)
+            kept = bool(runs) and improves(m, metrics(current_res, st.val), ev)
             rec = st.record({"kind": "greedy", "step": step, "layer": key[0], "head": key[1],
-                             "val": m, "kept": kept, "runs": len(runs),
+                             "val": m, "kept": kept, "runs": len(runs), "evidence": ev,
+                             "run": [s.index for s in runs], "refreshed": len(stale),
+                             **({"current": refreshed.to_record()}
+                                if refreshed is not None else {}),
                              **({"results": res.to_record()} if kept else {})})
         else:
             bar.update(len(st.val))
+            if "current" in rec:
+                current_res = Results.from_record(rec["current"])
         st.steps.append(rec)
         if rec["kept"]:
             st.kept.append(key)
-            current = rec["val"]
-            if "results" in rec:
-                current_res = Results.from_record(rec["results"])
+            current_res = Results.from_record(rec["results"])
     bar.close()
 
 
@@ -331,7 +377,12 @@ def measure_sets(st: SearchState) -> None:
     (the scoring part chose the heads, so its figures would flatter them: it is not run); the
     final set's per-sample outcomes there give the interval against the uncalibrated model.
     (The screen checks only its best candidates, so its good heads are not the reference's
-    union: that set is not measured.)"""
+    union: that set is not measured.)
+
+    Each set's ``evidence`` (:func:`margin_evidence` of its decision margin against the
+    uncalibrated model's, every validation sample, level ``evidence_level``) and ``beats``
+    (:func:`beats`: the final check) are added, not
+    recorded (they follow from the record)."""
     chosen = {"final": st.kept}
     if st.cfg.strategy == "exhaustive":
         chosen["reference_union"] = [(r["layer"], r["head"]) for r in st.good]
@@ -343,6 +394,12 @@ def measure_sets(st: SearchState) -> None:
             rec = st.record({"kind": "set", "name": name, "heads": [list(k) for k in pairs],
                              "score": None, "val": metrics(res, st.val),
                              "results": res.to_record()})
-        st.sets[name] = rec
+        res = Results.from_record(rec["results"])
+        idx = torch.as_tensor([s.index for s in st.val], dtype=torch.long)
+        ev = margin_evidence(res.decision[idx] - st.baseline.decision[idx],
+                             st.cfg.evidence_level)
+        base = metrics(st.baseline, st.val)
+        st.sets[name] = {**rec, "evidence": ev,
+                         "beats": bool(pairs) and bool(st.val) and beats(rec["val"], base, ev)}
 
 

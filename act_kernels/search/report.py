@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .rules import as_heads, beats, rank_key
 from ..params import DEFAULT_MODEL_NAME
 from ..scoring import Results, metrics, paired_bootstrap
+from .rules import as_heads, rank_key, step_level
 
 SEARCH_RULE = """\
 ## How `act search` chooses heads
@@ -35,19 +35,31 @@ SEARCH_RULE = """\
    answer it may flip, `|decision margin| <= 3 |estimate| + 0.05`, and keeps the uncalibrated
    outcome on the others: an approximation, measured in the project's benchmarks (about a tenth
    of the runs; a few flips in a thousand fall outside it). `--exact-check all` runs them all.
-4. **Greedy combination (ours).** The union of individually good heads can hurt, so the good
-   heads are tried one at a time, best first (accuracy gain, then class-balanced accuracy gain,
-   then margin gain, then layer/head index), each added to the heads kept so far and run on the
-   *validation* part, which did not score them. A head is kept only if the combination loses
-   neither accuracy nor class-balanced accuracy there and gains: higher accuracy, or the same
-   accuracy with a higher margin (a tie with a lower margin is dropped: at these sample sizes a
-   tie is noise). At most `--max-greedy` heads are tried. With `--exact-check boundary` a trial
-   runs the validation samples whose answer the new head may flip (its estimate against the
-   kept set's margins); the others keep the kept set's outcome.
-5. **Does no harm.** The final set is run exactly on every validation sample and compared with
-   the uncalibrated model there (paired bootstrap interval of the difference). If
-   it does not beat it (lower accuracy, or equal accuracy with a lower margin), the profile
-   written is empty and the set is only reported.
+4. **Greedy combination (ours), on evidence.** The union of individually good heads can hurt,
+   so the good heads are tried one at a time, best first (accuracy gain, then class-balanced
+   accuracy gain, then margin gain, then layer/head index), each added to the heads kept so
+   far and run on the *validation* part, which did not score them. A head is kept only on
+   evidence: the paired per-sample changes of the decision margin (the combination minus the
+   heads kept so far, on the same samples) have a one-sided lower confidence bound above zero,
+   from a sign-flip test (the observed mean against the means under random signs of the
+   changes: exact, no normality assumed, and a handful of samples cannot pass it), and neither
+   accuracy nor class-balanced accuracy falls. The level is
+   `--evidence-level` (default 0.05) divided by the number of heads tried (Bonferroni), so on
+   data where no head helps, the chance that any head is kept is at most 5%. At most
+   `--max-greedy` heads are tried. With `--exact-check boundary` a trial runs the validation
+   samples whose answer the new head may flip (its estimate against the kept set's margins);
+   the evidence is taken on those samples only, with exact values of both sets there (the
+   kept set is rerun on any of them where its outcome was carried over from an earlier set);
+   the other samples keep the kept set's outcome and count as unchanged.
+5. **Does no harm, on evidence.** The final set is run exactly on every validation sample and
+   compared with the uncalibrated model there. A non-empty profile is written only when the
+   same rule holds against the uncalibrated model at level `--evidence-level` (one-sided
+   sign-flip lower bound of the mean decision-margin change above zero, accuracy and
+   class-balanced accuracy not lower). Otherwise the profile written is empty and the set is
+   only reported. The paired bootstrap intervals of the accuracy and margin differences are
+   reported as well. (The validation part chose the set, so this check is not independent of
+   the greedy step; the Bonferroni level of step 4 is what bounds keeping heads on noise.
+   Measured on data whose validation labels are shuffled: `benchmarks/bench_sham.py`.)
 6. **Reported.** For every candidate: the estimate (screen) and, when run exactly, accuracy,
    class-balanced accuracy (mean over the (task, gold option) groups) and mean margin, with
    deltas, on the scoring part, and the samples it ran on; for the final set (and, for the
@@ -77,7 +89,7 @@ def summarize(st) -> dict:
     cfg = st.cfg
     base = {"score": metrics(st.baseline, st.score), "val": metrics(st.baseline, st.val)}
     fin, ref = st.sets["final"], st.sets.get("reference_union")
-    no_gain = bool(st.kept) and not beats(fin["val"], base["val"])
+    no_gain = bool(st.kept) and not fin["beats"]
     chosen = {} if no_gain else as_heads(st.kept)
     provenance = {
         "tool": "act search", "strategy": cfg.strategy, "tasks": st.tasks, "samples": st.n,
@@ -86,9 +98,13 @@ def summarize(st) -> dict:
         "layers": st.layers, "heads_searched": st.heads, "chat_template": cfg.chat_template,
         "max_length": cfg.max_length, "data_files": dict(cfg.data),
         "rule": "individually good on the scoring part, then greedy forward selection on the "
-                "validation part (no loss of accuracy or class-balanced accuracy, a gain in "
-                "accuracy or, at equal accuracy, in margin); empty unless the final set beats "
-                "the uncalibrated model on the validation part",
+                "validation part (one-sided sign-flip lower bound of the paired decision-margin "
+                f"change above zero at level {cfg.evidence_level:g}/heads tried, no loss of "
+                "accuracy or class-balanced accuracy); empty unless the final set beats the "
+                "uncalibrated model on the validation part by the same rule at level "
+                f"{cfg.evidence_level:g}",
+        "evidence_level": cfg.evidence_level, "final_evidence": fin["evidence"],
+        **({"sham_labels": cfg.sham_labels} if cfg.sham_labels is not None else {}),
         "baseline": base, "final": {"score": fin["score"], "val": fin["val"]},
         "best_set": [list(k) for k in st.kept], "no_gain": no_gain,
     }
@@ -117,12 +133,15 @@ def summarize(st) -> dict:
 
 def no_gain_line(summary: dict) -> str:
     """The one plain line ``act search`` prints when the final set does not beat the
-    uncalibrated model on the validation part."""
+    uncalibrated model on the validation part with evidence."""
     b, f = summary["baseline"]["val"], summary["final"]["val"]
+    ev = summary["final"]["evidence"]
     return (f"act search: the best set found ({len(summary['best_set'])} heads) does not beat "
-            f"the uncalibrated model on the validation part (accuracy {_pct(b['acc'])} -> "
-            f"{_pct(f['acc'])}, margin {_f(b['margin'], 3)} -> {_f(f['margin'], 3)}); the "
-            "profile written is empty (the set is in summary.md)")
+            f"the uncalibrated model on the validation part with evidence (accuracy "
+            f"{_pct(b['acc'])} -> {_pct(f['acc'])}, decision margin {ev['mean']:+.3f}, one-sided "
+            f"{100 * (1 - ev['level']):g}% lower bound {_signed(ev['lower'], 3)}); the profile "
+            "written "
+            "is empty (the set is in summary.md)")
 
 
 def write_outputs(out: Path, summary: dict, cfg) -> None:
@@ -134,6 +153,11 @@ def write_outputs(out: Path, summary: dict, cfg) -> None:
 
 def _f(x, digits: int = 4) -> str:
     return "" if x is None else f"{x:.{digits}f}"
+
+
+def _signed(x, digits: int) -> str:
+    """``+0.123``; ``n/a`` for a missing value (no evidence: fewer than two samples)."""
+    return "n/a" if x is None else f"{x:+.{digits}f}"
 
 
 def _pct(x: float) -> str:
@@ -164,11 +188,18 @@ def _interval_lines(s: dict) -> list[str]:
     if not iv:
         return []
     acc, mar = iv["correct"], iv["margin"]
+    ev = s["final"]["evidence"]
+    verdict = ("beats the uncalibrated model: profile written" if s["final"]["beats"] else
+               "no evidence that it beats the uncalibrated model: profile empty"
+               if s["best_set"] else "no head kept: profile empty")
     return ["", f"Final set minus uncalibrated on the validation part ({s['n_val']} samples; "
                 "paired bootstrap 95% intervals): accuracy "
                 f"{100 * acc['delta']:+.1f} points [{100 * acc['ci95'][0]:+.1f}, "
                 f"{100 * acc['ci95'][1]:+.1f}], margin {mar['delta']:+.3f} "
-                f"[{mar['ci95'][0]:+.3f}, {mar['ci95'][1]:+.3f}]."]
+                f"[{mar['ci95'][0]:+.3f}, {mar['ci95'][1]:+.3f}].",
+            "", f"Final check (evidence): decision margin {ev['mean']:+.3f}, one-sided "
+                f"{100 * (1 - ev['level']):g}% sign-flip lower bound {_signed(ev['lower'], 3)} "
+                f"({ev['n']} samples); {verdict}."]
 
 
 def summary_md(s: dict, cfg) -> str:
@@ -192,6 +223,13 @@ def summary_md(s: dict, cfg) -> str:
         f"{len(s['steps'])}; kept: {len(s['best_set'])}",
         f"- profile: `{json.dumps({str(k): v for k, v in s['profile'].heads.items()})}`",
     ]
+    lines.append(f"- rule: heads kept on evidence (one-sided sign-flip bound of the decision "
+                 f"margin's change, level {cfg.evidence_level:g} split over the heads tried; "
+                 f"final check at level {cfg.evidence_level:g})")
+    if cfg.sham_labels is not None:
+        lines.append(f"- **sham data**: the validation part's labels are shuffled within each "
+                     f"task (seed {cfg.sham_labels}); no head can truly help there, so anything "
+                     "kept is kept on noise")
     if s["no_gain"]:
         lines.append(f"- **{no_gain_line(s)[len('act search: '):]}**")
     lines += ["", "## Final set vs the uncalibrated model", "",
@@ -210,12 +248,19 @@ def summary_md(s: dict, cfg) -> str:
     lines += _interval_lines(s)
     lines += ["", "## Greedy steps (validation part)", ""]
     if s["steps"]:
-        lines += ["| step | layer.head | accuracy | balanced acc. | margin | kept |",
-                  "|---:|---|---:|---:|---:|---|"]
+        level = step_level(cfg.evidence_level, len(s["steps"]))
+        lines += [f"Evidence per step: the paired decision-margin change on the samples run "
+                  f"(one-sided sign-flip lower bound at level {cfg.evidence_level:g}/"
+                  f"{len(s['steps'])} = {level:.2g}); kept when it is above zero and neither "
+                  "accuracy nor balanced accuracy falls.", "",
+                  "| step | layer.head | accuracy | balanced acc. | margin | run | "
+                  "Δ decision margin | lower bound | kept |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
         for st in s["steps"]:
-            v = st["val"]
+            v, ev = st["val"], st.get("evidence", {})
             lines.append(f"| {st['step']} | {st['layer']}.{st['head']} | {_pct(v['acc'])} | "
-                         f"{_pct(v['bal_acc'])} | {_f(v['margin'], 3)} | "
+                         f"{_pct(v['bal_acc'])} | {_f(v['margin'], 3)} | {st.get('runs', '')} | "
+                         f"{_signed(ev.get('mean'), 4)} | {_signed(ev.get('lower'), 4)} | "
                          f"{'yes' if st['kept'] else 'no'} |")
     else:
         lines.append("No head raised accuracy on the scoring part: the profile is empty.")
