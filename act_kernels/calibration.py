@@ -16,7 +16,8 @@ The first two are used unless the row's non-sink mass is below the threshold of
 :data:`STABLE_REST`, keyed by what ``a`` is derived from; then ``a`` is recomputed. Rows with
 ``m = 0``, or whose non-sink mass is 0 in the working precision, keep the plain output.
 
-The torch paths call :func:`calibrate_rows` and :func:`recalibrate_rows`; the Triton kernels
+The torch paths call :func:`calibrate_rows` (the decode step its form on rows of weights,
+:func:`calibrate_weights`) and :func:`recalibrate_rows`; the Triton kernels
 keep their own jit copy of the identity and are launched with :func:`stable_rest` of their
 float32 ``u``.
 """
@@ -60,11 +61,34 @@ def calibrate_rows(plain: torch.Tensor, w: torch.Tensor, nonsink: torch.Tensor,
     ``m = 0`` or ``r <= 0`` are ``plain``; ``redo`` marks the rows with ``m > 0`` and ``r`` below
     the threshold (``r <= 0`` included: ``1 - m`` may round to 0 while the true rest does not).
     """
-    has_sink = mass > 0
-    change = has_sink & (rest > 0)
-    gain = (1.0 - beta * mass) / torch.where(change, rest, 1.0)
+    has_sink, change, gain = _gain(mass, rest, beta)
     rows = torch.where(change, beta * w + gain * nonsink, plain)
     return rows, has_sink & (rest < stable_rest(source))
+
+
+def calibrate_weights(probs: torch.Tensor, sinks: torch.Tensor, mass: torch.Tensor,
+                      beta: float):
+    """``(rows, redo)``: rows of attention weights ``P [..., Nk]`` calibrated by the identity,
+    :func:`calibrate_rows` with ``plain = P`` in ``P``'s dtype, ``w`` its ``sinks`` entries and
+    ``u - w`` the others, in fewer tensor ops (the torch decode step's bill is their dispatch).
+
+    Every entry of ``w`` or of ``u - w`` is 0, so ``beta w + gain (u - w)`` is ``P`` times one
+    factor per entry, ``beta`` on the sinks and ``gain`` off them: the same floats. ``mass`` =
+    ``m`` ``[..., 1]``, the sum of the sink entries. Rows with ``m = 0`` keep ``P`` (their
+    gain is 1); rows marked ``redo`` must be replaced by :func:`recalibrate_rows`.
+    """
+    rest = 1.0 - mass
+    has_sink, _, gain = _gain(mass, rest, beta)
+    rows = probs * torch.where(sinks, beta, gain)
+    return rows, has_sink & (rest < stable_rest(probs.dtype))
+
+
+def _gain(mass: torch.Tensor, rest: torch.Tensor, beta: float):
+    """``(has_sink, change, gain)``: rows with ``m > 0``, the rows that change (``r > 0`` too)
+    and their non-sink factor ``(1 - beta m) / r`` (1 where ``m = 0``)."""
+    has_sink = mass > 0
+    change = has_sink & (rest > 0)
+    return has_sink, change, (1.0 - beta * mass) / torch.where(change, rest, 1.0)
 
 
 def recalibrate_rows(plain: torch.Tensor, w: torch.Tensor, mass: torch.Tensor,

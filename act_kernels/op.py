@@ -194,7 +194,7 @@ def _steady_heads(heads, bsz: int, hq: int, device):
     answer = _STEADY_HEADS.get(heads, answer_of, (bsz, hq, device))
     if answer is _ITSELF:
         return heads
-    return heads[None, :].expand(bsz, hq) if answer is _EXPANDED else answer
+    return heads.expand(bsz, hq) if answer is _EXPANDED else answer
 
 
 def _steady_args(q, k, v, heads, beta, tau, scale, backend, window):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from act_kernels import act_attention, calibration
-from act_kernels.calibration import SUMMED, STABLE_REST, calibrate_rows, recalibrate_rows
+from act_kernels.calibration import (SUMMED, STABLE_REST, calibrate_rows, calibrate_weights,
+                                     recalibrate_rows)
 from bruteforce import bruteforce_details
 from inputs import make_qkv
 
@@ -44,6 +45,26 @@ def test_calibrate_rows_is_the_rule_in_float64():
     fixed = recalibrate_rows(u, w, mass, average, rest, beta)
     assert torch.equal(fixed[4], u[4])                     # no non-sink mass: the plain row
     torch.testing.assert_close(fixed[3], beta * w[3] + (1 - beta * 0.95) * average[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_calibrate_weights_is_calibrate_rows_bit_for_bit(dtype):
+    """Rows of weights (the decode step's P): the same floats as calibrate_rows with w the sink
+    entries and u - w the others, on rows without a sink, ordinary rows and rows near m = 1."""
+    gen = torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn(7, 40, generator=gen, dtype=dtype) * 3, dim=-1)
+    probs[5, 3] = 0.97                                         # m near 1: redo
+    sinks = probs > 0.04
+    sinks[0] = False                                           # a row with no sink
+    w = torch.where(sinks, probs, 0.0)
+    mass = w.sum(-1, keepdim=True)
+    for beta in (0.0, 0.4, 1.0):
+        rows, redo = calibrate_weights(probs, sinks, mass, beta)
+        want, want_redo = calibrate_rows(probs, w, probs - w, mass, 1.0 - mass, beta, dtype)
+        assert torch.equal(redo, want_redo) and bool(redo.any())
+        keep = ~redo[:, 0]                   # redo rows are replaced by recalibrate_rows
+        assert torch.equal(rows[keep], want[keep])
+        assert torch.equal(rows[0], probs[0])
 
 
 @pytest.fixture

@@ -116,3 +116,29 @@ def test_recognised_functions_give_the_windows_evaluation_gives(call):
         mask = build(q_len, kv_len, q_offset, kv_offset, copy)
         assert built_from(mask).window_lo == fast[0]
         assert built_from(mask).window_hi == fast[1]
+
+
+def test_the_opaque_op_checks_a_mask_once_per_tensor_and_version(monkeypatch):
+    """Inside torch.compile every layer's opaque op gets the forward's one mask tensor (no
+    record): the first layer checks it, the others reuse the answer; an edit is checked anew."""
+    from act_kernels.hf import attention, masks
+
+    calls = []
+    check = masks._check_mask
+    monkeypatch.setattr(masks, "_check_mask", lambda *a, **kw: calls.append(1) or check(*a, **kw))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 16, generator=gen)
+    k, v = torch.randn(2, 2, 40, 16, generator=gen), torch.randn(2, 2, 40, 16, generator=gen)
+    mask = torch.zeros(2, 1, 1, 40, dtype=torch.bool)
+    mask[0, ..., :30] = True
+    mask[1, ..., 5:30] = True                      # left padding, a static cache's unfilled end
+    want = attention.act_attention(q, k[:, :, :30], v[:, :, :30], backend="torch",
+                                   key_padding_mask=mask[:, 0, 0, :30])
+    with torch.no_grad():
+        for _ in range(3):
+            out = attention.hf_attention_op(q, k, v, mask, None, 0.4, 0.1, 0.25, "torch")
+            assert torch.equal(out, want)
+    assert len(calls) == 1
+    mask[1, ..., 5] = False                        # an edit in place: a new version
+    attention.hf_attention_op(q, k, v, mask, None, 0.4, 0.1, 0.25, "torch")
+    assert len(calls) == 2

@@ -208,8 +208,8 @@ def test_decode_without_sinks_skips_the_calibration(monkeypatch):
 @pytest.mark.parametrize("pads", [0, 5], ids=["no-pad", "pad"])
 def test_decode_with_only_the_first_valid_key_above_tau_is_plain(pads):
     """The first valid key takes most of every row's attention (P > tau = 0.3) and no other key
-    does: the quick sink test (one max per row) may fire, the exact one finds no sink, and the
-    step is the plain one bit for bit."""
+    does: the sink test (the first valid key excepted) finds no sink, and the step is the plain
+    one bit for bit."""
     kpm = left_padding(60, [pads, pads]) if pads else None
     q, k, v = make_qkv(2, 4, 2, 1, 60, 16, seed=37, planted=[pads], sink_logit=8.0)
     _, stats = act_attention(q, k, v, key_padding_mask=kpm, tau=0.3, backend="torch",
@@ -238,3 +238,25 @@ def test_bound_pass_holds_one_block_of_rows(monkeypatch):
     group, rows = 3, 4                        # 4096 floats hold fewer than 4 rows of 3 heads
     assert max(sizes) <= rows * group * 400
     assert len(sizes) >= 2 * (400 // rows)    # two kv heads, every block of rows
+
+
+@pytest.mark.parametrize("pads", [None, (0, 9, 3)], ids=["no-pad", "pad"])
+def test_decode_calibrates_only_the_calibrated_rows(pads):
+    """A decode step whose heads mask differs per batch row (GQA 3, odd sizes): the calibrated
+    rows (read and written back on their own) equal the float64 brute force, every other row is
+    the plain step bit for bit, and a second call with the same mask (its rows cached) agrees."""
+    kpm = left_padding(83, list(pads)) if pads else None
+    q, k, v = make_qkv(3, 6, 2, 1, 83, 24, seed=41, planted=(20, 50), sink_logit=5.0)
+    heads = torch.zeros(3, 6, dtype=torch.bool)
+    heads[0, [1, 4]] = True
+    heads[1, 5] = True
+    heads[2, [0, 1, 2]] = True
+    plain = act_attention(q, k, v, key_padding_mask=kpm, backend="torch")
+    bf = bruteforce_details(q, k, v, heads, 0.4, 0.05, None, kpm)
+    assert bool(bf.sinks[heads].any())
+    for _ in range(2):
+        out = act_attention(q, k, v, heads=heads, tau=0.05, key_padding_mask=kpm,
+                            backend="torch")
+        assert torch.equal(out[~heads], plain[~heads])
+        torch.testing.assert_close(out.double(), bf.out, rtol=1e-5, atol=2e-5)
+        assert not torch.equal(out[heads], plain[heads])

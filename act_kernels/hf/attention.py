@@ -22,6 +22,7 @@ import torch
 from ..op import act_attention, normalize_heads
 from ..params import default_scale
 from ..reference import act_attention_reference
+from ..tensor_cache import TensorCache
 from .masks import act_sdpa_mask, keys_dropped, mask_to_key_padding, refuse
 from .state import state_of_module
 
@@ -123,6 +124,10 @@ def _mark_dropped_start(key, value, kpm, position_ids, dropped_any: Optional[boo
 # (the fake below) and the eager code runs when the graph executes. That eager code is not
 # replayable from a CUDA graph (its host reads and the cut length belong to one call), so the op
 # is tagged cudagraph_unsafe: mode="reduce-overhead" leaves it out of any captured graph.
+# Every layer of a compiled forward gets the same mask tensor object (one graph buffer, a new
+# one each run): its check is cached per tensor object and version (_OPAQUE_MASKS; by object, not
+# by storage, since a captured graph may rewrite the storage of an earlier run's mask without a
+# version bump), so one layer per forward pays it.
 @torch.library.custom_op("act_kernels::hf_attention", mutates_args=(),
                          tags=(torch.Tag.cudagraph_unsafe,))
 def hf_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -130,10 +135,13 @@ def hf_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     beta: float, tau: float, scale: float, backend: str,
                     window: Optional[int] = None,
                     position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    key, value, kpm, _ = _visible_keys(query, key, value, attention_mask, None, window,
-                                    position_ids)
+    key, value, kpm, _ = _visible_keys(query, key, value, attention_mask, _OPAQUE_MASKS,
+                                       window, position_ids)
     return act_attention(query, key, value, heads=heads, beta=beta, tau=tau, scale=scale,
                          key_padding_mask=kpm, backend=backend, window=window).contiguous()
+
+
+_OPAQUE_MASKS = TensorCache(views=False)
 
 
 @hf_attention_op.register_fake

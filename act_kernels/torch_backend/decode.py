@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..calibration import calibrate_rows, recalibrate_rows
+from ..calibration import calibrate_weights, recalibrate_rows
 from ..sinks import first_valid_index
+from ..tensor_cache import TensorCache
 from .blocks import as_dtype, work_dtype
 from .stats import calibrated_heads
 
@@ -39,13 +40,13 @@ def decode_step(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats
         scores = probs if alive is None else probs * alive[:, None, None]
         stats = {"scores": scores.float(), "sinks": sinks, "sink_mass": mass.float(),
                  "calibrated": calibrated_heads(heads, bsz, hq, q.device)}
-    if heads is not None and (sinks is not None
-                              or calibrated_row_may_have_sink(probs, heads, tau, key_padding_mask)):
-        if sinks is None:
-            sinks = decode_sinks(probs, tau, key_padding_mask, alive)
-        sinks = sinks & heads[:, :, None]
-        if bool(sinks.any()):     # else no calibrated row has a sink: every row unchanged
-            probs = calibrate_probs(probs, logits, sinks, beta)
+    if heads is not None:
+        if sinks is not None:
+            sinks = sinks & heads.unsqueeze(-1)
+            if bool(sinks.any()):     # else no calibrated row has a sink: every row unchanged
+                probs = calibrate_probs(probs, logits, sinks, beta)
+        else:
+            probs = calibrate_heads(probs, logits, heads, beta, tau, key_padding_mask, alive)
     out = torch.matmul(probs.view(bsz, hkv, group, nk), as_dtype(v, work))
     out = out.reshape(bsz, hq, 1, dim)
     if alive is not None:
@@ -53,28 +54,51 @@ def decode_step(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats
     return out.to(q.dtype), stats
 
 
-def calibrated_row_may_have_sink(probs, heads, tau, key_padding_mask) -> bool:
-    """False when no calibrated row has a key other than its first valid one with ``P > tau``
-    (then no row changes): one max per row, cheaper than the sink mask. With padding the first
-    valid key differs per row, so the max covers every key (a false alarm only costs the exact
-    test)."""
-    keys = probs[:, :, 1:] if key_padding_mask is None else probs
-    if keys.shape[-1] == 0:
-        return False
-    return bool(((keys.amax(-1) > tau) & heads).any())
+def calibrate_heads(probs, logits, heads, beta, tau, key_padding_mask, alive):
+    """``probs [B, Hq, Nk]`` with the rows of the calibrated ``heads`` calibrated in place.
+
+    Only those rows are read (a layer calibrates a few of its heads; at decode sizes the time of
+    an elementwise op grows with its rows): their indices are read from ``heads`` once per mask
+    (:class:`~act_kernels.tensor_cache.TensorCache`), their sinks found, and when one has a sink
+    they are calibrated and written back. One host read per step decides whether any changes.
+    """
+    bsz, hq, nk = probs.shape
+    rows, batch = _ROWS.get(heads, lambda h: _calibrated_rows(h, hq), hq)
+    flat = probs.view(bsz * hq, nk)
+    picked = flat.index_select(0, rows)                                 # [R, Nk]
+    sinks = decode_sinks(picked, tau, key_padding_mask, alive, batch)
+    if bool(sinks.any()):         # else no calibrated row has a sink: every row unchanged
+        new = calibrate_probs(picked, logits.reshape(bsz * hq, nk).index_select(0, rows),
+                              sinks, beta)
+        flat.index_copy_(0, rows, new)
+    return probs
 
 
-def decode_sinks(probs, tau, key_padding_mask, alive):
-    """Sinks of single rows ``[B, Hq, Nk]``: ``P > tau``, the first valid key excepted (padded
-    keys have ``P = 0``; a padded query has no sink)."""
+# per heads mask [B, Hq] (and Hq): the flat indices of its calibrated rows and their batch rows
+_ROWS = TensorCache()
+
+
+def _calibrated_rows(heads, hq: int):
+    rows = heads.reshape(-1).nonzero()[:, 0]
+    return rows, torch.div(rows, hq, rounding_mode="floor")
+
+
+def decode_sinks(probs, tau, key_padding_mask, alive, batch=None):
+    """Sinks of single rows, ``[B, Hq, Nk]`` or, with ``batch`` (each row's batch row),
+    ``[R, Nk]``: ``P > tau``, the first valid key excepted (padded keys have ``P = 0``; a padded
+    query has no sink)."""
     sinks = probs > tau
     if key_padding_mask is None:
-        sinks[:, :, 0] = False
-    else:
+        sinks.select(-1, 0).fill_(False)
+        return sinks
+    first = first_valid_index(key_padding_mask, key_padding_mask.shape[0], probs.device)
+    if batch is None:
         bsz, hq = probs.shape[:2]
-        first = first_valid_index(key_padding_mask, bsz, probs.device)
         sinks.scatter_(2, first[:, None, None].expand(bsz, hq, 1), False)
         sinks &= alive[:, None, None]
+    else:
+        sinks.scatter_(1, first[batch][:, None], False)
+        sinks &= alive[batch][:, None]
     return sinks
 
 
@@ -89,11 +113,10 @@ def calibrate_probs(probs, logits, sinks, beta):
     rounds to 0. ``sinks`` holds the sinks of calibrated rows only; rows without one keep ``P``.
     """
     w = torch.where(sinks, probs, 0.0)
-    nonsink = probs - w
     mass = w.sum(-1, keepdim=True)                                      # m, [B, Hq, 1]
-    new, redo = calibrate_rows(probs, w, nonsink, mass, 1.0 - mass, beta, probs.dtype)
+    new, redo = calibrate_weights(probs, sinks, mass, beta)
     if bool(redo.any()):
         share = torch.softmax(logits.masked_fill(sinks, float("-inf")), dim=-1)
-        fixed = recalibrate_rows(probs, w, mass, share, nonsink.sum(-1, keepdim=True), beta)
+        fixed = recalibrate_rows(probs, w, mass, share, (probs - w).sum(-1, keepdim=True), beta)
         new = torch.where(redo, fixed, new)
     return new
