@@ -90,14 +90,22 @@ def head_indices(indices: Iterable, num_heads: int, *, who: str,
     layer, when given) that is out of range.
     """
     where = "" if layer is None else f" of layer {layer}"
-    found = set()
-    for value in indices:
-        head = as_index(value, f"head indices{where}", who, plural=True)
-        if not 0 <= head < num_heads:
-            raise ValueError(f"{who}: head index {head}{where} out of range: there are "
-                             f"{num_heads} query heads (valid indices 0..{num_heads - 1})")
-        found.add(head)
-    return tuple(sorted(found))
+    return tuple(sorted(set(_indices_in_range(
+        indices, num_heads, f"head indices{where}", who,
+        lambda head: f"{who}: head index {head}{where} out of range: there are {num_heads} "
+                     f"query heads (valid indices 0..{num_heads - 1})"))))
+
+
+def _indices_in_range(values: Iterable, upper: int, what: str, who: str, out_of_range) -> list:
+    """The one loop that reads indices (:func:`as_index`) and checks ``0 <= v < upper``;
+    ``out_of_range(v)`` is the message of the ``ValueError`` for the first one outside."""
+    out = []
+    for value in values:
+        v = as_index(value, what, who, plural=True)
+        if not 0 <= v < upper:
+            raise ValueError(out_of_range(v))
+        out.append(v)
+    return out
 
 
 def head_mask(indices: Iterable, num_heads: int, *, who: str, layer: Optional[int] = None,
@@ -136,14 +144,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def check_range(values: Iterable[int], upper: int, what: str, who: str = "act") -> list[int]:
     """``values`` as a list, each checked to lie in ``0 .. upper - 1`` (``ValueError`` names the
     first one that does not: ``"layer 40 is out of range: the model has 30 layers"``)."""
-    out = []
-    for v in values:
-        v = as_index(v, f"{what} indices", who, plural=True)
-        if not 0 <= v < upper:
-            raise ValueError(f"{what} {v} is out of range: the model has {upper} {what}s "
-                             f"(valid 0..{upper - 1})")
-        out.append(v)
-    return out
+    return _indices_in_range(values, upper, f"{what} indices", who,
+                             lambda v: f"{what} {v} is out of range: the model has {upper} "
+                                       f"{what}s (valid 0..{upper - 1})")
 
 
 def parse_index_list(spec, upper: int, what: str) -> Optional[list[int]]:
