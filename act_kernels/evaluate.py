@@ -243,6 +243,17 @@ def _protocol_rows(report: dict):
             yield task, p, {"n": r["n"], **r["protocols"][p]}
 
 
+def _protocol_cells(report: dict):
+    """The cells of the every-protocol table, one tuple a row, as both the printed table and
+    ``eval.md`` show them: task, scoring, uncalibrated %, ACT %, delta, its interval, chance %,
+    off-format."""
+    for task, p, r in _protocol_rows(report):
+        lo, hi = r["ci95"]
+        yield (task, PROTOCOL_NAMES[p], f"{100 * r['base']:.1f}", f"{100 * r['act']:.1f}",
+               f"{100 * r['delta']:+.1f}", f"[{100 * lo:+.1f}, {100 * hi:+.1f}]",
+               f"{100 * r['chance']:.1f}", _off_format(r))
+
+
 def _off_format(r: dict) -> str:
     if "off_format" not in r:
         return "-"
@@ -261,12 +272,9 @@ def format_table(report: dict) -> str:
     head = (f"{'task':<16}{'scoring':<24}{'uncal.':>8}{'ACT':>8}{'delta':>8}   "
             f"{'95% CI (delta)':<16}{'chance':>7}   off-format")
     lines += ["", "every protocol on the same samples:", head, "-" * len(head)]
-    for task, p, r in _protocol_rows(report):
-        lo, hi = r["ci95"]
-        lines.append(f"{task:<16}{PROTOCOL_NAMES[p]:<24}{100 * r['base']:>7.1f}%"
-                     f"{100 * r['act']:>7.1f}%{100 * r['delta']:>+8.1f}   "
-                     f"{f'[{100 * lo:+.1f}, {100 * hi:+.1f}]':<16}{100 * r['chance']:>6.1f}%   "
-                     f"{_off_format(r)}")
+    for task, scoring, base, act, delta, ci, chance, off in _protocol_cells(report):
+        lines.append(f"{task:<16}{scoring:<24}{base + '%':>8}{act + '%':>8}{delta:>8}   "
+                     f"{ci:<16}{chance + '%':>7}   {off}")
     return "\n".join(lines)
 
 
@@ -297,12 +305,7 @@ def _markdown(report: dict, profile, transfer: bool = False) -> str:
               "with another token than an option letter), uncalibrated -> ACT.", "",
               "| task | scoring | uncalibrated | ACT | Δ | 95% CI of Δ | chance | off-format |",
               "|---|---|---:|---:|---:|---|---:|---|"]
-    for task, p, r in _protocol_rows(report):
-        lo, hi = r["ci95"]
-        lines.append(f"| {task} | {PROTOCOL_NAMES[p]} | {100 * r['base']:.1f} | "
-                     f"{100 * r['act']:.1f} | {100 * r['delta']:+.1f} | "
-                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {100 * r['chance']:.1f} | "
-                     f"{_off_format(r)} |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in _protocol_cells(report)]
     return "\n".join(lines) + "\n"
 
 
