@@ -22,13 +22,14 @@ from typing import Any, Iterable, Iterator, List, Mapping, Optional
 import torch
 
 from ..modelinfo import model_device, text_config
-from ..params import as_index, check_beta, check_tau, head_mask, resolve_backend
+from ..params import (DEFAULT_BACKEND, as_index, check_beta, check_tau, head_mask,
+                      resolve_backend)
 from ..profiles import ACTProfile, ProfileLike, as_profile
 from .attention import ACT_ATTENTION_BACKENDS, GLOBAL_RECORDERS
 from .state import Override, RecorderEntry, attention_modules, state_of
 
 
-def attn_implementation_for(backend: str = "auto", device=None) -> str:
+def attn_implementation_for(backend: str = DEFAULT_BACKEND, device=None) -> str:
     """The registered implementation name for an op backend: ``"torch"`` -> ``"act_torch"``,
     ``"triton"`` -> ``"act_triton"``, ``"auto"`` -> Triton on CUDA, torch elsewhere (an
     implementation name is returned as it is)."""
@@ -48,7 +49,7 @@ def current_implementation(model) -> Optional[str]:
 
 def _backend_of(model) -> str:
     """The op backend of the model's current ACT implementation, ``"auto"`` if none."""
-    return ACT_ATTENTION_BACKENDS.get(current_implementation(model), "auto")
+    return ACT_ATTENTION_BACKENDS.get(current_implementation(model), DEFAULT_BACKEND)
 
 
 def _attention_configs(model) -> List[Any]:
@@ -99,7 +100,7 @@ def _store_profile(model, stored: Optional[dict]) -> None:
             config.act_profile = stored
 
 
-def apply_profile(model, profile: ProfileLike, backend: str = "auto"):
+def apply_profile(model, profile: ProfileLike, backend: str = DEFAULT_BACKEND):
     """Attach ``profile`` to ``model`` and switch it to ACT attention; returns ``model``.
 
     Args:
@@ -166,7 +167,7 @@ def _override_mask(layer: int, heads, num_heads: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def head_override(model, heads: Mapping[int, Any], beta: Optional[float] = None,
-                  tau: Optional[float] = None, backend: str = "auto") -> Iterator[Any]:
+                  tau: Optional[float] = None, backend: str = DEFAULT_BACKEND) -> Iterator[Any]:
     """Temporarily replace the model's profile by an explicit choice of heads.
 
     Inside the ``with`` block, layer ``l`` in ``heads`` calibrates the query heads selected by

@@ -9,6 +9,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..model_loader import load_pretrained, prepare_tokenizer
+from ..params import DEFAULT_BACKEND
 from ..profiles import ACTProfile
 from .api import apply_profile
 from .attention import ACT_ATTENTION_BACKENDS
@@ -57,5 +58,5 @@ def load_model(name_or_path: ModelLike = None, *, dtype: torch.dtype = torch.flo
         tokenizer = tokenizer if tokenizer is not None else loaded
     if profile is not None:
         apply_profile(model, profile,
-                      backend=ACT_ATTENTION_BACKENDS.get(attn_implementation, "auto"))
+                      backend=ACT_ATTENTION_BACKENDS.get(attn_implementation, DEFAULT_BACKEND))
     return model, tokenizer
