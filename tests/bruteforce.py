@@ -11,6 +11,12 @@ Conventions (the op's, after normalisation):
   ``h // (Hq // Hkv)``; query row ``i`` sits at position ``Nk - Nq + i``.
 * ``heads``: ``None`` or a bool mask ``[B, Hq]`` (a ``[Hq]`` mask is broadcast over the batch).
 * ``key_padding_mask``: ``None`` or a bool ``[B, Nk]``, True for real tokens.
+* General masks (``docs/spec.md``, "General masks"): ``segment_ids`` (integer ``[B, Nk]``,
+  packed sequences: a row sees only keys of its own segment), ``block_ids`` (integer ``[B, Nk]``,
+  negative = no block: a row in a block also sees every real key of its block, later ones too),
+  or ``attn_mask`` (bool ``[B, Nq, Nk]``, the visibility itself, ANDed with the key padding).
+  The key never made a sink: the first real key of each segment (of the sequence without
+  segments); with ``attn_mask``, the first key each row sees.
 
 Statistics (scores, sinks, sink mass) are computed for every head, calibrated or not; the
 output is calibrated only for the heads in the mask. The work is done on the CPU; results are
@@ -39,17 +45,46 @@ class BruteForce:
     key_seen: torch.Tensor     # [B, Nk] bool: keys seen by at least one row
 
 
-def visible(nq: int, nk: int, real: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
+def visible(nq: int, nk: int, real: torch.Tensor, window: Optional[int] = None,
+            segment=None, block=None) -> torch.Tensor:
     """``[Nq, Nk]`` bool for one sequence: row ``i`` (position ``nk - nq + i``) sees key ``j``
-    when ``j <= position`` (and ``j > position - window`` with a window), the key is real and
-    the query itself is real."""
+    when ``j <= position`` (and ``j > position - window`` with a window) or both lie in the same
+    block (``block[j] == block[position] >= 0``), the two lie in the same segment, the key is
+    real and the query itself is real."""
     sees = torch.zeros(nq, nk, dtype=torch.bool)
     for i in range(nq):
         pos = nk - nq + i
-        start = 0 if window is None else max(0, pos - window + 1)
-        if real[pos]:
-            sees[i, start: pos + 1] = real[start: pos + 1]
+        if not real[pos]:
+            continue
+        for j in range(nk):
+            near = j <= pos and (window is None or j > pos - window)
+            if block is not None and block[pos] >= 0 and block[j] == block[pos]:
+                near = True
+            if segment is not None and segment[j] != segment[pos]:
+                near = False
+            sees[i, j] = near and bool(real[j])
     return sees
+
+
+def never_sinks(real: torch.Tensor, segment=None, sees=None) -> torch.Tensor:
+    """``[Nk]`` bool: the keys excluded from the sinks. Without ``sees``: the first real key
+    of each segment (of the whole sequence without segments). With a general mask (``sees``
+    given): the first key each row sees."""
+    nk = real.shape[0]
+    keep = torch.zeros(nk, dtype=torch.bool)
+    if sees is not None:
+        for i in range(sees.shape[0]):
+            seen = sees[i].nonzero().squeeze(1)
+            if seen.numel():
+                keep[int(seen[0])] = True
+        return keep
+    started = set()
+    for j in range(nk):
+        seg = None if segment is None else int(segment[j])
+        if real[j] and seg not in started:
+            started.add(seg)
+            keep[j] = True
+    return keep
 
 
 def _softmax_rows(logits: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
@@ -65,7 +100,8 @@ def _softmax_rows(logits: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
 def bruteforce_details(q, k, v, heads=None, beta: float = 0.4, tau: float = 0.1,
                        scale: Optional[float] = None, key_padding_mask=None, *,
                        window: Optional[int] = None,
-                       force_sinks: Optional[torch.Tensor] = None) -> BruteForce:
+                       force_sinks: Optional[torch.Tensor] = None, segment_ids=None,
+                       block_ids=None, attn_mask=None) -> BruteForce:
     """ACT in float64, one (batch row, head) at a time.
 
     ``force_sinks`` (bool ``[B, Hq, Nk]``) replaces the detected sink set; tests use it when a
@@ -103,12 +139,19 @@ def bruteforce_details(q, k, v, heads=None, beta: float = 0.4, tau: float = 0.1,
 
     for b in range(bsz):
         real = real_all[b]
-        sees = visible(nq, nk, real, window)
+        segment = None if segment_ids is None else segment_ids[b].to("cpu", torch.long)
+        block = None if block_ids is None else block_ids[b].to("cpu", torch.long)
+        if attn_mask is not None:
+            given = attn_mask.to("cpu", torch.bool)
+            given = given.reshape(given.shape[0], nq, nk)[b if given.shape[0] > 1 else 0]
+            sees = given & real[None, :] & real[nk - nq:, None]
+            excluded = never_sinks(real, sees=sees)
+        else:
+            sees = visible(nq, nk, real, window, segment, block)
+            excluded = never_sinks(real, segment)
         row_valid[b] = sees.any(dim=1)
         seen_by = sees.sum(dim=0)                     # how many rows see each key
         key_seen[b] = seen_by > 0
-        real_positions = real.nonzero().squeeze(1)
-        first_valid = int(real_positions[0]) if real_positions.numel() else None
 
         for h in range(hq):
             kv = h // group
@@ -127,9 +170,7 @@ def bruteforce_details(q, k, v, heads=None, beta: float = 0.4, tau: float = 0.1,
             if force_sinks is not None:
                 sink = force_sinks[b, h].to("cpu", torch.bool).clone()
             else:
-                sink = score > tau
-                if first_valid is not None:
-                    sink[first_valid] = False
+                sink = (score > tau) & ~excluded
             sinks[b, h] = sink
 
             # 4. m_i and the rewritten rows.
@@ -152,7 +193,8 @@ def bruteforce_details(q, k, v, heads=None, beta: float = 0.4, tau: float = 0.1,
 
 def act_bruteforce(q, k, v, heads=None, beta: float = 0.4, tau: float = 0.1,
                    scale: Optional[float] = None, key_padding_mask=None, *,
-                   window: Optional[int] = None, force_sinks: Optional[torch.Tensor] = None):
+                   window: Optional[int] = None, force_sinks: Optional[torch.Tensor] = None,
+                   segment_ids=None, block_ids=None, attn_mask=None):
     """``(out [B, Hq, Nq, D], scores [B, Hq, Nk], sinks [B, Hq, Nk] bool, sink_mass [B, Hq, Nq])``.
 
     ``out``, ``scores`` and ``sink_mass`` are float64, all four on q's device (computed on the
@@ -160,5 +202,6 @@ def act_bruteforce(q, k, v, heads=None, beta: float = 0.4, tau: float = 0.1,
     the heads in ``heads``.
     """
     bf = bruteforce_details(q, k, v, heads, beta, tau, scale, key_padding_mask,
-                            window=window, force_sinks=force_sinks)
+                            window=window, force_sinks=force_sinks, segment_ids=segment_ids,
+                            block_ids=block_ids, attn_mask=attn_mask)
     return bf.out, bf.scores, bf.sinks, bf.sink_mass
