@@ -48,17 +48,17 @@ class Group:
 
 def plan(segment_ids: torch.Tensor, nq: int) -> Optional[tuple]:
     """The sub-calls of a call with these (checked, non-decreasing) ``segment_ids`` and ``nq``
-    query rows, as a tuple of :class:`Group`; ``None`` when every query row's segment starts at
-    position 0 of its batch row (nothing to split: the rows see what they see without it)."""
+    query rows, as a tuple of :class:`Group`; ``None`` when every batch row is one segment
+    (nothing to split)."""
     seg = segment_ids.detach().to("cpu", torch.long)
     bsz, nk = seg.shape
     first_row = nk - nq
     change = (seg[:, 1:] != seg[:, :-1]).nonzero().tolist()
+    if not change:                          # one segment a batch row: nothing to split
+        return None
     bounds = [[0] for _ in range(bsz)]
     for b, j in change:
         bounds[b].append(j + 1)
-    if all(bound[-1] <= first_row for bound in bounds):   # one segment under every query row
-        return None
     shapes = {}
     for b, bound in enumerate(bounds):
         for a, e in zip(bound, bound[1:] + [nk]):
