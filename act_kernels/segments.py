@@ -95,7 +95,8 @@ def _put_rows(dest: torch.Tensor, group: Group, index, value: torch.Tensor) -> N
     """``dest[b, :, rows of member m] = value[m]`` for ``dest [B, H, Nq, ...]``."""
     if group.consecutive and group.rows == group.keys:
         b, r = group.batch[0], group.starts[0] - (group.nk - group.nq)
-        dest[b, :, r:r + len(group.batch) * group.rows] = value.transpose(0, 1).flatten(1, 2)
+        part = dest[b, :, r:r + len(group.batch) * group.rows]
+        part.unflatten(1, (len(group.batch), group.rows)).copy_(value.transpose(0, 1))
         return
     batch, rows = index
     dest[batch, :, rows] = value.transpose(1, 2)
@@ -119,7 +120,7 @@ def split(groups: tuple, call: Callable, q, k, v, heads, key_padding_mask, block
     bsz, hq, nq, dim = q.shape
     nk = k.shape[2]
     device = q.device
-    out = q.new_zeros(bsz, hq, nq, dim)
+    out = q.new_empty(bsz, hq, nq, dim)     # every query row is in one sub-call
     stats = None
     if return_stats:
         stats = {"scores": torch.zeros(bsz, hq, nk, device=device),
