@@ -86,6 +86,36 @@ def op_level(repeat: int) -> str:
     return "\n".join(lines)
 
 
+def masked_level(repeat: int, n: int) -> str:
+    """The exact blocked path (``torch_backend/masked.py``): one prompt of ``n`` tokens with a
+    256-token image block, by ``block_ids`` and by the same visibility as a dense ``attn_mask``,
+    against the plain causal call (which ignores the block)."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, n, HQ, D, generator=gen).transpose(1, 2)
+    k = torch.randn(1, n, HKV, D, generator=gen).transpose(1, 2)
+    v = torch.randn(1, n, HKV, D, generator=gen).transpose(1, 2)
+    blk = torch.full((1, n), -1)
+    blk[0, 16:272] = 0
+    pos = torch.arange(n)
+    mask = (pos[None, :] <= pos[:, None]) | ((blk[0][:, None] >= 0) & (blk[0][:, None] == blk[0]))
+    calls = {}
+    for name, heads in (("none", None), ("2/9", TWO_HEADS), ("9/9", ALL_HEADS)):
+        calls[f"causal {name}"] = lambda h=heads: act_attention(q, k, v, heads=h, backend="torch")
+        calls[f"block_ids {name}"] = lambda h=heads: act_attention(q, k, v, heads=h,
+                                                                  block_ids=blk, backend="torch")
+        calls[f"attn_mask {name}"] = lambda h=heads: act_attention(
+            q, k, v, heads=h, attn_mask=mask[None], backend="torch")
+    times = interleaved_medians(calls, repeat)
+    lines = [f"Masked path, N={n}, one image block of 256 tokens (positions 16..271):", "",
+             "| heads | causal s (no block) | block_ids s | attn_mask s | block_ids / causal |",
+             "|---|---|---|---|---|"]
+    for name in ("none", "2/9", "9/9"):
+        c, b, m = (times[f"{kind} {name}"] for kind in ("causal", "block_ids", "attn_mask"))
+        lines.append(f"| {name} | {c:.4f} | {b:.4f} | {m:.4f} | {b / c:.1f}x |")
+    print("\n".join(lines), flush=True)
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # model level
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +182,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--model", action="store_true", help="also the SmolLM2 forward")
+    parser.add_argument("--masked-n", type=int, default=1024,
+                        help="prompt length of the masked-path table")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time by process CPU time (needs --threads 1; see bench_attention)")
@@ -167,7 +199,7 @@ def main(argv=None) -> int:
     body = (f"Op level: Hq={HQ}, Hkv={HKV}, D={D}, fp32, torch backend, planted sinks, "
             f"Transformers' layout; median of {args.repeat} interleaved runs ({clock}). Mixed "
             f"lengths: {MIXED}.\n\n"
-            + op_level(args.repeat))
+            + op_level(args.repeat) + "\n\n" + masked_level(args.repeat, args.masked_n))
     if args.model:
         body += "\n\n" + model_level(max(3, args.repeat // 2))
     print(body)
