@@ -4,9 +4,11 @@
 Two passes over blocks of query rows, each block over the span of keys its rows see (never an
 ``N x N`` float map; the extra memory is ``O(N * block)``):
 
-1. every head: the logits of the block, their row log-sum-exp, the plain output, the column sums
-   of ``P`` (float32, float64 for float64), the number of rows that see each key and, under a
-   general mask, the first key each row sees (excluded from the sinks);
+1. every head: the plain output and the row log-sum-exp (on the CPU by the fused SDPA kernel with
+   the block's visibility as its mask, else from the block's logits); the column sums of ``P``
+   (float32, float64 for float64) of the pairs that want them (calibrated, or every pair with
+   ``return_stats``); the number of rows that see each key and, under a general mask, the first
+   key each row sees (excluded from the sinks);
 2. the sinks chosen (``act_kernels.sinks``), the pairs that need it recompute ``P`` on the
    block: the sink mass ``m`` of every row and, for the calibrated pairs, both halves of the
    output, ``w = P (s v)`` and ``n = P ((1 - s) v)``, calibrated by the one rule of
@@ -143,26 +145,48 @@ def masked_attention(q, k, v, heads, beta, tau, scale, key_padding_mask, return_
     first = torch.zeros(bsz, nq, dtype=torch.long, device=device)
     sees_any = torch.zeros(bsz, nq, dtype=torch.bool, device=device)
 
-    # pass 1: plain output, log-sum-exp, column sums and counts, every head
+    # pass 1: plain output and log-sum-exp of every head (on the CPU the fused kernel, the
+    # block's visibility as its mask); column sums of the wanted heads; counts
+    wanted = dict(_heads_by_row(torch.ones(bsz, hq, dtype=torch.bool) if return_stats
+                                else heads if heads is not None
+                                else torch.zeros(bsz, hq, dtype=torch.bool)))
+    fused = device.type == "cpu" and q.dtype != torch.float64
     for b in range(bsz):
         qb, kb, vb = q[b], k[b], v[b]
+        members = wanted.get(b)
+        hs = None if members is None else torch.tensor(members, device=device)
+        kv = None if hs is None else torch.div(hs, group, rounding_mode="floor")
         for r0, r1, lo, hi in vis.spans(b, rows):
             sees = vis.sees(b, r0, r1, lo, hi)
-            s = _logits(qb, kb, r0, r1, lo, hi, scale, work)
-            s.masked_fill_(~sees, float("-inf"))
-            lse = torch.logsumexp(s, dim=-1)                                    # [Hq, rows]
-            alive = torch.isfinite(lse)
-            nl = torch.where(alive, -lse, float("-inf"))
-            neg_lse[b, :, r0:r1] = nl
-            p = s.add_(nl[..., None]).exp_()                                    # 0 where hidden
-            o = torch.bmm(p.view(hkv, group * (r1 - r0), hi - lo), vb[:, lo:hi].to(work))
-            out[b, :, r0:r1] = o.view(hq, r1 - r0, dim).to(q.dtype)
-            sums[b, :, lo:hi] += p.sum(1)
+            if fused:
+                bias = torch.zeros(sees.shape, dtype=q.dtype, device=device)
+                bias.masked_fill_(~sees, float("-inf"))
+                o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q[b:b + 1, :, r0:r1], k[b:b + 1, :, lo:hi], v[b:b + 1, :, lo:hi], 0.0,
+                    False, attn_mask=bias[None, None], scale=scale)
+                out[b, :, r0:r1] = o[0]                 # rows that see nothing: 0
+                nl = torch.where(sees.any(1), -lse[0].to(work), float("-inf"))
+                neg_lse[b, :, r0:r1] = nl
+                if hs is not None:
+                    s = _logits(qb, kb, r0, r1, lo, hi, scale, work, hs, kv)
+                    sums[b, hs, lo:hi] += _rows_of_probs(s, sees, nl[hs]).sum(1)
+            else:
+                s = _logits(qb, kb, r0, r1, lo, hi, scale, work)
+                s.masked_fill_(~sees, float("-inf"))
+                lse = torch.logsumexp(s, dim=-1)                                # [Hq, rows]
+                nl = torch.where(torch.isfinite(lse), -lse, float("-inf"))
+                neg_lse[b, :, r0:r1] = nl
+                p = s.add_(nl[..., None]).exp_()                                # 0 where hidden
+                o = torch.bmm(p.view(hkv, group * (r1 - r0), hi - lo), vb[:, lo:hi].to(work))
+                out[b, :, r0:r1] = o.view(hq, r1 - r0, dim).to(q.dtype)
+                sums[b, :, lo:hi] += p.sum(1)
             counts[b, lo:hi] += sees.sum(0)
             if attn_mask is not None:
                 sees_any[b, r0:r1] = sees.any(1)
                 first[b, r0:r1] = sees.to(torch.int8).argmax(1) + lo
 
+    if not wanted:
+        return out, None
     if attn_mask is not None:
         excluded = first_seen_keys(first, sees_any, nk)
     else:
