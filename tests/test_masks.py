@@ -402,3 +402,23 @@ def test_memory_of_a_long_call_is_o_n_block(kind):
                                                       v[:, :, :1024], heads=[0],
                                                       backend="eager"))
     assert dense > one_head_map // 2
+
+
+def test_the_reference_takes_the_masks_directly():
+    """The eager reference's own visibility and excluded keys (the op splits segments before
+    it; here it sees them whole), against the brute force."""
+    from act_kernels.reference import act_attention_reference
+
+    q, k, v = make_qkv(2, 4, 2, 25, 31, 16, seed=17, planted=[2, 9, 20, 27])
+    heads = random_head_mask(2, 4, seed=17)
+    kpm = left_padding(31, [0, 3])
+    for masks in (dict(segment_ids=packed([[8, 12, 11], [15, 16]]),
+                       block_ids=blocks(31, [[(9, 14, 0)], [(24, 31, 1)]])),
+                  dict(segment_ids=packed([[8, 23], [31]]), window=5),
+                  dict(attn_mask=random_mask(2, 25, 31, seed=17))):
+        out, _, stats = act_attention_reference(q, k, v, beta=0.4, tau=0.05, heads=heads,
+                                                key_padding_mask=kpm, **masks)
+        bf = bruteforce_details(q, k, v, heads, 0.4, 0.05, None, kpm, **masks)
+        assert torch.equal(stats["sinks"], bf.sinks) and bool(bf.sinks.any())
+        torch.testing.assert_close(out.double(), bf.out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats["scores"].double(), bf.scores, rtol=1e-5, atol=1e-7)
