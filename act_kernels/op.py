@@ -2,11 +2,16 @@
 
 Backends receive normalised arguments and share one signature::
 
-    backend(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats)
-        -> (out, stats_dict_or_None)
+    backend(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats,
+            window=None, block_ids=None, attn_mask=None) -> (out, stats_dict_or_None)
 
 with ``heads`` either ``None`` (nothing calibrated) or a bool tensor ``[B, Hq]`` on q's device,
 ``scale`` a float, and ``key_padding_mask`` either ``None`` (no padding) or a bool ``[B, Nk]``.
+The keyword arguments are passed only when given, and only to a backend whose
+``SUPPORTS_WINDOW`` / ``SUPPORTS_BLOCKS`` / ``SUPPORTS_ATTN_MASK`` attribute is true:
+``window`` an int ``1 <= W < Nk``, ``block_ids`` a long ``[B, Nk]`` (contiguous, some block with
+at least two members), ``attn_mask`` a bool ``[B, Nq, Nk]`` (possibly an expanded view).
+``segment_ids`` never reach a backend: the op splits the call (:mod:`act_kernels.segments`).
 """
 from __future__ import annotations
 
@@ -18,9 +23,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_beta, check_heads,
-                     check_key_padding_mask, check_tau, check_window, default_scale, head_indices,
-                     head_mask, resolve_backend)
+from . import segments
+from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_attn_mask, check_beta,
+                     check_heads, check_key_padding_mask, check_mask_combination,
+                     check_mask_values, check_position_ids, check_tau, check_window,
+                     default_scale, head_indices, head_mask, resolve_backend)
 from .tensor_cache import TensorCache, data_owner
 
 __all__ = ["ACTStats", "BACKENDS", "act_attention", "normalize_heads",
@@ -128,21 +135,26 @@ def normalize_key_padding_mask(mask, bsz: int, nk: int, device) -> Optional[torc
     return (mask != 0 if mask.dtype != torch.bool else mask).contiguous()
 
 
-def _eager(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats, window=None):
+def _eager(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats, window=None,
+           block_ids=None, attn_mask=None):
     from .reference import act_attention_reference
 
     out, _, stats = act_attention_reference(q, k, v, heads=heads, beta=beta, tau=tau,
                                             scale=scale, key_padding_mask=key_padding_mask,
-                                            window=window)
+                                            window=window, block_ids=block_ids,
+                                            attn_mask=attn_mask)
     return out, (stats if return_stats else None)
 
 
 _eager.SUPPORTS_WINDOW = True
+_eager.SUPPORTS_BLOCKS = True
+_eager.SUPPORTS_ATTN_MASK = True
 
 
 def _backend_fn(name: str):
     """The backend function; each takes ``(q, k, v, heads, beta, tau, scale, key_padding_mask,
-    return_stats)`` and, where its ``SUPPORTS_WINDOW`` attribute is true, ``window=``.
+    return_stats)`` and, where its ``SUPPORTS_WINDOW`` / ``SUPPORTS_BLOCKS`` /
+    ``SUPPORTS_ATTN_MASK`` attribute is true, ``window=`` / ``block_ids=`` / ``attn_mask=``.
 
     Read from its module on every call (tests and benchmarks swap it there)."""
     if name == "eager":
@@ -254,12 +266,60 @@ def _validated_args(q, k, v, heads, beta, tau, scale, key_padding_mask, backend,
     return calibrated, kpm, beta, tau, scale, name, window
 
 
+# facts about segment_ids / block_ids read on the host once per pair of tensors (and Nq): their
+# values checked, whether some block has two members, the split of the call (segments.plan)
+_MASK_FACTS = TensorCache()
+
+
+def _validated_masks(q, k, segment_ids, block_ids, attn_mask, window):
+    """The checks of the general masks (``docs/spec.md`` section 3a; the rules:
+    :mod:`act_kernels.params`): ``(groups, block_ids, attn_mask)`` with ``groups`` the split of
+    the call by segments (``None``: no split), ``block_ids`` long ``[B, Nk]`` or ``None`` when no
+    block has two members, ``attn_mask`` bool ``[B, Nq, Nk]`` or ``None``."""
+    bsz, nq, nk = q.shape[0], q.shape[2], k.shape[2]
+    segment_ids = check_position_ids(segment_ids, "segment_ids", bsz, nk, q.device)
+    block_ids = check_position_ids(block_ids, "block_ids", bsz, nk, q.device)
+    attn_mask = check_attn_mask(attn_mask, bsz, nq, nk, q.device)
+    check_mask_combination(window, segment_ids, block_ids, attn_mask)
+    groups = None
+    if segment_ids is not None or block_ids is not None:
+        def facts(pair):
+            seg, blk = pair
+            has_blocks = check_mask_values(seg, blk)
+            return has_blocks, (None if seg is None else segments.plan(seg, nq))
+
+        has_blocks, groups = _MASK_FACTS.get((segment_ids, block_ids), facts, nq)
+        block_ids = block_ids.to(torch.long).contiguous() if has_blocks else None
+    return groups, block_ids, attn_mask
+
+
+def _backend_extra(fn, name: str, window, block_ids, attn_mask) -> dict:
+    """The keyword arguments for backend ``fn``; ``NotImplementedError`` for one it does not
+    take (no silent fallback)."""
+    extra = {}
+    for arg, value, flag, what, instead in (
+            ("window", window, "SUPPORTS_WINDOW", "sliding-window attention", "'eager'"),
+            ("block_ids", block_ids, "SUPPORTS_BLOCKS", "bidirectional blocks",
+             "'torch' or 'eager'"),
+            ("attn_mask", attn_mask, "SUPPORTS_ATTN_MASK", "a general boolean mask",
+             "'torch' (its exact blocked path) or 'eager'")):
+        if value is None:
+            continue
+        if not getattr(fn, flag, False):
+            raise NotImplementedError(f"act_attention: the {name!r} backend does not support "
+                                      f"{arg}= ({what}); use backend={instead}")
+        extra[arg] = value
+    return extra
+
+
 def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                   heads: Union[None, torch.Tensor, Sequence[int]] = None,
                   beta: float = DEFAULT_BETA, tau: float = DEFAULT_TAU, scale: Optional[float] = None,
                   key_padding_mask: Optional[torch.Tensor] = None,
                   backend: str = "auto", return_stats: bool = False,
-                  window: Optional[int] = None):
+                  window: Optional[int] = None, segment_ids: Optional[torch.Tensor] = None,
+                  block_ids: Optional[torch.Tensor] = None,
+                  attn_mask: Optional[torch.Tensor] = None):
     """Causal attention with ACT calibration of the chosen heads (the contract: ``docs/spec.md``).
 
     Args:
@@ -274,27 +334,36 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return_stats: also return an :class:`ACTStats`.
         window: ``None`` or ``W >= 1``: the row at position ``p`` sees only keys
             ``p - W < j <= p`` (a sliding-window layer); ``W >= Nk`` is plain causal.
+        segment_ids: integer ``[B, Nk]``, non-decreasing: packed sequences; a row sees only
+            keys of its own segment (the op splits the call, every backend).
+        block_ids: integer ``[B, Nk]``, negative = no block: a row in a block also sees the
+            later keys of its block (one contiguous run inside one segment).
+        attn_mask: bool ``[B or 1, Nq, Nk]`` / ``[B or 1, 1, Nq, Nk]``, True = the row sees the
+            key: the whole visibility (no causal rule added), ANDed with the key padding; not
+            combined with window / segment_ids / block_ids. Exact, slower (eager, torch).
 
     Returns:
         ``[B, Hq, Nq, D]`` in q's dtype, or ``(out, ACTStats)`` with ``return_stats=True``.
     """
     if torch.compiler.is_compiling():
         return _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend,
-                              return_stats, window)
-    steady = _steady_args(q, k, v, heads, beta, tau, scale, backend, window)
+                              return_stats, window, segment_ids, block_ids, attn_mask)
+    masks = segment_ids is not None or block_ids is not None or attn_mask is not None
+    steady = None if masks else _steady_args(q, k, v, heads, beta, tau, scale, backend, window)
+    groups = None
     if steady is not None:
         calibrated, beta, tau, scale, name, window = steady
         kpm = normalize_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], q.device)
     else:
+        given_window = window
         calibrated, kpm, beta, tau, scale, name, window = _validated_args(
             q, k, v, heads, beta, tau, scale, key_padding_mask, backend, window)
+        if masks:
+            groups, block_ids, attn_mask = _validated_masks(q, k, segment_ids, block_ids,
+                                                            attn_mask, given_window)
     fn = _backend_fn(name)
-    extra = {}
-    if window is not None:
-        if not getattr(fn, "SUPPORTS_WINDOW", False):
-            raise NotImplementedError(f"act_attention: the {name!r} backend does not support "
-                                      "window= (sliding-window attention); use backend='eager'")
-        extra["window"] = window
+    extra = {} if window is None and not masks else _backend_extra(fn, name, window, block_ids,
+                                                                   attn_mask)
 
     if name != "eager" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                         or v.requires_grad):
@@ -303,10 +372,27 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             "(q, k or v requires grad and grad mode is on): no gradient would reach them. For "
             "inference run it under torch.no_grad() or torch.inference_mode() (a model's "
             "forward too); to differentiate use backend='eager', the reference")
-    out, stats = fn(q, k, v, calibrated, beta, tau, scale, kpm, bool(return_stats), **extra)
+    if groups is not None:
+        out, stats = segments.split(groups, functools.partial(
+            _sub_call, fn, beta, tau, scale, bool(return_stats), extra), q, k, v, calibrated,
+            kpm, block_ids, bool(return_stats))
+    else:
+        out, stats = fn(q, k, v, calibrated, beta, tau, scale, kpm, bool(return_stats), **extra)
     if return_stats:
         return out, ACTStats.from_dict(stats)
     return out
+
+
+def _sub_call(fn, beta, tau, scale, return_stats, extra, q, k, v, heads, kpm, block_ids):
+    """One batched sub-call of a call split by segments (:func:`segments.split`): the call's
+    keyword arguments, the window dropped where it covers the sub-call's keys, its blocks."""
+    extra = dict(extra)
+    if extra.get("window") is not None and extra["window"] >= k.shape[2]:
+        del extra["window"]
+    extra.pop("block_ids", None)
+    if block_ids is not None:
+        extra["block_ids"] = block_ids
+    return fn(q, k, v, heads, beta, tau, scale, kpm, return_stats, **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,26 +413,30 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 def act_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      heads: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                      beta: float, tau: float, scale: float, backend: str,
-                     window: Optional[int] = None) -> torch.Tensor:
+                     window: Optional[int] = None, segment_ids: Optional[torch.Tensor] = None,
+                     block_ids: Optional[torch.Tensor] = None,
+                     attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``act_attention`` as a registered op (``torch.ops.act_kernels.act_attention``)."""
     return act_attention(q, k, v, heads=heads, beta=beta, tau=tau, scale=scale,
                          key_padding_mask=key_padding_mask, backend=backend,
-                         window=window).contiguous()
+                         window=window, segment_ids=segment_ids, block_ids=block_ids,
+                         attn_mask=attn_mask).contiguous()
 
 
 @act_attention_op.register_fake
 def _act_attention_fake(q, k, v, heads, key_padding_mask, beta, tau, scale, backend,
-                        window=None):
+                        window=None, segment_ids=None, block_ids=None, attn_mask=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, return_stats,
-                   window):
+                   window, segment_ids=None, block_ids=None, attn_mask=None):
     if return_stats:
         raise NotImplementedError("act_attention: return_stats is not supported inside "
                                   "torch.compile (call it eagerly)")
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    if resolve_backend(backend, q.device) == "triton":
+    masks = segment_ids is not None or block_ids is not None or attn_mask is not None
+    if resolve_backend(backend, q.device) == "triton" and not masks:
         # the kernels as graph nodes (a triton_op); heads as given: index lists keep exact pairs
         _check_tensors(q, k, v)
         from .triton_backend import compiled_call
@@ -357,4 +447,5 @@ def _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, 
         heads = head_mask(heads, q.shape[1], who="act_attention", device=q.device) if heads \
             else None
     return act_attention_op(q, k, v, heads, key_padding_mask, check_beta(beta), check_tau(tau),
-                            scale, backend, check_window(window))
+                            scale, backend, check_window(window), segment_ids, block_ids,
+                            attn_mask)

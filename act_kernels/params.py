@@ -223,3 +223,101 @@ def check_key_padding_mask(mask, bsz: int, nk: int, device, who: str = "act_atte
     if mask.device != device:
         raise ValueError(f"{who}: key_padding_mask is on {mask.device} but q is on {device}")
     return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# General masks (``docs/spec.md``, section 3a): segments, bidirectional blocks, a dense mask
+# ---------------------------------------------------------------------------------------------
+
+def check_position_ids(ids, name: str, bsz: int, nk: int, device, who: str = "act_attention"):
+    """The checks of ``segment_ids`` / ``block_ids`` that read no value: ``None`` or an integer
+    tensor ``[B, Nk]`` on ``device``, returned as it is."""
+    if ids is None:
+        return None
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{who}: {name} must be an integer tensor [B, Nk], got {type(ids).__name__}")
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{who}: {name} must be an integer tensor, got {ids.dtype}")
+    if tuple(ids.shape) != (bsz, nk):
+        raise ValueError(f"{who}: {name} must have shape [B, Nk]=[{bsz}, {nk}], "
+                         f"got {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{who}: {name} is on {ids.device} but q is on {device}")
+    return ids
+
+
+def check_attn_mask(mask, bsz: int, nq: int, nk: int, device, who: str = "act_attention"):
+    """``None`` or a bool ``[B or 1, Nq, Nk]`` / ``[B or 1, 1, Nq, Nk]`` mask on ``device``
+    (True = the row sees the key), returned as a bool ``[B, Nq, Nk]`` view."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{who}: attn_mask must be a bool tensor [B, Nq, Nk], "
+                        f"got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{who}: attn_mask must be bool (True = the row sees the key), got "
+                        f"{mask.dtype}; an additive float mask is not accepted")
+    shape = tuple(mask.shape)
+    if mask.dim() == 4 and shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.dim() != 3 or mask.shape[0] not in (1, bsz) or tuple(mask.shape[1:]) != (nq, nk):
+        raise ValueError(f"{who}: attn_mask must have shape [B or 1, Nq, Nk] or "
+                         f"[B or 1, 1, Nq, Nk] with B={bsz}, Nq={nq}, Nk={nk}; got {shape}")
+    if mask.device != device:
+        raise ValueError(f"{who}: attn_mask is on {mask.device} but q is on {device}")
+    return mask.expand(bsz, nq, nk)
+
+
+def check_mask_combination(window, segment_ids, block_ids, attn_mask,
+                           who: str = "act_attention") -> None:
+    """``attn_mask`` is the whole visibility: it combines with no structured argument."""
+    if attn_mask is None:
+        return
+    given = [name for name, value in (("window", window), ("segment_ids", segment_ids),
+                                      ("block_ids", block_ids)) if value is not None]
+    if given:
+        raise ValueError(f"{who}: attn_mask cannot be combined with {', '.join(given)}: the mask "
+                         "is the whole visibility; write them into the mask or pass them "
+                         "without it")
+
+
+def check_mask_values(segment_ids, block_ids, who: str = "act_attention") -> bool:
+    """The rules on the values of ``segment_ids`` / ``block_ids`` (reads them on the host):
+    segments non-decreasing along the keys; each block one contiguous run of positions inside
+    one segment. Returns whether some block has at least two members (else blocks change
+    nothing)."""
+    if segment_ids is not None:
+        seg = segment_ids.detach().to("cpu", torch.long)
+        down = (seg[:, 1:] < seg[:, :-1]).nonzero()
+        if down.numel():
+            b, j = down[0].tolist()
+            raise ValueError(f"{who}: segment_ids must be non-decreasing along the keys (packed "
+                             f"sequences one after another): batch row {b} goes from "
+                             f"{int(seg[b, j])} to {int(seg[b, j + 1])} at position {j + 1}")
+    if block_ids is None:
+        return False
+    blk = block_ids.detach().to("cpu", torch.long)
+    bsz, nk = blk.shape
+    inside = blk >= 0
+    # a run starts where a block id differs from the one before it
+    starts = inside.clone()
+    starts[:, 1:] &= blk[:, 1:] != blk[:, :-1]
+    rows, cols = starts.nonzero(as_tuple=True)
+    ids = blk[rows, cols]
+    key = rows * (int(blk.max()) + 1) + ids
+    unique, count = torch.unique(key, return_counts=True)
+    if bool((count > 1).any()):
+        bad = unique[count > 1][0]
+        b, block = divmod(int(bad), int(blk.max()) + 1)
+        where = cols[key == bad].tolist()
+        raise ValueError(f"{who}: block_ids: block {block} of batch row {b} is not one contiguous "
+                         f"run of positions (runs start at {where[:4]}); a block must be one run")
+    same = inside[:, 1:] & (blk[:, 1:] == blk[:, :-1])
+    if segment_ids is not None:
+        split = (same & (seg[:, 1:] != seg[:, :-1])).nonzero()
+        if split.numel():
+            b, j = split[0].tolist()
+            raise ValueError(f"{who}: block_ids: block {int(blk[b, j])} of batch row {b} spans two "
+                             f"segments (positions {j} and {j + 1}); a block must lie inside one "
+                             "segment")
+    return bool(same.any())

@@ -3,7 +3,9 @@
 These act on small tensors (per key), never on an N x N map:
 
 * ``seen_counts``: how many query rows of the call see each key (the divisor of the score);
-* ``select_sinks``: keys whose score exceeds tau, minus the first valid key.
+* ``select_sinks``: keys whose score exceeds tau, minus the excluded keys: the first valid key
+  (``first_valid_index``), or under a general mask the first key each row sees
+  (``first_seen_keys``; ``docs/spec.md`` section 3a).
 
 The calibration of the rows that see a sink is :mod:`act_kernels.calibration`.
 """
@@ -19,6 +21,14 @@ def first_valid_index(key_padding_mask: Optional[torch.Tensor], bsz: int, device
     if key_padding_mask is None:
         return torch.zeros(bsz, dtype=torch.long, device=device)
     return key_padding_mask.to(torch.long).argmax(dim=-1)
+
+
+def first_seen_keys(first: torch.Tensor, sees_any: torch.Tensor, nk: int) -> torch.Tensor:
+    """``[B, Nk]`` bool, the keys excluded from the sinks under a general mask: for every row
+    that sees a key (``sees_any [B, R]``), the first key it sees (``first [B, R]`` long)."""
+    hit = torch.zeros(first.shape[0], nk, dtype=torch.int32, device=first.device)
+    hit.scatter_add_(1, first, sees_any.to(torch.int32))
+    return hit > 0
 
 
 def seen_counts(nq: int, nk: int, key_padding_mask: Optional[torch.Tensor], bsz: int,
@@ -58,15 +68,19 @@ def select_sinks(column_sums: torch.Tensor, counts: torch.Tensor, tau: float,
 
     Args:
         column_sums: ``[B, H, Nk]`` float32, ``sum_i P_ij`` over the rows that see ``j``.
-        counts: ``[B, Nk]`` from :func:`seen_counts`.
-        first_valid: ``[B]`` from :func:`first_valid_index`.
+        counts: ``[B, Nk]`` from :func:`seen_counts` (or counted from a mask).
+        first_valid: ``[B]`` from :func:`first_valid_index`, or a ``[B, Nk]`` bool mask of the
+            excluded keys (:func:`first_seen_keys`).
     Returns:
         ``scores [B, H, Nk]`` (0 where no row sees the key) and ``sinks [B, H, Nk]`` bool.
     """
     counts = counts[:, None, :]
     scores = torch.where(counts > 0, column_sums / counts.clamp(min=1), torch.zeros_like(column_sums))
     nk = scores.shape[-1]
-    not_first = torch.arange(nk, device=scores.device)[None, :] != first_valid[:, None]
+    if first_valid.dtype == torch.bool:
+        not_first = ~first_valid
+    else:
+        not_first = torch.arange(nk, device=scores.device)[None, :] != first_valid[:, None]
     sinks = (scores > tau) & not_first[:, None, :]
     return scores, sinks
 

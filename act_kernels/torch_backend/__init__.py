@@ -19,6 +19,9 @@ With a sliding window (``window=W``) every pass works block by block on the span
 block's rows see (``blocks.key_span``), so the call costs ``O(Nq W)``; a windowed decode takes
 this path. A decode step (``Nq == 1``, no window) is ``decode.py``: one short vectorised pass over
 all heads at once, its single row of P calibrated directly, only when a calibrated row has a sink.
+Bidirectional blocks (``block_ids``) and a general mask (``attn_mask``) take ``masked.py``: two
+exact passes by blocks of rows over the keys they see (a decode step with blocks and no window
+is plain causal and stays in ``decode.py``).
 This module is the entry point, :func:`act_attention_torch`.
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ from .bounds import pruned_column_sums
 from .columns import column_sums
 from .correction import sink_correction
 from .decode import decode_step
+from .masked import masked_attention
 from .plain import plain_attention
 from .stats import prefill_stats
 
@@ -47,7 +51,7 @@ def pair_neg_lse(lse, b_idx, h_idx, key_padding_mask, dtype):
 
 
 def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats,
-                        window=None):
+                        window=None, block_ids=None, attn_mask=None):
     """Backend entry point (arguments normalised by :func:`act_kernels.op.act_attention`).
 
     With a ``window`` every pass works on the span of keys a block of rows sees (its
@@ -57,6 +61,9 @@ def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, retu
     """
     bsz, hq, nq, _ = q.shape
     nk = k.shape[2]
+    if attn_mask is not None or (block_ids is not None and (nq > 1 or window is not None)):
+        return masked_attention(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats,
+                                window, block_ids, attn_mask)
     if nq == 1 and window is None:
         return decode_step(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats)
 
@@ -98,4 +105,6 @@ def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, retu
 
 
 act_attention_torch.SUPPORTS_WINDOW = True
+act_attention_torch.SUPPORTS_BLOCKS = True
+act_attention_torch.SUPPORTS_ATTN_MASK = True
 

@@ -118,8 +118,11 @@ def _as_mask(heads, bsz: int, hq: int) -> torch.Tensor:
 
 
 def check(backend, q, k, v, *, heads=None, beta=0.4, tau=0.1, scale=None, key_padding_mask=None,
-          seed=None, tol=None, window=None):
+          seed=None, tol=None, window=None, **masks):
     """Run the op with and without stats and compare both with the brute force.
+
+    ``masks``: the general masks (``segment_ids``, ``block_ids``, ``attn_mask``), passed to
+    both.
 
     Where the backend decided a key tying with tau the other way, the brute force is recomputed
     with the backend's sinks, so the output is still checked exactly. Returns
@@ -132,17 +135,18 @@ def check(backend, q, k, v, *, heads=None, beta=0.4, tau=0.1, scale=None, key_pa
                      heads=None if mask is None else mask.int().tolist())
     tol = tol or TOLS[q.dtype]
     kw = dict(heads=heads, beta=beta, tau=tau, scale=scale, key_padding_mask=key_padding_mask,
-              backend=backend_name(backend), window=window)
+              backend=backend_name(backend), window=window, **masks)
     out, stats = act_attention(q, k, v, return_stats=True, **kw)
     out_only = act_attention(q, k, v, **kw)
     assert isinstance(out_only, torch.Tensor) and out_only.dtype == q.dtype, where
     assert out.dtype == q.dtype, where
 
-    bf = bruteforce_details(q, k, v, mask, beta, tau, scale, key_padding_mask, window=window)
+    bf = bruteforce_details(q, k, v, mask, beta, tau, scale, key_padding_mask, window=window,
+                            **masks)
     assert_stats_close(stats, bf, heads, tau, tol, where)
     if not torch.equal(stats.sinks.cpu(), bf.sinks):   # only ties with tau differ (checked above)
         bf = bruteforce_details(q, k, v, mask, beta, tau, scale, key_padding_mask,
-                                window=window, force_sinks=stats.sinks)
+                                window=window, force_sinks=stats.sinks, **masks)
     assert_sink_mass_close(stats, bf, tol, where)
     assert_out_close(out, bf, v, tol, where + " [return_stats=True]")
     assert_out_close(out_only, bf, v, tol, where + " [return_stats=False]")
