@@ -257,3 +257,138 @@ def test_error_messages_say_what_the_mask_does():
     plan = mask_plan(later[None, None], 1, n, n)
     assert "sees key 3, after its own position 1" in plan.dense
     assert plan.keys_used == n and plan.key_padding is None
+
+
+# ---------------------------------------------------------------------------------------------
+# models: Gemma 3 with images, packed Llama batches, custom 4-D masks
+# ---------------------------------------------------------------------------------------------
+
+IMAGE, BOI, EOI = 90, 91, 92
+
+
+def tiny_gemma3():
+    """A random Gemma 3 VLM: two decoder layers (sliding window 6, then full), a one-layer SigLIP
+    tower whose 16 patches pool to 4 image tokens; sharp attention so that sinks exist."""
+    text = transformers.Gemma3TextConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             image_size=16, patch_size=4)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision,
+                                       mm_tokens_per_image=4, image_token_index=IMAGE,
+                                       boi_token_index=BOI, eoi_token_index=EOI)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_norm.weight.fill_(3.0)          # queries x4
+    ids = torch.tensor([[2, 5, 6, BOI] + [IMAGE] * 4 + [EOI, 7, 8, 9, 10, 11, 12, 13],
+                        [0, 0, 2, 5, BOI] + [IMAGE] * 4 + [EOI, 7, BOI] + [IMAGE] * 4])
+    gen = torch.Generator().manual_seed(1)
+    inputs = {"input_ids": ids, "attention_mask": (ids != 0).long(),
+              "token_type_ids": (ids == IMAGE).long(),
+              "pixel_values": torch.randn(3, 3, 16, 16, generator=gen)}
+    return model, inputs
+
+
+def test_gemma3_image_blocks_equal_sdpa_and_the_float64_hook(no_dense_evaluation):
+    from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+    model, inputs = tiny_gemma3()
+    real = inputs["attention_mask"].bool()
+    plain = logits(model, **inputs)
+    apply_profile(model, ACTProfile(), backend="torch")
+    torch.testing.assert_close(logits(model, **inputs)[real], plain[real], atol=1e-5, rtol=0)
+
+    prof = ACTProfile.for_model(model, {0: [1, 2], 1: [0, 3]}, tau=0.05)
+    blocks = get_block_sequence_ids_for_mask(inputs["token_type_ids"])
+    with hooked(model, prof, padding=real, blocks=blocks):
+        expected = logits(model, **inputs)
+    apply_profile(model, prof, backend="torch")
+    got = logits(model, **inputs)
+    torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+    assert (got[real] - plain[real]).abs().max() > 1e-3
+
+
+def test_gemma3_generate_with_images_equals_sdpa():
+    model, inputs = tiny_gemma3()
+
+    def generate():
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        return out[:, inputs["input_ids"].shape[1]:]
+
+    expected = generate()
+    apply_profile(model, ACTProfile(), backend="torch")
+    assert torch.equal(generate(), expected)
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=256,
+                                      pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():      # sharper attention than the random init gives, so that sinks exist
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+    return model
+
+
+def test_packed_llama_batch_equals_each_sequence_alone(no_dense_evaluation):
+    model = tiny_llama()
+    lengths = [(5, 7, 4), (9, 7)]
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 160, (2, 16), generator=gen)
+    pos = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in lengths])
+    segments = mu.find_packed_sequence_indices(pos)
+    prof = ACTProfile.for_model(model, {0: [1, 2], 1: [0, 3]}, tau=0.05)
+    packed = {}
+    for name, profile in (("empty", ACTProfile()), ("profile", prof)):
+        apply_profile(model, profile, backend="torch")
+        packed[name] = logits(model, input_ids=ids, position_ids=pos, use_cache=False)
+        for b, row in enumerate(lengths):
+            start = 0
+            for n in row:
+                alone = logits(model, input_ids=ids[b:b + 1, start:start + n], use_cache=False)
+                torch.testing.assert_close(packed[name][b, start:start + n], alone[0],
+                                           atol=1e-5, rtol=1e-5)
+                start += n
+    with hooked(model, prof, segments=segments):
+        expected = logits(model, input_ids=ids, position_ids=pos, use_cache=False)
+    torch.testing.assert_close(packed["profile"], expected, atol=1e-4, rtol=1e-4)
+    assert (packed["profile"] - packed["empty"]).abs().max() > 1e-3
+
+
+def test_custom_4d_mask_goes_dense_and_equals_eager():
+    model = tiny_llama()
+    n = 9
+    allowed = torch.ones(n, n, dtype=torch.bool).tril().repeat(2, 1, 1)
+    allowed[0, :3, :3] = True                  # row 0: a bidirectional prefix (prefix LM)
+    allowed[1, 6, 2] = False                   # row 1: one row does not see one past key
+    allowed[1, 8, :4] = False
+    additive = torch.zeros(2, 1, n, n).masked_fill(~allowed[:, None],
+                                                   torch.finfo(torch.float32).min)
+    ids = torch.randint(3, 160, (2, n), generator=torch.Generator().manual_seed(3))
+    model.set_attn_implementation("eager")
+    eager = logits(model, input_ids=ids, attention_mask=additive)
+    apply_profile(model, ACTProfile(), backend="torch")
+    with pytest.warns(DensePathWarning, match="sees key 2, after its own position 0"):
+        got = logits(model, input_ids=ids, attention_mask=additive)
+    torch.testing.assert_close(got, eager, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, input_ids=ids, attention_mask=allowed[:, None]),
+                               got, atol=0, rtol=0)
+
+    prof = ACTProfile.for_model(model, {0: [1, 2], 1: [0, 3]}, tau=0.05)
+    with hooked(model, prof, dense=True):
+        expected = logits(model, input_ids=ids, attention_mask=additive)
+    apply_profile(model, prof, backend="torch")
+    calibrated = logits(model, input_ids=ids, attention_mask=additive)
+    torch.testing.assert_close(calibrated, expected, atol=1e-4, rtol=1e-4)
+    assert (calibrated - got).abs().max() > 1e-3
