@@ -421,3 +421,37 @@ def test_packed_llama_batch_through_act_triton():
         triton_backend.act_attention_triton = original
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert calls and max(calls) < 16                     # per-sequence calls, never the row
+
+
+def test_a_bidirectional_layer_takes_the_dense_path():
+    """Gemma 3 with ``use_bidirectional_attention`` (an encoder such as EmbeddingGemma): its
+    masks are no causal structure and go dense, equal to sdpa; a non-causal call without a mask
+    sees every key."""
+    from act_kernels.hf.attention import act_torch_attention_forward
+
+    config = transformers.Gemma3TextConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        use_bidirectional_attention=True, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, :3] = 0
+    real = mask.bool()
+    plain = logits(model, input_ids=ids, attention_mask=mask, use_cache=False)
+    apply_profile(model, ACTProfile(), backend="torch")
+    with pytest.warns(DensePathWarning, match="sees key .* after its own position"):
+        got = logits(model, input_ids=ids, attention_mask=mask, use_cache=False)
+    torch.testing.assert_close(got[real], plain[real], atol=1e-5, rtol=0)
+
+    module = model.model.layers[1].self_attn
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 7, 16, generator=gen) for _ in range(3))
+    with torch.no_grad():
+        out, _ = act_torch_attention_forward(module, q, k, v, None, scaling=0.25,
+                                             is_causal=False)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25)
+    torch.testing.assert_close(out, want.transpose(1, 2), atol=1e-5, rtol=0)
