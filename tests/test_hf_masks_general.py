@@ -313,18 +313,31 @@ def test_gemma3_image_blocks_equal_sdpa_and_the_float64_hook(no_dense_evaluation
     torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
     assert (got[real] - plain[real]).abs().max() > 1e-3
 
+    # output_attentions: the eager reference's calibrated maps, zero exactly where the block
+    # structure hides a key (the full layer: causal plus both ways inside each image)
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+    torch.testing.assert_close(out.logits[real], got[real], atol=1e-5, rtol=0)
+    full = out.attentions[1]                                  # [B, H, N, N]
+    for b in range(2):
+        sees = visible(16, 16, real[b], None, None, blocks[b])
+        rows = real[b]
+        assert torch.equal(full[b][:, rows] > 0, sees[rows][None].expand(4, -1, -1))
+
 
 def test_gemma3_generate_with_images_equals_sdpa():
     model, inputs = tiny_gemma3()
 
-    def generate():
+    def generate(**kwargs):
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                 **kwargs)
         return out[:, inputs["input_ids"].shape[1]:]
 
     expected = generate()
     apply_profile(model, ACTProfile(), backend="torch")
     assert torch.equal(generate(), expected)
+    assert torch.equal(generate(cache_implementation="static"), expected)
 
 
 def tiny_llama():
