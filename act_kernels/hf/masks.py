@@ -22,7 +22,9 @@ every forward. So the masks are built by :func:`act_sdpa_mask` (the mask builder
 from, kept beside the mask): when its query and key offsets are host ints (dynamic caches) the
 mask is ``structure AND padding[b, key]`` by construction. Transformers' own causal, sliding,
 packed-sequence and image-block functions are recognised from their construction
-(:mod:`.mask_functions`: no evaluation, the segment and block ids kept as the tensors they are);
+(:mod:`.mask_functions`: no evaluation, the segment and block ids kept as the tensors they are;
+one host read per mask build only where Gemma 3's sliding layers window an image block and the
+window bites, to check that no block is longer than the window);
 any other function is evaluated on the host (CPU tensors, no device value) when small
 (``MAX_STRUCTURE``) and compared, as strictly as the full check, with the causal pattern. A layer
 takes a recorded structure when its own window agrees with it and reads nothing from the device.
@@ -39,7 +41,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from ..tensor_cache import TensorCache, data_version
-from .mask_functions import Structure, read_structure
+from .mask_functions import read_structure
 
 
 class ACTMaskError(ValueError):
@@ -323,7 +325,7 @@ def _plan(mask: torch.Tensor, batch: int, q_len: int, kv_len: int,
     try:
         return MaskPlan(*_check_mask(mask, batch, q_len, kv_len, window))
     except _NotStructured as error:
-        padding = None if built is None or built.padding is None else built.padding
+        padding = None if built is None else built.padding
         return MaskPlan(padding, kv_len, dense=str(error))
 
 
