@@ -498,3 +498,28 @@ def test_packed_smollm2_prompts_equal_each_prompt_alone():
             start += len(s)
     finally:
         remove_profile(model, "sdpa")
+
+
+@pytest.mark.parametrize("name", ["packed", "image blocks"])
+def test_a_mask_without_its_record_gives_the_same_answer_densely(name):
+    """Inside torch.compile masks carry no record: the opaque op's full check sends packed and
+    image-block masks to the dense path, which gives what the structured path gives."""
+    from act_kernels.hf.attention import hf_attention_op
+
+    function, window, pads, q_len, q_offset, kv_offset, _ = recognised_cases()[name]
+    mask = build(function, pads, q_len, q_offset, kv_offset)
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 14, 16, generator=gen)
+    k, v = torch.randn(2, 2, 14, 16, generator=gen), torch.randn(2, 2, 14, 16, generator=gen)
+    k[:, :, [1, 5]] += 3 * q.mean(dim=(1, 2), keepdim=True)[:, 0]     # keys most rows attend to
+    heads = torch.tensor([True, False, True, True])
+    with torch.no_grad():
+        structured = hf_attention_op(q, k, v, mask, heads, 0.4, 0.05, 0.25, "torch")
+        with pytest.warns(DensePathWarning):
+            dense = hf_attention_op(q, k, v, mask.clone(), heads, 0.4, 0.05, 0.25, "torch")
+        plain = hf_attention_op(q, k, v, mask, None, 0.4, 0.05, 0.25, "torch")
+    real = mask[:, 0].any(dim=-1)                                  # query rows that see keys
+    for b in range(2):
+        torch.testing.assert_close(dense[b][:, real[b]], structured[b][:, real[b]], atol=1e-5,
+                                   rtol=0)
+    assert (structured - plain).abs().max() > 1e-3
