@@ -291,14 +291,16 @@ def test_a_window_other_than_the_layers_is_refused():
         mask_to_key_padding(band, 1, n, n)
 
 
-def test_custom_4d_mask_is_refused():
+def test_additive_bias_mask_is_refused():
+    """Custom 4-D masks of 0 / -inf go to the dense path (tests/test_hf_masks_general.py); a
+    mask that adds a bias to the scores is refused, and the error says so."""
     model = tiny_model("llama")
     apply_profile(model, {1: [0]}, backend="torch")
     n = 6
     mask = torch.ones(n, n).tril()
-    mask[5, 2] = 0                                            # hide one past token from one row
     additive = (1 - mask)[None, None] * torch.finfo(torch.float32).min
-    with pytest.raises(ACTMaskError):
+    additive[0, 0, 5, 2] = -0.5                               # a bias on one score
+    with pytest.raises(ACTMaskError, match="adds a bias to the scores"):
         logits_of(model, {"input_ids": torch.randint(3, 160, (1, n)),
                           "attention_mask": additive})
 

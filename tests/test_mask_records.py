@@ -8,8 +8,10 @@ import torch
 
 from transformers import masking_utils
 
-from act_kernels.hf.masks import (ACTMaskError, _check_mask, act_sdpa_mask,  # noqa: E402
-                                  built_from, keys_dropped, mask_to_key_padding)
+from act_kernels.hf.mask_functions import read_structure  # noqa: E402
+from act_kernels.hf.masks import (ACTMaskError, _check_mask,  # noqa: E402
+                                  act_sdpa_mask, built_from, keys_dropped, mask_plan,
+                                  mask_to_key_padding)
 
 causal = masking_utils.causal_mask_function
 
@@ -62,11 +64,17 @@ def test_the_record_gives_what_the_full_check_gives(call):
     ("bidirectional", masking_utils.bidirectional_mask_function),
     ("chunked", masking_utils.chunked_causal_mask_function(3, torch.zeros(2, dtype=torch.long))),
 ])
-def test_masks_the_op_cannot_express_have_no_record_and_are_refused(name, function):
+def test_masks_of_no_structure_record_only_their_padding_and_go_dense(name, function):
+    """No structure recorded (the full check decides, and sends them to the dense path); the
+    strict ``mask_to_key_padding`` refuses them."""
     mask = build(6, 6, function=function)
-    assert built_from(mask) is None
+    built = built_from(mask)
+    assert built.window_lo is None and built.segments is None and built.blocks is None
+    assert torch.equal(built.padding, padding(6, (0, 3)))
     with pytest.raises(ACTMaskError):
         mask_to_key_padding(mask, 2, 6, 6)
+    plan = mask_plan(mask, 2, 6, 6)
+    assert plan.dense and plan.keys_used == 6 and torch.equal(plan.key_padding, built.padding)
 
 
 def test_a_window_the_record_disagrees_with_gets_the_full_check():
@@ -89,11 +97,11 @@ def test_an_edited_mask_loses_its_record():
         mask_to_key_padding(mask, 2, 5, 5)
 
 
-def test_tensor_offsets_static_caches_get_no_record():
+def test_tensor_offsets_static_caches_get_no_structure():
     mask = act_sdpa_mask(batch_size=2, q_length=1, kv_length=9, q_offset=torch.tensor(4),
                          kv_offset=0, mask_function=causal, attention_mask=padding(9, (0, 2)),
                          allow_is_causal_skip=False)
-    assert built_from(mask) is None
+    assert built_from(mask).window_lo is None and keys_dropped(mask) is None
     assert same(mask_to_key_padding(mask, 2, 1, 9), _check_mask(mask, 2, 1, 9))
 
 
@@ -106,13 +114,13 @@ def test_recognised_functions_give_the_windows_evaluation_gives(call):
     q_len, kv_len, q_offset, kv_offset, window = call
     for w in (window, 1, 2, 50):
         function = causal if w is None else masking_utils.sliding_window_causal_mask_function(w)
-        fast = masks._band_windows(masks._transformers_window(function),
+        fast = masks._band_windows(read_structure(function).window,
                                    q_offset + q_len - 1 - kv_offset)
         structure = masks._structure(function, 2, q_len, kv_len, q_offset, kv_offset)
         assert fast == masks._causal_windows(structure, q_offset, kv_offset), (w, fast)
         copy = (lambda f: lambda *idx: f(*idx))(function)
         with pytest.raises(LookupError):
-            masks._transformers_window(copy)
+            read_structure(copy)
         mask = build(q_len, kv_len, q_offset, kv_offset, copy)
         assert built_from(mask).window_lo == fast[0]
         assert built_from(mask).window_hi == fast[1]

@@ -8,8 +8,10 @@ nothing from the device; without a mask builder Transformers would pass no mask 
 implementation and left padding would be ignored).
 
 One call: check what the op cannot do (refused with a clear error) -> the layer's heads, beta
-and tau from the model's :class:`~act_kernels.hf.state.ACTModelState` -> the mask as a key
-padding mask -> :func:`act_kernels.op.act_attention` (with statistics when recorders listen).
+and tau from the model's :class:`~act_kernels.hf.state.ACTModelState` -> the mask as the op's
+arguments (:func:`~act_kernels.hf.masks.mask_plan`: key padding, packed-sequence and image-block
+ids, or the dense ``attn_mask``) -> :func:`act_kernels.op.act_attention` (with statistics when
+recorders listen).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from ..op import act_attention, normalize_heads
 from ..params import default_scale
 from ..reference import act_attention_reference
 from ..tensor_cache import TensorCache
-from .masks import act_sdpa_mask, keys_dropped, mask_to_key_padding, refuse
+from .masks import MaskPlan, act_sdpa_mask, dense_mask, keys_dropped, mask_plan, warn_dense
 from .state import state_of_module
 
 ACT_ATTENTION_BACKENDS = types.MappingProxyType({"act_torch": "torch", "act_triton": "triton"})
@@ -44,7 +46,7 @@ def _global_recording() -> bool:
     return bool(GLOBAL_RECORDERS.get())
 
 
-def _refuse_unsupported(name: str, module, dropout: float, is_causal, kwargs) -> None:
+def _refuse_unsupported(name: str, dropout: float, kwargs) -> None:
     for arg in _UNSUPPORTED_KWARGS:
         if kwargs.get(arg) is not None:
             raise NotImplementedError(f"{name} attention does not support `{arg}`; use "
@@ -54,18 +56,14 @@ def _refuse_unsupported(name: str, module, dropout: float, is_causal, kwargs) ->
     if dropout:
         raise NotImplementedError(f"{name} attention is inference-only: attention dropout "
                                   f"{dropout} (call model.eval())")
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if not causal:
-        refuse("the layer is not causal (bidirectional attention)")
 
 
-def _eager_with_probs(query, key, value, heads, beta, tau, scaling, kpm, kv_len, window,
-                      front):
+def _eager_with_probs(query, key, value, heads, beta, tau, scaling, structure, kv_len, front):
     """``output_attentions=True``: the eager reference, which also returns the calibrated
     probabilities (a stand-in first key dropped, padded back to the static cache's length)."""
     cal = normalize_heads(heads, query.shape[0], query.shape[1], query.device)
     out, probs, _ = act_attention_reference(query, key, value, heads=cal, beta=beta, tau=tau,
-                                            scale=scaling, key_padding_mask=kpm, window=window)
+                                            scale=scaling, **structure)
     probs = probs[..., front:]
     if probs.shape[-1] < kv_len:
         probs = torch.nn.functional.pad(probs, (0, kv_len - probs.shape[-1]))
@@ -73,33 +71,54 @@ def _eager_with_probs(query, key, value, heads, beta, tau, scaling, kpm, kv_len,
 
 
 def _visible_keys(query, key, value, attention_mask, cache=None, window=None,
-                  position_ids=None):
-    """``(key, value, key_padding_mask, front)``: the mask checked and turned into a key-padding
-    mask, k/v cut to the keys the queries can see (a static cache's unfilled slots dropped);
-    ``front`` is 1 where a stand-in first key was put in front (see below), else 0."""
-    kpm, keys_used = mask_to_key_padding(attention_mask, query.shape[0], query.shape[2],
-                                         key.shape[2], cache=cache, window=window)
-    if keys_used < key.shape[2]:
-        key, value = key[:, :, :keys_used], value[:, :, :keys_used]
+                  position_ids=None, causal: bool = True):
+    """``(key, value, structure, front, dense)``: the mask checked and turned into the op's keyword
+    arguments (``structure``: ``key_padding_mask``, ``window`` and, where they apply,
+    ``segment_ids`` / ``block_ids`` / ``attn_mask``), k/v cut to the keys the queries can see (a
+    static cache's unfilled slots dropped); ``front`` is 1 where a stand-in first key was put in
+    front (see below), else 0; ``dense``: what the mask does where it takes the op's dense path,
+    else None. A layer that is not ``causal`` without a mask sees every key: the dense path with
+    an all-True mask."""
+    if not causal and attention_mask is None:
+        every = torch.ones(1, 1, 1, dtype=torch.bool, device=query.device).expand(
+            1, query.shape[2], key.shape[2])
+        structure = {"key_padding_mask": None, "window": None, "attn_mask": every}
+        return key, value, structure, 0, "a layer that is not causal sees every key"
+    plan = mask_plan(attention_mask, query.shape[0], query.shape[2], key.shape[2], cache=cache,
+                     window=window)
+    if plan.dense is not None:       # the mask is the visibility: no window, no cut
+        structure = {"key_padding_mask": plan.key_padding, "window": None,
+                     "attn_mask": dense_mask(attention_mask)}
+        return key, value, structure, 0, plan.dense
+    if plan.keys_used < key.shape[2]:
+        key, value = key[:, :, :plan.keys_used], value[:, :, :plan.keys_used]
     used = key.shape[2]
     if window is not None:
-        key, value, kpm = _mark_dropped_start(key, value, kpm, position_ids,
-                                              keys_dropped(attention_mask), cache)
-    return key, value, kpm, key.shape[2] - used
+        key, value, plan = _mark_dropped_start(key, value, plan, position_ids,
+                                               keys_dropped(attention_mask), cache)
+    structure = {"key_padding_mask": plan.key_padding, "window": window}
+    if plan.segment_ids is not None:
+        structure["segment_ids"] = plan.segment_ids
+    if plan.block_ids is not None:
+        structure["block_ids"] = plan.block_ids
+    return key, value, structure, key.shape[2] - used, None
 
 
-def _mark_dropped_start(key, value, kpm, position_ids, dropped_any: Optional[bool] = None,
-                        cache=None):
+def _mark_dropped_start(key, value, plan: MaskPlan, position_ids,
+                        dropped_any: Optional[bool] = None, cache=None):
     """Sliding-window caches drop the keys before the window, the sequence's first key among
     them. The contract never makes the *sequence's* first valid key a sink, not the first key
     of the call: where the call's keys cannot hold the whole sequence (the last query's
     position, which counts at most every earlier token, is past the number of keys), one zero
-    key, real but outside every row's window, is put in front to stand for the dropped start.
-    Rows whose sequence is whole get it as padding. ``dropped_any``: whether the cache dropped
-    any key, when the mask's record says so on the host (``masks.keys_dropped``); else the
-    position ids are read. The new key-padding mask is made once per forward (``cache``)."""
-    if position_ids is None or position_ids.dim() != 2 or dropped_any is False:
-        return key, value, kpm
+    key, real but outside every row's window (and outside every image block), is put in front to
+    stand for the dropped start. Rows whose sequence is whole get it as padding. ``dropped_any``:
+    whether the cache dropped any key, when the mask's record says so on the host
+    (``masks.keys_dropped``); else the position ids are read. The new key-padding mask is made
+    once per forward (``cache``). Packed sequences come without a cache: nothing is dropped."""
+    kpm = plan.key_padding
+    if position_ids is None or position_ids.dim() != 2 or dropped_any is False \
+            or plan.segment_ids is not None:
+        return key, value, plan
     bsz, nk = key.shape[0], key.shape[2]
 
     def marked():
@@ -114,9 +133,13 @@ def _mark_dropped_start(key, value, kpm, position_ids, dropped_any: Optional[boo
         cache.get((kpm, position_ids), lambda _: marked(),
                   ("dropped start", bsz, nk, dropped_any))
     if marked_kpm is None:
-        return key, value, kpm
+        return key, value, plan
     pad = key.new_zeros(key.shape[0], key.shape[1], 1, key.shape[3])
-    return torch.cat([pad, key], dim=2), torch.cat([pad, value], dim=2), marked_kpm
+    blocks = plan.block_ids
+    if blocks is not None:
+        blocks = torch.nn.functional.pad(blocks, (1, 0), value=-1)
+    return torch.cat([pad, key], dim=2), torch.cat([pad, value], dim=2), \
+        plan._replace(key_padding=marked_kpm, block_ids=blocks)
 
 
 # Inside torch.compile the whole call, mask check included (it reads the mask's values and cuts
@@ -134,11 +157,14 @@ def hf_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: Optional[torch.Tensor], heads: Optional[torch.Tensor],
                     beta: float, tau: float, scale: float, backend: str,
                     window: Optional[int] = None,
-                    position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    key, value, kpm, _ = _visible_keys(query, key, value, attention_mask, _OPAQUE_MASKS,
-                                       window, position_ids)
+                    position_ids: Optional[torch.Tensor] = None,
+                    causal: bool = True) -> torch.Tensor:
+    key, value, structure, _, dense = _visible_keys(query, key, value, attention_mask,
+                                                    _OPAQUE_MASKS, window, position_ids, causal)
+    if dense is not None:            # no model state here: Python shows a repeated text once
+        warn_dense(dense)
     return act_attention(query, key, value, heads=heads, beta=beta, tau=tau, scale=scale,
-                         key_padding_mask=kpm, backend=backend, window=window).contiguous()
+                         backend=backend, **structure).contiguous()
 
 
 _OPAQUE_MASKS = TensorCache(views=False)
@@ -146,7 +172,7 @@ _OPAQUE_MASKS = TensorCache(views=False)
 
 @hf_attention_op.register_fake
 def _hf_attention_fake(query, key, value, attention_mask, heads, beta, tau, scale, backend,
-                       window=None, position_ids=None):
+                       window=None, position_ids=None, causal=True):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
@@ -158,11 +184,12 @@ def _make_attention_forward(name: str):
                               dropout: float = 0.0, scaling: Optional[float] = None,
                               is_causal: Optional[bool] = None, **kwargs
                               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        _refuse_unsupported(name, module, dropout, is_causal, kwargs)
+        _refuse_unsupported(name, dropout, kwargs)
         state = state_of_module(module)
         heads, beta, tau = state.layer_settings(module, query.device)
         window = kwargs.get("sliding_window")
         position_ids = kwargs.get("position_ids")
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         if torch.compiler.is_compiling():
             if kwargs.get("output_attentions", False) or state.recorders or \
                     _global_recording():
@@ -170,25 +197,28 @@ def _make_attention_forward(name: str):
                                           "need eager execution, not torch.compile")
             scale = default_scale(query.shape[-1]) if scaling is None else float(scaling)
             out = hf_attention_op(query, key, value, attention_mask, heads, beta, tau, scale,
-                                  backend, window, position_ids)
+                                  backend, window, position_ids, causal)
             return out.transpose(1, 2).contiguous(), None
 
         kv_len = key.shape[2]
-        key, value, kpm, front = _visible_keys(query, key, value, attention_mask,
-                                               state.mask_cache, window, position_ids)
+        key, value, structure, front, dense = _visible_keys(
+            query, key, value, attention_mask, state.mask_cache, window, position_ids, causal)
+        if dense is not None and not state.dense_warned:
+            state.dense_warned = True
+            warn_dense(dense)
         if kwargs.get("output_attentions", False):
-            out, probs = _eager_with_probs(query, key, value, heads, beta, tau, scaling, kpm,
-                                           kv_len, window, front)
+            out, probs = _eager_with_probs(query, key, value, heads, beta, tau, scaling,
+                                           structure, kv_len, front)
             return out.transpose(1, 2).contiguous(), probs
 
         recorders = state.recorders_for(getattr(module, "layer_idx", None),
                                         GLOBAL_RECORDERS.get())
-        args = dict(heads=heads, beta=beta, tau=tau, scale=scaling, key_padding_mask=kpm,
-                    backend=backend, window=window)
+        args = dict(heads=heads, beta=beta, tau=tau, scale=scaling, backend=backend,
+                    **structure)
         if recorders:
             out, stats = act_attention(query, key, value, return_stats=True, **args)
             for recorder in recorders:
-                recorder(module, stats, query, key, value, kpm)
+                recorder(module, stats, query, key, value, structure["key_padding_mask"])
         else:
             out = act_attention(query, key, value, **args)
         return out.transpose(1, 2).contiguous(), None

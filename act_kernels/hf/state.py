@@ -55,6 +55,8 @@ class ACTModelState:
     # the attention masks checked and the key-padding masks derived from them, per mask tensor:
     # every layer of a forward gets the same mask, so it is checked once per forward
     mask_cache: TensorCache = field(default_factory=TensorCache)
+    # whether the model warned that a mask took the op's slower dense path (once per model)
+    dense_warned: bool = False
     model_level: bool = True
     _raw: object = None
     _profile: Optional[ACTProfile] = None
