@@ -21,6 +21,7 @@ import torch
 from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_beta, check_heads,
                      check_key_padding_mask, check_tau, check_window, default_scale, head_indices,
                      head_mask, resolve_backend)
+from .gradients import differentiable_call, needs_gradients
 from .tensor_cache import TensorCache, data_owner
 
 __all__ = ["ACTStats", "BACKENDS", "act_attention", "normalize_heads",
@@ -296,13 +297,21 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                       "window= (sliding-window attention); use backend='eager'")
         extra["window"] = window
 
-    if name != "eager" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                        or v.requires_grad):
-        raise RuntimeError(
-            f"act_attention: the {name!r} backend is forward-only, but gradients were asked for "
-            "(q, k or v requires grad and grad mode is on): no gradient would reach them. For "
-            "inference run it under torch.no_grad() or torch.inference_mode() (a model's "
-            "forward too); to differentiate use backend='eager', the reference")
+    if name != "eager" and needs_gradients(q, k, v):
+        # the fast forward, the eager reference's backward (act_kernels.gradients)
+        args = dict(heads=heads, beta=beta, tau=tau, scale=scale, key_padding_mask=key_padding_mask,
+                    window=window)
+        kept = {}
+
+        def fast(q, k, v):
+            got = act_attention(q, k, v, backend=backend, return_stats=return_stats, **args)
+            if return_stats:
+                got, kept["stats"] = got
+            return got
+
+        out = differentiable_call(q, k, v, fast, functools.partial(act_attention, backend="eager",
+                                                                   **args), name)
+        return (out, kept["stats"]) if return_stats else out
     out, stats = fn(q, k, v, calibrated, beta, tau, scale, kpm, bool(return_stats), **extra)
     if return_stats:
         return out, ACTStats.from_dict(stats)

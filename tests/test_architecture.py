@@ -31,13 +31,13 @@ PACKAGE = "act_kernels"
 LAYERS = [
     ("ground", ["params", "modelinfo", "sinks", "tensor_cache", "reference", "torch_backend",
                 "triton_backend", "kernels", "tasks", "profiles", "model_loader", "calibration"]),
-    ("op", ["op"]),
+    ("op", ["op", "gradients"]),
     ("hf", ["hf"]),
     ("scoring", ["scoring", "runtime"]),
     ("pipeline", ["search", "evaluate", "inspection", "lmeval", "cli_args"]),
     ("cli", ["cli", "demo", ""]),
 ]
-OP_LAYER = {"op", "params", "torch_backend", "triton_backend", "reference", "sinks", "kernels",
+OP_LAYER = {"op", "gradients", "params", "torch_backend", "triton_backend", "reference", "sinks", "kernels",
             "tensor_cache", "calibration"}
 
 
