@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import segments
+from .gradients import differentiable_call, needs_gradients
 from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_attn_mask, check_beta,
                      check_heads, check_key_padding_mask, check_mask_combination,
                      check_mask_values, check_position_ids, check_tau, check_window,
@@ -349,13 +350,13 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend,
                               return_stats, window, segment_ids, block_ids, attn_mask)
     masks = segment_ids is not None or block_ids is not None or attn_mask is not None
+    given_window, given_masks = window, (segment_ids, block_ids, attn_mask)
     steady = None if masks else _steady_args(q, k, v, heads, beta, tau, scale, backend, window)
     groups = None
     if steady is not None:
         calibrated, beta, tau, scale, name, window = steady
         kpm = normalize_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], q.device)
     else:
-        given_window = window
         calibrated, kpm, beta, tau, scale, name, window = _validated_args(
             q, k, v, heads, beta, tau, scale, key_padding_mask, backend, window)
         if masks:
@@ -365,13 +366,22 @@ def act_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     extra = {} if window is None and not masks else _backend_extra(fn, name, window, block_ids,
                                                                    attn_mask)
 
-    if name != "eager" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                        or v.requires_grad):
-        raise RuntimeError(
-            f"act_attention: the {name!r} backend is forward-only, but gradients were asked for "
-            "(q, k or v requires grad and grad mode is on): no gradient would reach them. For "
-            "inference run it under torch.no_grad() or torch.inference_mode() (a model's "
-            "forward too); to differentiate use backend='eager', the reference")
+    if name != "eager" and needs_gradients(q, k, v):
+        # the fast forward, the eager reference's backward (act_kernels.gradients)
+        args = dict(heads=heads, beta=beta, tau=tau, scale=scale, key_padding_mask=key_padding_mask,
+                    window=given_window, segment_ids=given_masks[0], block_ids=given_masks[1],
+                    attn_mask=given_masks[2])
+        kept = {}
+
+        def fast(q, k, v):
+            got = act_attention(q, k, v, backend=backend, return_stats=return_stats, **args)
+            if return_stats:
+                got, kept["stats"] = got
+            return got
+
+        out = differentiable_call(q, k, v, fast, functools.partial(act_attention, backend="eager",
+                                                                   **args), name)
+        return (out, kept["stats"]) if return_stats else out
     if groups is not None:
         out, stats = segments.split(groups, functools.partial(
             _sub_call, fn, beta, tau, scale, bool(return_stats), extra), q, k, v, calibrated,

@@ -31,13 +31,14 @@ PACKAGE = "act_kernels"
 LAYERS = [
     ("ground", ["params", "modelinfo", "sinks", "tensor_cache", "reference", "torch_backend",
                 "triton_backend", "kernels", "tasks", "profiles", "model_loader", "calibration"]),
-    ("op", ["op", "segments"]),
+    ("op", ["op", "segments", "gradients"]),
     ("hf", ["hf"]),
     ("scoring", ["scoring", "runtime"]),
     ("pipeline", ["search", "evaluate", "inspection", "lmeval", "cli_args"]),
     ("cli", ["cli", "demo", ""]),
 ]
-OP_LAYER = {"op", "segments", "params", "torch_backend", "triton_backend", "reference", "sinks", "kernels",
+OP_LAYER = {"op", "segments", "gradients", "params", "torch_backend", "triton_backend", "reference",
+            "sinks", "kernels",
             "tensor_cache", "calibration"}
 
 
