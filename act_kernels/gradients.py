@@ -53,18 +53,34 @@ class ACTFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        _warn_once(ctx.backend)
-        saved = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[:3]
-        inputs = [t.detach().requires_grad_(w) for t, w in zip(saved, wanted)]
-        with torch.enable_grad():
-            out = ctx.exact(*inputs)
-            asked = [t for t, w in zip(inputs, wanted) if w]
-            got = iter(torch.autograd.grad(out, asked, grad_out, allow_unused=True))
-        grads = [next(got) if w else None for w in wanted]
-        grads = [g if g is not None or not w else torch.zeros_like(t)
-                 for g, w, t in zip(grads, wanted, saved)]
+        grads = reference_gradients(ctx.exact, *ctx.saved_tensors, grad_out,
+                                    ctx.needs_input_grad[:3], ctx.backend)
         return (*grads, None, None, None)
+
+
+def reference_gradients(exact: Callable, q, k, v, grad_out, wanted, backend: str):
+    """The gradients of ``exact(q, k, v)`` (the eager reference of a call) against ``grad_out``
+    for the inputs ``wanted`` says (a zero tensor for one that does not reach the output, None
+    for one not wanted); the one backward of the fast backends, eager and compiled alike."""
+    _warn_once(backend)
+    inputs = [t.detach().requires_grad_(bool(w)) for t, w in zip((q, k, v), wanted)]
+    asked = [t for t, w in zip(inputs, wanted) if w]
+    with torch.enable_grad():
+        out = exact(*inputs)
+        got = iter(torch.autograd.grad(out, asked, grad_out, allow_unused=True))
+    grads = [next(got) if w else None for w in wanted]
+    return [torch.zeros_like(t) if g is None and w else g
+            for g, w, t in zip(grads, wanted, (q, k, v))]
+
+
+def autograd_inside_an_op():
+    """A context that records autograd again inside a ``torch.library`` op's body, where the
+    dispatcher excludes the autograd keys (the compiled op's backward differentiates the
+    reference there); the other exclusions (autocast) stay."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    return torch._C._ForceDispatchKeyGuard(
+        torch._C._dispatch_tls_local_include_set(),
+        excluded.remove(torch._C.DispatchKey.AutogradFunctionality))
 
 
 def differentiable_call(q, k, v, fast: Callable, exact: Callable, backend: str):

@@ -19,12 +19,13 @@ import functools
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import segments
-from .gradients import differentiable_call, needs_gradients
+from .gradients import (autograd_inside_an_op, differentiable_call, needs_gradients,
+                        reference_gradients)
 from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_attn_mask, check_beta,
                      check_heads, check_key_padding_mask, check_mask_combination,
                      check_mask_values, check_position_ids, check_tau, check_window,
@@ -437,6 +438,46 @@ def act_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _act_attention_fake(q, k, v, heads, key_padding_mask, beta, tau, scale, backend,
                         window=None, segment_ids=None, block_ids=None, attn_mask=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# Gradients through the compiled op: the eager reference's backward (act_kernels.gradients), as
+# an opaque op of its own, so that the compiler sees three outputs shaped like q, k and v.
+@torch.library.custom_op("act_kernels::act_attention_backward", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,))
+def act_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                              v: torch.Tensor, heads: Optional[torch.Tensor],
+                              key_padding_mask: Optional[torch.Tensor], beta: float, tau: float,
+                              scale: float, backend: str, window: Optional[int] = None,
+                              segment_ids: Optional[torch.Tensor] = None,
+                              block_ids: Optional[torch.Tensor] = None,
+                              attn_mask: Optional[torch.Tensor] = None
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    exact = functools.partial(act_attention, heads=heads, beta=beta, tau=tau, scale=scale,
+                              key_padding_mask=key_padding_mask, backend="eager", window=window,
+                              segment_ids=segment_ids, block_ids=block_ids, attn_mask=attn_mask)
+    with autograd_inside_an_op():
+        return tuple(reference_gradients(exact, q, k, v, grad, (True, True, True), backend))
+
+
+@act_attention_backward_op.register_fake
+def _act_attention_backward_fake(grad, q, k, v, *args, **kwargs):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _op_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5], *inputs[10:])
+    ctx.params = inputs[5:10]
+
+
+def _op_backward(ctx, grad):
+    q, k, v, heads, kpm, segment_ids, block_ids, attn_mask = ctx.saved_tensors
+    beta, tau, scale, backend, window = ctx.params
+    dq, dk, dv = act_attention_backward_op(grad, q, k, v, heads, kpm, beta, tau, scale, backend,
+                                           window, segment_ids, block_ids, attn_mask)
+    return (dq, dk, dv) + (None,) * 10
+
+
+act_attention_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, return_stats,

@@ -133,3 +133,37 @@ def test_gradient_checkpointing_trains_through_act_torch():
     torch.testing.assert_close(loss_ckpt, loss)
     for name, g in grads.items():
         torch.testing.assert_close(grads_ckpt[name], g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask", ["segments", "blocks", "attn_mask"])
+def test_gradcheck_under_the_general_masks(mask):
+    q, k, v = planted(b=1, hq=2, hkv=1, nq=7, nk=7, d=3)
+    kw = {"segments": dict(segment_ids=torch.tensor([[0, 0, 0, 1, 1, 1, 1]])),
+          "blocks": dict(block_ids=torch.tensor([[-1, -1, 0, 0, 0, -1, -1]])),
+          "attn_mask": dict(attn_mask=torch.rand(1, 7, 7, generator=torch.Generator()
+                                                 .manual_seed(3)) < 0.6)}[mask]
+    args = dict(heads=[0], tau=0.08, **kw)
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: act_attention(q, k, v, backend="torch", **args), inputs,
+            eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_gradients_through_the_compiled_op():
+    q, k, v = planted(dtype=torch.float32, nq=9)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: act_attention(q, k, v, heads=[1, 2], tau=0.08,
+                                                           backend="torch"), fullgraph=True)
+    got, want = [], []
+    for fn, into in ((compiled, got), (lambda q, k, v: act_attention(
+            q, k, v, heads=[1, 2], tau=0.08, backend="eager"), want)):
+        inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn(*inputs).backward(grad)
+        into.extend(t.grad for t in inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
