@@ -50,6 +50,7 @@ from .kernels.column_scores import column_scores  # noqa: E402
 from .kernels.decode import candidate_slots, decode_attention  # noqa: E402
 from .kernels.flash_forward import _flash_forward_kernel, flash_forward  # noqa: E402
 from .kernels.sink_correction import sink_correction  # noqa: E402
+from .kernels.spans import block_spans, span_counts  # noqa: E402
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -138,9 +139,12 @@ def check_can_run(q: torch.Tensor) -> None:
 
 
 def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats,
-                         window=None):
+                         window=None, block_ids=None):
     """The Triton backend (see the module docstring); ``window``: None or ``W >= 1``, a
-    sliding window (``docs/spec.md``, "Attention windows"), a runtime argument of every kernel."""
+    sliding window (``docs/spec.md``, "Attention windows"), a runtime argument of every kernel;
+    ``block_ids``: None or integer ``[B, Nk]`` on q's device, bidirectional blocks (negative:
+    no block; each block one contiguous run of positions, as the op checks), taken by the
+    kernels as per-row key intervals (``kernels.spans``)."""
     check_can_run(q)
     if aot.is_stand_in(q):      # its caches would keep traced tensors; nonzero() cannot trace
         raise RuntimeError("act_attention: the eager Triton backend cannot be traced; inside "
@@ -149,11 +153,11 @@ def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, ret
     n_bh = q.shape[0] * q.shape[1]
     cal = calibrated_pairs(heads, n_bh, q.device)
     return _attend(q, k, v, cal, _no_pairs(n_bh, q.device).u_slot, heads, beta, tau, scale,
-                   key_padding_mask, return_stats, window)
+                   key_padding_mask, return_stats, window, block_ids)
 
 
 def _attend(q, k, v, cal: CalibratedPairs, no_slot, heads, beta, tau, scale, key_padding_mask,
-            return_stats, window):
+            return_stats, window, block_ids=None):
     """The launches of one call, the pairs given; ``no_slot`` int32 ``[B*Hq]`` of -1 (no fp32
     copy of ``u``, for the one-pass decode); ``heads`` is only read for the statistics."""
     bsz, hq, nq, dim = q.shape
@@ -163,12 +167,20 @@ def _attend(q, k, v, cal: CalibratedPairs, no_slot, heads, beta, tau, scale, key
     kpm_i8 = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
     first_valid = first_valid_index(key_padding_mask, bsz, dev)
     first_valid_i32 = first_valid.to(torch.int32)
+    # Bidirectional blocks: per-row key intervals. A single row at position Nk - 1 has no later
+    # key, so a block only moves its window's start: without a window it sees what it sees
+    # without blocks, and runs today's kernels.
+    spans = None
+    if block_ids is not None and (nq > 1 or window is not None):
+        spans = block_spans(block_ids, nq, window, first_valid)
+    win_lo = None if spans is None or nq > 1 else spans.row_lo[:, 0].contiguous()
 
     # Decode with calibration: one pass over K/V, candidates kept on the fly, exact (decode.py).
     if nq == 1 and cal.n_cal > 0 and not return_stats and candidate_slots(tau):
         out, _, _, _ = decode_attention(q, k, v, scale, kpm_i8, first_valid_i32, no_slot, 0,
                                         calibrated=cal.cal_i8, beta=beta, tau=tau,
-                                        stable_rest=stable_rest(torch.float32), window=window)
+                                        stable_rest=stable_rest(torch.float32), window=window,
+                                        win_lo=win_lo)
         return out, None
 
     # Which (b, h) pairs get column work: the listed ones (all of them for stats).
@@ -177,10 +189,10 @@ def _attend(q, k, v, cal: CalibratedPairs, no_slot, heads, beta, tau, scale, key
     # 1. plain pass: out, base-2 LSE, fp32 u of the calibrated heads
     if nq == 1:
         out, lse2, u32, _ = decode_attention(q, k, v, scale, kpm_i8, first_valid_i32, u_slot,
-                                             n_cal, window=window)
+                                             n_cal, window=window, win_lo=win_lo)
     else:
         out, lse2, u32 = flash_forward(q, k, v, scale, kpm_i8, first_valid_i32, u_slot, n_cal,
-                                       window=window)
+                                       window=window, spans=spans)
     if return_stats:
         pairs = torch.arange(n_bh, device=dev, dtype=torch.int32)
     else:
@@ -189,18 +201,22 @@ def _attend(q, k, v, cal: CalibratedPairs, no_slot, heads, beta, tau, scale, key
         return out, None
 
     # 2. column pass: sum_i P_ij per key, calibrated pairs only
-    colsum = column_scores(q, k, lse2, scale, kpm_i8, pairs, window=window)
+    colsum = column_scores(q, k, lse2, scale, kpm_i8, pairs, window=window, spans=spans)
 
     # 3. sink selection on [P, Nk] (tiny tensors, torch)
     pair_b = pairs.long() // hq
-    counts = seen_counts(nq, nk, key_padding_mask, bsz, dev, window)[pair_b]
+    if spans is None:
+        counts = seen_counts(nq, nk, key_padding_mask, bsz, dev, window)[pair_b]
+    else:
+        counts = span_counts(spans, key_padding_mask)[pair_b]
     scores, sinks = select_sinks(colsum[:, None, :], counts, tau, first_valid[pair_b])
     scores, sinks = scores[:, 0], sinks[:, 0]
 
     # 4. correction of the calibrated rows, in place (stats-only pairs just get m_i)
     slots = u_slot[pairs.long()]
     mass = sink_correction(q, k, v, out, lse2, u32, pairs, slots, sinks, beta, scale, kpm_i8,
-                           first_valid_i32, stable_rest(torch.float32), window=window)
+                           first_valid_i32, stable_rest(torch.float32), window=window,
+                           spans=spans)
     if not return_stats:
         return out, None
     calibrated = torch.zeros(bsz, hq, dtype=torch.bool, device=dev)
@@ -216,6 +232,7 @@ def _attend(q, k, v, cal: CalibratedPairs, no_slot, heads, beta, tau, scale, key
 
 
 act_attention_triton.SUPPORTS_WINDOW = True
+act_attention_triton.SUPPORTS_BLOCKS = True
 
 
 # ---------------------------------------------------------------------------------------------
