@@ -104,8 +104,8 @@ def column_scores(q, k, lse2, scale, kpm_i8, pairs, window=None, spans=None):
         *q.stride(), *k.stride(),
         hq, hq // hkv, nq, nk, scale * LOG2E, win, configs.len_bucket(nq),
         configs.len_bucket(nk),
-        HAS_KPM=has_kpm, BLOCKS=blocks, **configs.dot_flags(q.dtype), BLOCK_D=configs.head_block(dim),
-        HEAD_DIM=dim, **meta)
+        HAS_KPM=has_kpm, BLOCKS=blocks, **configs.dot_flags(q.dtype),
+        BLOCK_D=configs.head_block(dim), HEAD_DIM=dim, **meta)
     return colsum
 
 

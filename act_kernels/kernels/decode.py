@@ -323,8 +323,8 @@ def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calib
     block_d = configs.head_block(dim)
     block_g, n_chunks = configs.decode_group_block(group)
     programs = bsz * hkv * n_chunks              # per split: one per group chunk
-    blocks = win_lo is not None
-    win = nk if blocks else window_arg(window, nk)
+    spans = win_lo is not None
+    win = nk if spans else window_arg(window, nk)
     # the splits cover the keys from the block that holds the window's first key (BLOCK_N does
     # not depend on the length)
     block_n = configs.decode_config(programs, nk, dim, block_g, split_size, q.element_size())[0]
@@ -353,7 +353,7 @@ def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calib
     u32 = torch.empty(max(n_slots, 1), 1, dim, device=dev, dtype=torch.float32)
     has_kpm = kpm_i8 is not None
     kpm_arg = kpm_i8 if has_kpm else first_valid
-    win_lo_arg = win_lo if blocks else first_valid      # any valid pointer; read only if blocks
+    win_lo_arg = win_lo if spans else first_valid       # any valid pointer; read only if spans
     qs = (q.stride(0), q.stride(1), q.stride(3))
     qk_scale = scale * LOG2E
     flags = configs.dot_flags(q.dtype)
@@ -364,13 +364,13 @@ def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calib
         win_lo_arg, *qs, *k.stride(), *v.stride(),
         hq, hkv, group, n_chunks, nk, qk_scale, split, num_splits,
         math.log2(tau) - MARGIN if track else 0.0, win,
-        HAS_KPM=has_kpm, TRACK=track, BLOCKS=blocks, **flags, **blocks, num_warps=num_warps)
+        HAS_KPM=has_kpm, TRACK=track, BLOCKS=spans, **flags, **blocks, num_warps=num_warps)
     launch(_decode_epilogue_kernel, (programs,),
         q, k, v, out, lse2, u32, u_slot, cal, mass, kpm_arg, first_valid,
         part_m, part_l, part_acc, cand_s, cand_i, win_lo_arg,
         *qs, *k.stride(), *v.stride(), out.stride(0), out.stride(1), out.stride(3),
         hq, hkv, group, n_chunks, nk, qk_scale, num_splits, float(beta), float(tau),
-        float(stable_rest), win, HAS_KPM=has_kpm, TRACK=track, BLOCKS=blocks, **flags, **blocks,
+        float(stable_rest), win, HAS_KPM=has_kpm, TRACK=track, BLOCKS=spans, **flags, **blocks,
         num_warps=num_warps)
     return out, lse2, u32, mass
 

@@ -76,18 +76,18 @@ def _flash_forward_kernel(
     # stage 1: the left edge of the window (of the rows' intervals), mask on (empty without one)
     acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
                                   stride_vn, stride_vd, kpm_row, Kpm, pos_m, window, lo_m, hi_m,
-                                  offs_d, d_ok, lo, full, Nk, qk_scale, BLOCK_N, HAS_KPM, True, False, BLOCKS,
-                                  IN_PREC, UPCAST, F32_PREC)
+                                  offs_d, d_ok, lo, full, Nk, qk_scale, BLOCK_N, HAS_KPM, True,
+                                  False, BLOCKS, IN_PREC, UPCAST, F32_PREC)
     # stage 2: blocks every row of the tile sees entirely (only padding can mask a key)
     acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
                                   stride_vn, stride_vd, kpm_row, Kpm, pos_m, window, lo_m, hi_m,
-                                  offs_d, d_ok, full, mid, Nk, qk_scale, BLOCK_N, HAS_KPM, False, False, BLOCKS,
-                                  IN_PREC, UPCAST, F32_PREC)
+                                  offs_d, d_ok, full, mid, Nk, qk_scale, BLOCK_N, HAS_KPM, False,
+                                  False, BLOCKS, IN_PREC, UPCAST, F32_PREC)
     # stage 3: the diagonal blocks (up to the last row's block end), causal (and window) mask on
     acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
                                   stride_vn, stride_vd, kpm_row, Kpm, pos_m, window, lo_m, hi_m,
-                                  offs_d, d_ok, mid, hi, Nk, qk_scale, BLOCK_N, HAS_KPM, True, False, BLOCKS,
-                                  IN_PREC, UPCAST, F32_PREC)
+                                  offs_d, d_ok, mid, hi, Nk, qk_scale, BLOCK_N, HAS_KPM, True,
+                                  False, BLOCKS, IN_PREC, UPCAST, F32_PREC)
 
     r_ok = row_real(kpm_row, offs_m, Nq, Nk, HAS_KPM) & (l_i > 0)
     o = acc / tl.where(r_ok, l_i, 1.0)[:, None]
@@ -128,8 +128,8 @@ def flash_forward(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, window=N
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         hq, hq // hkv, nq, nk, scale * LOG2E, window_arg(window, nk),
         configs.len_bucket(nq), configs.len_bucket(nk),
-        HAS_KPM=has_kpm, BLOCKS=spans is not None, **configs.dot_flags(q.dtype), F32_PREC=configs.F32_PREC,
-        BLOCK_D=configs.head_block(dim), HEAD_DIM=dim, **meta)
+        HAS_KPM=has_kpm, BLOCKS=spans is not None, **configs.dot_flags(q.dtype),
+        F32_PREC=configs.F32_PREC, BLOCK_D=configs.head_block(dim), HEAD_DIM=dim, **meta)
     return out, lse2, u32
 
 
