@@ -24,6 +24,13 @@ pass start at the block of the first row's window, the column pass launches no p
 and loops only over the rows at positions ``j .. j + W - 1``, decode walks the last ``W`` keys.
 The divisor is ``seen_counts(..., window)``; the sequence's first valid key stays excluded.
 
+Bidirectional blocks (``block_ids``, ``SUPPORTS_BLOCKS``; segments are split off by the op): each
+row sees one key interval, window and block folded in (``kernels.spans``, derived once per call
+on the device); every kernel takes it behind a ``BLOCKS`` constexpr and skips the key (column
+pass: query) blocks outside it. The divisor is ``spans.span_counts``; the excluded key is still
+the first valid key. A single row at ``Nk - 1`` has no later key: without a window its blocks
+change nothing and the call runs as if there were none.
+
 LSE convention: base 2, ``lse2 = log2 sum_j 2^(scale * log2(e) * q.k_j)``; ``+inf`` for rows
 that see nothing (padded query rows), whose output is 0.
 """
@@ -265,32 +272,35 @@ def _register(body):
 def act_attention_triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             heads: Optional[torch.Tensor], pairs: Optional[torch.Tensor],
                             key_padding_mask: Optional[torch.Tensor], beta: float, tau: float,
-                            scale: float, window: Optional[int] = None) -> torch.Tensor:
+                            scale: float, window: Optional[int] = None,
+                            block_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``torch.ops.act_kernels.act_attention_triton``: the backend's output (no statistics).
 
     ``heads`` bool ``[B, Hq]`` or None; ``pairs`` int32 ``[P]`` ascending ``b * Hq + h``, the
     pairs given the column and correction passes: a head is calibrated when it is set in
     ``heads`` and listed in ``pairs``, so ``pairs`` must list every calibrated pair (the exact
     list where it is known on the host, every pair otherwise: correct, with column work for the
-    uncalibrated heads too). ``key_padding_mask`` bool ``[B, Nk]`` or None. The arguments are
-    assumed valid (see ``compiled_call``).
+    uncalibrated heads too). ``key_padding_mask`` bool ``[B, Nk]`` or None; ``block_ids``
+    integer ``[B, Nk]`` or None (bidirectional blocks, as ``act_attention_triton`` takes them).
+    The arguments are assumed valid (see ``compiled_call``).
     """
     check_can_run(q)
     none = CalibratedPairs.none(q.shape[0] * q.shape[1], q.device)   # fresh: traced tensors
     cal = none if heads is None or pairs is None else CalibratedPairs.covering(heads, pairs)
     out, _ = _attend(q, k, v, cal, none.u_slot, None, beta, tau, scale, key_padding_mask, False,
-                     window)
+                     window, block_ids)
     return out
 
 
 def compiled_call(q, k, v, heads, key_padding_mask, beta: float, tau: float, scale: float,
-                  window: Optional[int]) -> torch.Tensor:
+                  window: Optional[int], block_ids=None) -> torch.Tensor:
     """``act_attention`` inside torch.compile with ``backend="triton"``: the registered op, its
     arguments built from host-known facts only. ``heads``: None, head indices (then exactly the
     listed pairs get column work) or a bool tensor ``[Hq]`` / ``[B, Hq]`` (its values are not
     known while tracing: every pair gets column work, the correction only the set ones).
     ``key_padding_mask``: None or bool ``[B, Nk]`` (its values are not checked here; an
-    all-real mask runs the padded kernels). ``beta``, ``tau``, ``window`` already checked."""
+    all-real mask runs the padded kernels). ``beta``, ``tau``, ``window``, ``block_ids``
+    already checked (``block_ids``: None or integer ``[B, Nk]``, each block one run)."""
     bsz, hq = q.shape[0], q.shape[1]
     mask, pairs = _compiled_heads(heads, bsz, hq, q.device)
     if check_key_padding_mask(key_padding_mask, bsz, k.shape[2], q.device) is not None \
@@ -298,7 +308,7 @@ def compiled_call(q, k, v, heads, key_padding_mask, beta: float, tau: float, sca
         raise TypeError("act_attention: inside torch.compile, backend='triton' needs a bool "
                         "key_padding_mask [B, Nk] (True = real token)")
     return act_attention_triton_op(q, k, v, mask, pairs, key_padding_mask, beta, tau, scale,
-                                   window)
+                                   window, block_ids)
 
 
 def _compiled_heads(heads, bsz: int, hq: int, device):

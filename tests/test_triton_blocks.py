@@ -193,3 +193,21 @@ def test_spans_are_the_bruteforce_visibility():
             assert torch.equal(ranged & kpm[b][None, :], inside & kpm[b][None, :])
             real_rows = visible(nq, nk, kpm[b], window, None, ids[b])
             assert torch.equal(counts[b], real_rows.sum(0).float())
+
+
+def test_registered_op_takes_the_blocks():
+    """``torch.ops.act_kernels.act_attention_triton`` (the torch.compile path) with blocks: the
+    eager backend's launches (bit-identical output), and ``opcheck`` passes."""
+    nk, window = 29, 6
+    q, k, v = make_qkv(2, 4, 2, 11, nk, 16, seed=4, planted=(20,), sink_logit=4.0)
+    ids = block_ids(nk, [[(19, 27, 0)], [(16, 29, 2)]])
+    kpm = left_padding(nk, [0, 3])
+    heads = torch.tensor([[True, False, False, True], [False, True, True, False]])
+    got = tb.compiled_call(q, k, v, [0, 3], kpm, BETA, TAU, 0.25, window, ids)
+    eager = call(q, k, v, torch.tensor([[True, False, False, True]] * 2), kpm, False, window, ids)
+    assert torch.equal(got, eager)
+    without = tb.compiled_call(q, k, v, [0, 3], kpm, BETA, TAU, 0.25, window)
+    assert not torch.equal(got, without)
+    torch.library.opcheck(torch.ops.act_kernels.act_attention_triton.default,
+                          (q, k, v, heads, torch.arange(8, dtype=torch.int32), kpm, BETA, TAU,
+                           0.25, window, ids))

@@ -11,6 +11,10 @@ positions ``j .. j + W - 1``. Key blocks left of every row's window get no progr
 starts at the first row's window; their column sums stay 0). Reads Q, K, lse2; writes
 ``colsum`` [P, Nk] fp32. It never touches V.
 
+With bidirectional blocks (``BLOCKS``, ``kernels.spans``) every key block gets a program, and
+it loops over the query blocks of its keys' row ranges (``col_first .. col_end``), masked by
+each row's key interval.
+
 Only the pairs listed are launched: an uncalibrated head costs no program at all.
 """
 import torch

@@ -43,6 +43,11 @@ that block before it are masked), and the direct pass of the epilogue starts the
 first valid key excluded from the sinks stays the *sequence's* first valid key, not the first
 key of the window (``docs/spec.md``, "Attention windows").
 
+Bidirectional blocks (``BLOCKS``): the row at ``Nk - 1`` has no later key, so a block only
+moves its window's start back to the block's start: ``WinLo`` (int32 ``[B]``, the first key
+each batch row's query sees) replaces ``Nk - window``; the splits are laid over all ``Nk`` keys
+and each skips the blocks before its row's first key.
+
 Calibrated and uncalibrated rows share a program. With ``TRACK=False`` (no calibrated head, or
 the general path's plain pass) the same kernels give the plain output; the plain arithmetic
 (logits, online softmax, merge) does not depend on ``TRACK`` nor on a row's flag, and an

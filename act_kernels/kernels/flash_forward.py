@@ -16,6 +16,8 @@ Blocks past the diagonal, blocks entirely left of every row's window (``window``
 argument, ``Nk`` for none: then the first stage is empty) and blocks entirely before the first
 real key (left padding) are skipped: a windowed tile costs about ``(W + BLOCK_M) / BLOCK_N``
 blocks, not ``Nk / BLOCK_N``.
+With bidirectional blocks (``BLOCKS``, ``kernels.spans``) the same three stages run between the
+bounds of the tile's first and last rows' key intervals, the mask being each row's interval.
 GQA: query head ``h`` reads kv head ``h // group`` through its strides, nothing is copied.
 """
 import torch

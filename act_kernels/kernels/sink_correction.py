@@ -24,6 +24,9 @@ Sliding window (``window``, a runtime argument, ``Nk`` for none): a sink outside
 adds nothing to that row's ``m`` and ``w``, and the direct pass walks only the key blocks from
 the first row's window on, with the window mask (``common.attend_blocks``).
 
+Bidirectional blocks (``BLOCKS``, ``kernels.spans``): the row's key interval replaces the
+causal/window test, and the direct pass walks the tile's intervals (``common.span_walk``).
+
 Pairs with ``slot < 0`` are stats-only (``return_stats`` on an uncalibrated head): only ``m`` is
 written. Reads Q, the sink rows of K and V, lse2, u32; writes ``out`` rows and ``mass`` [P, Nq].
 """
