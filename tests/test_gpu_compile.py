@@ -40,7 +40,7 @@ is its own binary; only non-powers of two carry a lane mask. So:
   D = 128), at D = 256 on sm_80 and sm_90, fp32 on sm_90, chunked prefill, decode and decode
   with statistics under a window (W = 17) on sm_90.
 
-About 150 kernels; on 2 cores about 150 s of CPU, 4-5 minutes wall on a loaded machine (see the
+About 200 kernels; on 2 cores about 280 s of CPU, 18 minutes wall on the loaded machine (see the
 figures printed by the first test, with the registers of every variant).
 
 Compiled artefacts go to a per-session ``TRITON_CACHE_DIR`` (nothing from an earlier run is
