@@ -52,10 +52,11 @@ def _column_scores_kernel(
 
     col = tl.zeros([BLOCK_N], dtype=tl.float32)
     if BLOCKS:
-        # the rows that see some key of this block: the union of its keys' row ranges
-        n_ok = offs_n < Nk
-        first_row = tl.min(tl.load(ColFirst + b * Nk + offs_n, mask=n_ok, other=Nq), 0)
-        end_row = tl.max(tl.load(ColEnd + b * Nk + offs_n, mask=n_ok, other=0), 0)
+        # the rows that see some key of this block: the union of its keys' row ranges, whose
+        # bounds never decrease with the key: from the first key's first row to the last key's
+        # end
+        first_row = tl.load(ColFirst + b * Nk + start_n)
+        end_row = tl.load(ColEnd + b * Nk + tl.minimum(start_n + BLOCK_N, Nk) - 1)
     else:
         # the rows that see this block: index start_n - (Nk - Nq) (causal) up to the row at
         # position start_n + BLOCK_N - 2 + window (the window of the block's last key)

@@ -31,7 +31,8 @@ class Spans(NamedTuple):
     ``row_lo``, ``row_hi`` ``[B, Nq]``: the first and last key (inclusive) query row ``i`` may
     see (``row_lo > row_hi``: none); key padding inside is still masked by the kernels.
     ``col_first``, ``col_end`` ``[B, Nk]``: the query rows ``[first, end)`` whose interval holds
-    key ``j`` (``Nq, 0`` when none does).
+    key ``j`` (none when ``first >= end``); neither decreases with ``j``, so the rows of a key
+    tile lie in ``[first of its first key, end of its last key)``.
     """
 
     row_lo: torch.Tensor
@@ -78,9 +79,6 @@ def block_spans(block_ids: torch.Tensor, nq: int, window: Optional[int],
     keys = torch.arange(nk, device=ids.device).expand(bsz, nk).contiguous()
     first = torch.searchsorted(row_hi, keys, side="left")
     stop = torch.searchsorted(row_lo, keys, side="right")
-    empty = first >= stop
-    first = torch.where(empty, nq, first)
-    stop = torch.where(empty, 0, stop)
     return Spans(row_lo.to(torch.int32), row_hi.to(torch.int32),
                  first.to(torch.int32).contiguous(), stop.to(torch.int32).contiguous())
 
