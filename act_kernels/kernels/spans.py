@@ -85,18 +85,18 @@ def block_spans(block_ids: torch.Tensor, nq: int, window: Optional[int],
 
 def span_counts(spans: Spans, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """``[B, Nk]`` float32: the number of real query rows that see each real key (the divisor
-    of the score), from the row ranges: ``R(first_j) - R(end_j)`` with ``R(x)`` the number of
-    real rows at index ``>= x`` (``sinks.seen_counts``'s closed form, with blocks)."""
+    of the score): each real row adds 1 over its interval (a difference array: +1 at ``lo``,
+    -1 past ``hi``, summed along the keys), padded keys count 0."""
     bsz, nq = spans.row_lo.shape
     nk = spans.col_first.shape[1]
-    if key_padding_mask is None:
-        real_rows = torch.ones(bsz, nq, device=spans.row_lo.device)
-    else:
-        real_rows = key_padding_mask[:, nk - nq:].to(torch.float32)
-    rows_from = torch.flip(torch.cumsum(torch.flip(real_rows, [1]), 1), [1])
-    rows_from = torch.cat([rows_from, torch.zeros_like(rows_from[:, :1])], dim=1)   # [B, Nq+1]
-    first, end = spans.col_first.long(), spans.col_end.long()
-    counts = (rows_from.gather(1, first) - rows_from.gather(1, torch.maximum(first, end)))
+    lo, hi = spans.row_lo.long(), spans.row_hi.long()
+    weight = (lo <= hi).to(torch.float32)
+    if key_padding_mask is not None:
+        weight = weight * key_padding_mask[:, nk - nq:].to(torch.float32)
+    delta = torch.zeros(bsz, nk + 1, device=lo.device, dtype=torch.float32)
+    delta.scatter_add_(1, lo.clamp(max=nk), weight)
+    delta.scatter_add_(1, (hi + 1).clamp(min=0, max=nk), -weight)
+    counts = delta.cumsum(dim=1)[:, :nk]
     if key_padding_mask is not None:
         counts = counts * key_padding_mask.to(torch.float32)
     return counts
