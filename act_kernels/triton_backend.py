@@ -24,6 +24,13 @@ pass start at the block of the first row's window, the column pass launches no p
 and loops only over the rows at positions ``j .. j + W - 1``, decode walks the last ``W`` keys.
 The divisor is ``seen_counts(..., window)``; the sequence's first valid key stays excluded.
 
+Bidirectional blocks (``block_ids``, ``SUPPORTS_BLOCKS``; segments are split off by the op): each
+row sees one key interval, window and block folded in (``kernels.spans``, derived once per call
+on the device); every kernel takes it behind a ``BLOCKS`` constexpr and skips the key (column
+pass: query) blocks outside it. The divisor is ``spans.span_counts``; the excluded key is still
+the first valid key. A single row at ``Nk - 1`` has no later key: without a window its blocks
+change nothing and the call runs as if there were none.
+
 LSE convention: base 2, ``lse2 = log2 sum_j 2^(scale * log2(e) * q.k_j)``; ``+inf`` for rows
 that see nothing (padded query rows), whose output is 0.
 """
@@ -50,6 +57,7 @@ from .kernels.column_scores import column_scores  # noqa: E402
 from .kernels.decode import candidate_slots, decode_attention  # noqa: E402
 from .kernels.flash_forward import _flash_forward_kernel, flash_forward  # noqa: E402
 from .kernels.sink_correction import sink_correction  # noqa: E402
+from .kernels.spans import block_spans, span_counts  # noqa: E402
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -138,9 +146,12 @@ def check_can_run(q: torch.Tensor) -> None:
 
 
 def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats,
-                         window=None):
+                         window=None, block_ids=None):
     """The Triton backend (see the module docstring); ``window``: None or ``W >= 1``, a
-    sliding window (``docs/spec.md``, "Attention windows"), a runtime argument of every kernel."""
+    sliding window (``docs/spec.md``, "Attention windows"), a runtime argument of every kernel;
+    ``block_ids``: None or integer ``[B, Nk]`` on q's device, bidirectional blocks (negative:
+    no block; each block one contiguous run of positions, as the op checks), taken by the
+    kernels as per-row key intervals (``kernels.spans``)."""
     check_can_run(q)
     if aot.is_stand_in(q):      # its caches would keep traced tensors; nonzero() cannot trace
         raise RuntimeError("act_attention: the eager Triton backend cannot be traced; inside "
@@ -149,11 +160,11 @@ def act_attention_triton(q, k, v, heads, beta, tau, scale, key_padding_mask, ret
     n_bh = q.shape[0] * q.shape[1]
     cal = calibrated_pairs(heads, n_bh, q.device)
     return _attend(q, k, v, cal, _no_pairs(n_bh, q.device).u_slot, heads, beta, tau, scale,
-                   key_padding_mask, return_stats, window)
+                   key_padding_mask, return_stats, window, block_ids)
 
 
 def _attend(q, k, v, cal: CalibratedPairs, no_slot, heads, beta, tau, scale, key_padding_mask,
-            return_stats, window):
+            return_stats, window, block_ids=None):
     """The launches of one call, the pairs given; ``no_slot`` int32 ``[B*Hq]`` of -1 (no fp32
     copy of ``u``, for the one-pass decode); ``heads`` is only read for the statistics."""
     bsz, hq, nq, dim = q.shape
@@ -163,12 +174,20 @@ def _attend(q, k, v, cal: CalibratedPairs, no_slot, heads, beta, tau, scale, key
     kpm_i8 = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
     first_valid = first_valid_index(key_padding_mask, bsz, dev)
     first_valid_i32 = first_valid.to(torch.int32)
+    # Bidirectional blocks: per-row key intervals. A single row at position Nk - 1 has no later
+    # key, so a block only moves its window's start: without a window it sees what it sees
+    # without blocks, and runs today's kernels.
+    spans = None
+    if block_ids is not None and (nq > 1 or window is not None):
+        spans = block_spans(block_ids, nq, window, first_valid)
+    win_lo = None if spans is None or nq > 1 else spans.row_lo[:, 0].contiguous()
 
     # Decode with calibration: one pass over K/V, candidates kept on the fly, exact (decode.py).
     if nq == 1 and cal.n_cal > 0 and not return_stats and candidate_slots(tau):
         out, _, _, _ = decode_attention(q, k, v, scale, kpm_i8, first_valid_i32, no_slot, 0,
                                         calibrated=cal.cal_i8, beta=beta, tau=tau,
-                                        stable_rest=stable_rest(torch.float32), window=window)
+                                        stable_rest=stable_rest(torch.float32), window=window,
+                                        win_lo=win_lo)
         return out, None
 
     # Which (b, h) pairs get column work: the listed ones (all of them for stats).
@@ -177,10 +196,10 @@ def _attend(q, k, v, cal: CalibratedPairs, no_slot, heads, beta, tau, scale, key
     # 1. plain pass: out, base-2 LSE, fp32 u of the calibrated heads
     if nq == 1:
         out, lse2, u32, _ = decode_attention(q, k, v, scale, kpm_i8, first_valid_i32, u_slot,
-                                             n_cal, window=window)
+                                             n_cal, window=window, win_lo=win_lo)
     else:
         out, lse2, u32 = flash_forward(q, k, v, scale, kpm_i8, first_valid_i32, u_slot, n_cal,
-                                       window=window)
+                                       window=window, spans=spans)
     if return_stats:
         pairs = torch.arange(n_bh, device=dev, dtype=torch.int32)
     else:
@@ -189,18 +208,22 @@ def _attend(q, k, v, cal: CalibratedPairs, no_slot, heads, beta, tau, scale, key
         return out, None
 
     # 2. column pass: sum_i P_ij per key, calibrated pairs only
-    colsum = column_scores(q, k, lse2, scale, kpm_i8, pairs, window=window)
+    colsum = column_scores(q, k, lse2, scale, kpm_i8, pairs, window=window, spans=spans)
 
     # 3. sink selection on [P, Nk] (tiny tensors, torch)
     pair_b = pairs.long() // hq
-    counts = seen_counts(nq, nk, key_padding_mask, bsz, dev, window)[pair_b]
+    if spans is None:
+        counts = seen_counts(nq, nk, key_padding_mask, bsz, dev, window)[pair_b]
+    else:
+        counts = span_counts(spans, key_padding_mask)[pair_b]
     scores, sinks = select_sinks(colsum[:, None, :], counts, tau, first_valid[pair_b])
     scores, sinks = scores[:, 0], sinks[:, 0]
 
     # 4. correction of the calibrated rows, in place (stats-only pairs just get m_i)
     slots = u_slot[pairs.long()]
     mass = sink_correction(q, k, v, out, lse2, u32, pairs, slots, sinks, beta, scale, kpm_i8,
-                           first_valid_i32, stable_rest(torch.float32), window=window)
+                           first_valid_i32, stable_rest(torch.float32), window=window,
+                           spans=spans)
     if not return_stats:
         return out, None
     calibrated = torch.zeros(bsz, hq, dtype=torch.bool, device=dev)
@@ -216,6 +239,7 @@ def _attend(q, k, v, cal: CalibratedPairs, no_slot, heads, beta, tau, scale, key
 
 
 act_attention_triton.SUPPORTS_WINDOW = True
+act_attention_triton.SUPPORTS_BLOCKS = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,32 +272,35 @@ def _register(body):
 def act_attention_triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             heads: Optional[torch.Tensor], pairs: Optional[torch.Tensor],
                             key_padding_mask: Optional[torch.Tensor], beta: float, tau: float,
-                            scale: float, window: Optional[int] = None) -> torch.Tensor:
+                            scale: float, window: Optional[int] = None,
+                            block_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``torch.ops.act_kernels.act_attention_triton``: the backend's output (no statistics).
 
     ``heads`` bool ``[B, Hq]`` or None; ``pairs`` int32 ``[P]`` ascending ``b * Hq + h``, the
     pairs given the column and correction passes: a head is calibrated when it is set in
     ``heads`` and listed in ``pairs``, so ``pairs`` must list every calibrated pair (the exact
     list where it is known on the host, every pair otherwise: correct, with column work for the
-    uncalibrated heads too). ``key_padding_mask`` bool ``[B, Nk]`` or None. The arguments are
-    assumed valid (see ``compiled_call``).
+    uncalibrated heads too). ``key_padding_mask`` bool ``[B, Nk]`` or None; ``block_ids``
+    integer ``[B, Nk]`` or None (bidirectional blocks, as ``act_attention_triton`` takes them).
+    The arguments are assumed valid (see ``compiled_call``).
     """
     check_can_run(q)
     none = CalibratedPairs.none(q.shape[0] * q.shape[1], q.device)   # fresh: traced tensors
     cal = none if heads is None or pairs is None else CalibratedPairs.covering(heads, pairs)
     out, _ = _attend(q, k, v, cal, none.u_slot, None, beta, tau, scale, key_padding_mask, False,
-                     window)
+                     window, block_ids)
     return out
 
 
 def compiled_call(q, k, v, heads, key_padding_mask, beta: float, tau: float, scale: float,
-                  window: Optional[int]) -> torch.Tensor:
+                  window: Optional[int], block_ids=None) -> torch.Tensor:
     """``act_attention`` inside torch.compile with ``backend="triton"``: the registered op, its
     arguments built from host-known facts only. ``heads``: None, head indices (then exactly the
     listed pairs get column work) or a bool tensor ``[Hq]`` / ``[B, Hq]`` (its values are not
     known while tracing: every pair gets column work, the correction only the set ones).
     ``key_padding_mask``: None or bool ``[B, Nk]`` (its values are not checked here; an
-    all-real mask runs the padded kernels). ``beta``, ``tau``, ``window`` already checked."""
+    all-real mask runs the padded kernels). ``beta``, ``tau``, ``window``, ``block_ids``
+    already checked (``block_ids``: None or integer ``[B, Nk]``, each block one run)."""
     bsz, hq = q.shape[0], q.shape[1]
     mask, pairs = _compiled_heads(heads, bsz, hq, q.device)
     if check_key_padding_mask(key_padding_mask, bsz, k.shape[2], q.device) is not None \
@@ -281,7 +308,7 @@ def compiled_call(q, k, v, heads, key_padding_mask, beta: float, tau: float, sca
         raise TypeError("act_attention: inside torch.compile, backend='triton' needs a bool "
                         "key_padding_mask [B, Nk] (True = real token)")
     return act_attention_triton_op(q, k, v, mask, pairs, key_padding_mask, beta, tau, scale,
-                                   window)
+                                   window, block_ids)
 
 
 def _compiled_heads(heads, bsz: int, hq: int, device):

@@ -35,9 +35,12 @@ is its own binary; only non-powers of two carry a lane mask. So:
   padding or calibrated heads (forward only), decode without calibrated heads, and decode with
   statistics (the decode kernels' plain pass, then column and correction at Nq = 1);
 * sliding windows: prefill at W = 17 on sm_80 and W = 1 on sm_90 (Triton specialises an
-  argument equal to 1), decode and chunked prefill at W = 17 on sm_90.
+  argument equal to 1), decode and chunked prefill at W = 17 on sm_90;
+* bidirectional blocks (the ``BLOCKS`` variants, issue 21): prefill on every target (bf16,
+  D = 128), at D = 256 on sm_80 and sm_90, fp32 on sm_90, chunked prefill, decode and decode
+  with statistics under a window (W = 17) on sm_90.
 
-About 150 kernels; on 2 cores about 150 s of CPU, 4-5 minutes wall on a loaded machine (see the
+About 200 kernels; on 2 cores about 280 s of CPU, 18 minutes wall on the loaded machine (see the
 figures printed by the first test, with the registers of every variant).
 
 Compiled artefacts go to a per-session ``TRITON_CACHE_DIR`` (nothing from an earlier run is
@@ -63,9 +66,9 @@ def case_list():
     cases = []
 
     def add(arch, path, dtype="bf16", dim=128, padded=True, heads="some", window=None,
-            group=2):
+            group=2, blocks=False):
         cases.append(dict(arch=arch, path=path, dtype=dtype, dim=dim, padded=padded, heads=heads,
-                          window=window, group=group))
+                          window=window, group=group, blocks=blocks))
 
     for arch, dims in ((80, (128, 256)), (90, (64, 128, 256)), (100, (128,))):
         for dim in dims:
@@ -88,6 +91,17 @@ def case_list():
     add(90, "prefill", window=1)
     add(90, "decode", window=17)
     add(90, "chunk", dim=80, window=17)
+    # bidirectional blocks (issue 21): the BLOCKS variants, where registers are tightest (sm_80,
+    # D = 256, fp32), on every target; decode's variant needs a window (without one a block
+    # changes nothing for the last row)
+    for arch in ARCHS:
+        add(arch, "prefill", blocks=True)
+    add(80, "prefill", dim=256, blocks=True)
+    add(90, "prefill", dim=256, blocks=True)
+    add(90, "prefill", dtype="fp32", blocks=True)
+    add(90, "chunk", dim=80, window=17, blocks=True)
+    add(90, "decode", window=17, blocks=True)
+    add(90, "decode_stats", window=17, blocks=True)
     return cases
 
 
@@ -113,13 +127,18 @@ def _compile_case(case, prune=True):
         kpm = torch.ones(bsz, nk, dtype=torch.bool)
         kpm[1, :3] = False
     heads = None if case["heads"] == "none" else (torch.arange(hq) % 2 == 0).expand(bsz, hq)
+    block_ids = None
+    if case.get("blocks"):
+        block_ids = torch.full((bsz, nk), -1, dtype=torch.long)
+        block_ids[:, nk // 3: nk - 2] = 0
     if not prune:
         for kernel in configs.AUTOTUNED.values():
             kernel.early_config_prune = None
     start, cpu_start = time.time(), _cpu_seconds()
     with aot.compile_only(case["arch"]) as built:
         act_attention_triton(q, k, v, heads, 0.4, 0.1, dim ** -0.5, kpm,
-                             case["path"] == "decode_stats", window=case.get("window"))
+                             case["path"] == "decode_stats", window=case.get("window"),
+                             block_ids=block_ids)
     records = []
     for kernel, meta in built:
         usage = aot.resource_usage(kernel)
@@ -182,6 +201,7 @@ def run_workers(cases, cache_dir, prune=True, n_workers=None):
     groups = {}
     for case in cases:
         key = (case["arch"], case["path"], case["dtype"], case["padded"], case["heads"],
+               case.get("blocks"),
                max(16, 1 << (case["dim"] - 1).bit_length()))
         groups.setdefault(key, []).append(case)
     order = sorted(groups.values(), key=lambda g: (g[0]["path"] != "prefill", -g[0]["dim"]))
@@ -224,6 +244,7 @@ def describe(r):
     meta = {k: r["meta"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_S", "BLOCK_D", "num_warps",
                                        "num_stages") if k in r["meta"]}
     window = f" W={r['window']}" if r.get("window") else ""
+    window += " blocks" if r.get("blocks") else ""
     return f"sm_{r['arch']} {r['kernel']} {r['dtype']} D={r['dim']}{window} {meta}"
 
 
@@ -248,7 +269,7 @@ def test_every_kernel_compiles_for_every_target(compiled):
     by_case = {}
     for r in compiled["records"]:
         key = json.dumps({k: r[k] for k in ("arch", "path", "dtype", "dim", "padded", "heads",
-                                             "window", "group")})
+                                             "window", "group", "blocks")})
         by_case.setdefault(key, []).append(r)
     cases = case_list()
     assert len(by_case) == len(cases), "a case compiled nothing"
@@ -265,8 +286,10 @@ def test_every_kernel_compiles_for_every_target(compiled):
     print("| target | kernel | dtype | D | group | config | regs | spill st/ld B | shared B |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in sorted(compiled["records"], key=lambda r: (r["arch"], r["kernel"], r["dtype"],
-                                                         r["dim"], r.get("group", 2))):
-        print(f"| sm_{r['arch']} | {r['kernel'].strip('_')} | {r['dtype']} | {r['dim']} | "
+                                                         r["dim"], r.get("group", 2),
+                                                         bool(r.get("blocks")))):
+        blocks = " (blocks)" if r.get("blocks") else ""
+        print(f"| sm_{r['arch']} | {r['kernel'].strip('_')}{blocks} | {r['dtype']} | {r['dim']} | "
               f"{r.get('group', 2)} | {_config(r)} | {r['regs']} | "
               f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} |")
 

@@ -161,6 +161,25 @@ def test_second_call_does_not_sync(case, mask_kind, monkeypatch):
     assert torch.equal(first[0], second[0])
 
 
+@pytest.mark.parametrize("nq,window", [(20, None), (1, 5)], ids=["prefill", "decode window"])
+def test_blocks_do_not_sync(nq, window, monkeypatch):
+    """Bidirectional blocks: the per-row intervals (``kernels.spans``) are derived on the
+    device, with statistics (counts) and without."""
+    nk = 23
+    q, k, v = make_qkv(2, 4, 2, nq, nk, 16, seed=7, planted=(3,))
+    ids = torch.full((2, nk), -1, dtype=torch.long)
+    ids[:, 12:nk] = 0
+    heads = torch.tensor([[True, False, True, False], [False, False, True, True]])
+    kpm = left_padding(nk, [0, 4])
+    for stats in (False, True):
+        first = tb.act_attention_triton(q, k, v, heads, 0.4, 0.1, 0.25, kpm, stats,
+                                        window=window, block_ids=ids)
+        with no_host_sync(monkeypatch):
+            second = tb.act_attention_triton(q, k, v, heads, 0.4, 0.1, 0.25, kpm, stats,
+                                             window=window, block_ids=ids)
+        assert torch.equal(first[0], second[0])
+
+
 def test_the_check_catches_syncs(monkeypatch):
     """The checker is not vacuous: a new mask (cache miss) syncs, and so do the usual calls."""
     q, k, v = make_qkv(1, 2, 1, 9, 9, 16, seed=1)

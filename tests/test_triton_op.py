@@ -180,6 +180,10 @@ TRACED = {  # name: (case, heads, kernels expected in launch order)
     "decode, index list": ("decode, padded", [1], ["_decode_split_kernel",
                                                    "_decode_epilogue_kernel"]),
     "prefill, no heads": ("prefill, padded", None, ["_flash_forward_kernel"]),
+    # bidirectional blocks (issue 21): the spans are aten ops of the graph, no host read
+    "chunked prefill, window, blocks": ("chunked prefill, window", [0, 3],
+                                        ["_flash_forward_kernel", "_column_scores_kernel",
+                                         "_sink_correction_kernel"]),
 }
 HOST_READS = {"nonzero", "_local_scalar_dense", "item", "masked_select", "_unique2",
               "unique_dim", "unique_consecutive", "repeat_interleave", "argwhere", "equal"}
@@ -202,6 +206,10 @@ def _trace(name):
     case, heads, _ = TRACED[name]
     q, k, v, kpm, window = inputs(CASES[case])
     q, k, v = (t.to(torch.float16) for t in (q, k, v))
+    ids = None
+    if "blocks" in name:
+        ids = torch.full((q.shape[0], k.shape[2]), -1, dtype=torch.long)
+        ids[:, k.shape[2] // 2: k.shape[2] - 2] = 0
     graphs = []
 
     class Kept(Exception):
@@ -214,15 +222,15 @@ def _trace(name):
             raise Kept
         return run
 
-    def fn(q, k, v, kpm):
+    def fn(q, k, v, kpm, ids):
         h = torch.tensor([[False, True, False, True]] * 2) if heads == "bool" else heads
-        return op_call(q, k, v, h, kpm, window)
+        return tb.compiled_call(q, k, v, h, kpm, BETA, TAU, q.shape[-1] ** -0.5, window, ids)
 
     torch._dynamo.reset()
     with aot.compile_only(90):
         try:
             torch.compile(fn, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(q, k, v,
-                                                                                     kpm)
+                                                                                     kpm, ids)
         except Kept:
             pass
     (gm,) = graphs

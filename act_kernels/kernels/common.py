@@ -90,6 +90,42 @@ def sees(pos_m, offs_n, window):
 
 
 @triton.jit
+def in_span(lo_m, hi_m, offs_n):
+    """bool [len(lo_m), len(offs_n)]: keys inside each row's interval ``[lo, hi]`` (bidirectional
+    blocks, ``kernels.spans``: causal, window and block folded into one interval per row; padding
+    is checked apart). An empty interval (``lo > hi``) sees nothing."""
+    return (offs_n[None, :] >= lo_m[:, None]) & (offs_n[None, :] <= hi_m[:, None])
+
+
+@triton.jit
+def span_rows(RowLo, RowHi, b, offs_m, Nq):
+    """``(lo_m, hi_m)`` int32 [BLOCK_M]: the key intervals of rows ``offs_m`` of batch row ``b``
+    (``kernels.spans``); rows past ``Nq`` get an empty one."""
+    ok = offs_m < Nq
+    lo_m = tl.load(RowLo + b * Nq + offs_m, mask=ok, other=1)
+    hi_m = tl.load(RowHi + b * Nq + offs_m, mask=ok, other=0)
+    return lo_m, hi_m
+
+
+@triton.jit
+def span_walk(RowLo, RowHi, b, start_m, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key blocks of the row tile starting at ``start_m`` with bidirectional blocks:
+    ``(lo, full, mid, hi)`` as in the forward's three stages (``[lo, full)`` and ``[mid, hi)``
+    masked, ``[full, mid)`` seen in full by every row). The intervals never shrink from one row
+    to the next (``kernels.spans``), so the tile's first and last rows bound them all: ``lo``
+    (block-aligned) is the first row's start, ``hi`` one past the last row's end; every row
+    sees the keys from the last row's start to the first row's end."""
+    last = tl.minimum(start_m + BLOCK_M, Nq) - 1
+    lo = (tl.load(RowLo + b * Nq + start_m) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(Nk, tl.load(RowHi + b * Nq + last) + 1)
+    mid = tl.maximum(lo, tl.minimum(hi, ((tl.load(RowHi + b * Nq + start_m) + 1) // BLOCK_N)
+                                    * BLOCK_N))
+    full = tl.minimum(mid, tl.maximum(lo, tl.cdiv(tl.load(RowLo + b * Nq + last), BLOCK_N)
+                                      * BLOCK_N))
+    return lo, full, mid, hi
+
+
+@triton.jit
 def window_start(pos_first, window, BLOCK_N: tl.constexpr):
     """Start of the first key block that a row at position ``>= pos_first`` can see with this
     window (0 without one): the blocks left of it are skipped, not masked."""
@@ -155,15 +191,17 @@ def online_step(acc, l_i, m_i, s, v, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                  kpm_row, skip_row, pos_m, window, offs_d, d_ok, lo, hi, Nk, qk_scale,
-                  BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-                  SKIP: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                  F32_PREC: tl.constexpr):
+                  kpm_row, skip_row, pos_m, window, lo_m, hi_m, offs_d, d_ok, lo, hi, Nk,
+                  qk_scale, BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+                  SKIP: tl.constexpr, BLOCKS: tl.constexpr, IN_PREC: tl.constexpr,
+                  UPCAST: tl.constexpr, F32_PREC: tl.constexpr):
     """Online softmax in base 2 of a row tile ``q`` over key blocks [lo, hi): updates the
     running max ``m``, sum ``l`` and fp32 accumulator ``acc`` of ``sum 2^(s - m) v``.
 
     ``CAUSAL``: apply the row's visibility ``pos_m - window < key <= pos_m`` (blocks that some
-    row sees only in part: the diagonal, and the left edge of a window). ``SKIP``: also drop
+    row sees only in part: the diagonal, and the left edge of a window); with ``BLOCKS``
+    (bidirectional blocks) the row's interval ``lo_m <= key <= hi_m`` instead (``in_span``;
+    ``pos_m`` and ``window`` unused; without it ``lo_m``, ``hi_m`` are unused). ``SKIP``: also drop
     the keys whose int8 flag at ``skip_row`` is set (the sinks, for the softmax over non-sink
     keys) and multiply P V with fp32 operands at ``F32_PREC`` (that path serves a cancellation
     guard, where precision matters more than speed); otherwise P is rounded to V's dtype for the
@@ -178,7 +216,10 @@ def attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride
         s = mma(q, kt, IN_PREC, UPCAST) * qk_scale
         vis = k_ok[None, :]
         if CAUSAL:
-            vis = vis & sees(pos_m, offs_n, window)
+            if BLOCKS:
+                vis = vis & in_span(lo_m, hi_m, offs_n)
+            else:
+                vis = vis & sees(pos_m, offs_n, window)
         s = tl.where(vis, s, float("-inf"))
         v = load_rows(v_base, offs_n, offs_n < Nk, stride_vn, offs_d, d_ok, stride_vd)
         if SKIP:

@@ -43,6 +43,11 @@ that block before it are masked), and the direct pass of the epilogue starts the
 first valid key excluded from the sinks stays the *sequence's* first valid key, not the first
 key of the window (``docs/spec.md``, "Attention windows").
 
+Bidirectional blocks (``BLOCKS``): the row at ``Nk - 1`` has no later key, so a block only
+moves its window's start back to the block's start: ``WinLo`` (int32 ``[B]``, the first key
+each batch row's query sees) replaces ``Nk - window``; the splits are laid over all ``Nk`` keys
+and each skips the blocks before its row's first key.
+
 Calibrated and uncalibrated rows share a program. With ``TRACK=False`` (no calibrated head, or
 the general path's plain pass) the same kernels give the plain output; the plain arithmetic
 (logits, online softmax, merge) does not depend on ``TRACK`` nor on a row's flag, and an
@@ -122,12 +127,12 @@ def _insert_candidates(cand_s, cand_i, over, new, s, offs_n, BLOCK_G: tl.constex
 
 @triton.jit
 def _decode_split_kernel(
-        Q, K, V, Kpm, FirstValid, Cal, PartM, PartL, PartAcc, CandS, CandI, Overflow,
+        Q, K, V, Kpm, FirstValid, Cal, PartM, PartL, PartAcc, CandS, CandI, Overflow, WinLo,
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         Hq, Hkv, group, n_chunks, Nk, qk_scale, split_size, num_splits, log2_tau, window,
-        HAS_KPM: tl.constexpr, TRACK: tl.constexpr, IN_PREC: tl.constexpr,
+        HAS_KPM: tl.constexpr, TRACK: tl.constexpr, BLOCKS: tl.constexpr, IN_PREC: tl.constexpr,
         UPCAST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, CAND: tl.constexpr):
     sp = tl.program_id(0)
@@ -142,8 +147,16 @@ def _decode_split_kernel(
         first = tl.load(FirstValid + b)
         row_ok = row_ok & (tl.load(kpm_row + Nk - 1) != 0)
 
-    win_lo = Nk - window                            # the first key the row sees (0: no window)
-    n_lo = (win_lo // BLOCK_N) * BLOCK_N + sp * split_size
+    skip_to = first                                 # the walk starts at this key's block
+    if BLOCKS:
+        # bidirectional blocks: the row's first key, per batch row (the window extended to the
+        # start of the row's block, the first real key folded in); the splits cover every key
+        win_lo = tl.load(WinLo + b)
+        n_lo = sp * split_size
+        skip_to = win_lo
+    else:
+        win_lo = Nk - window                        # the first key the row sees (0: no window)
+        n_lo = (win_lo // BLOCK_N) * BLOCK_N + sp * split_size
     n_hi = tl.minimum(Nk, n_lo + split_size)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -154,7 +167,7 @@ def _decode_split_kernel(
     cal = g_ok
     if TRACK:
         cal = g_ok & (tl.load(Cal + bh_rows, mask=g_ok, other=0) != 0)
-    for start_n in range(tl.maximum(n_lo, (first // BLOCK_N) * BLOCK_N), n_hi, BLOCK_N):
+    for start_n in range(tl.maximum(n_lo, (skip_to // BLOCK_N) * BLOCK_N), n_hi, BLOCK_N):
         offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
         k_ok = key_real(kpm_row, offs_n, n_hi, HAS_KPM) & (offs_n >= win_lo)
         kt = load_rows_t(k_base, offs_n, offs_n < n_hi, stride_kn, offs_d, d_ok, stride_kd)
@@ -188,13 +201,13 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_epilogue_kernel(
         Q, K, V, Out, Lse, U32, USlot, Cal, Mass, Kpm, FirstValid,
-        PartM, PartL, PartAcc, CandS, CandI,
+        PartM, PartL, PartAcc, CandS, CandI, WinLo,
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_od,
         Hq, Hkv, group, n_chunks, Nk, qk_scale, num_splits, beta, tau, stable_rest, window,
-        HAS_KPM: tl.constexpr, TRACK: tl.constexpr, IN_PREC: tl.constexpr,
+        HAS_KPM: tl.constexpr, TRACK: tl.constexpr, BLOCKS: tl.constexpr, IN_PREC: tl.constexpr,
         UPCAST: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
         CAND: tl.constexpr):
@@ -262,7 +275,10 @@ def _decode_epilogue_kernel(
             m_ns = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
             l_ns = tl.zeros([BLOCK_G], dtype=tl.float32)
             acc_ns = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-            win_lo = Nk - window
+            if BLOCKS:
+                win_lo = tl.load(WinLo + b)
+            else:
+                win_lo = Nk - window
             for start_n in range((tl.maximum(first, win_lo) // BLOCK_N) * BLOCK_N, Nk, BLOCK_N):
                 offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
                 k_ok = key_real(kpm_row, offs_n, Nk, HAS_KPM) & (offs_n >= win_lo)
@@ -288,14 +304,18 @@ def _decode_epilogue_kernel(
 
 
 def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calibrated=None,
-                     beta=0.0, tau=1.0, stable_rest=None, split_size=None, window=None):
+                     beta=0.0, tau=1.0, stable_rest=None, split_size=None, window=None,
+                     win_lo=None):
     """One-query attention. Returns ``(out, lse2 [B*Hq, 1], u32, mass [B*Hq])``.
 
     ``calibrated``: None (plain only) or int8 [B*Hq]; then ``tau`` must satisfy
     ``candidate_slots(tau) is not None`` and the calibrated heads are corrected in the epilogue.
     ``stable_rest`` (default ``calibration.stable_rest(torch.float32)``): non-sink mass below
     which a calibrated row is recomputed directly (see the module docstring). ``window``: None
-    or ``W >= 1`` (the row sees the last ``W`` keys).
+    or ``W >= 1`` (the row sees the last ``W`` keys). ``win_lo``: None or int32 ``[B]``, the
+    first key each batch row's query sees (bidirectional blocks: ``kernels.spans``, the window
+    and the first real key folded in; ``window`` is then not read): the splits cover all
+    ``Nk`` keys and each skips the blocks before its row's first key.
     """
     if stable_rest is None:
         stable_rest = calibration.stable_rest(torch.float32)
@@ -308,7 +328,8 @@ def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calib
     block_d = configs.head_block(dim)
     block_g, n_chunks = configs.decode_group_block(group)
     programs = bsz * hkv * n_chunks              # per split: one per group chunk
-    win = window_arg(window, nk)
+    spans = win_lo is not None
+    win = nk if spans else window_arg(window, nk)
     # the splits cover the keys from the block that holds the window's first key (BLOCK_N does
     # not depend on the length)
     block_n = configs.decode_config(programs, nk, dim, block_g, split_size, q.element_size())[0]
@@ -337,6 +358,7 @@ def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calib
     u32 = torch.empty(max(n_slots, 1), 1, dim, device=dev, dtype=torch.float32)
     has_kpm = kpm_i8 is not None
     kpm_arg = kpm_i8 if has_kpm else first_valid
+    win_lo_arg = win_lo if spans else first_valid       # any valid pointer; read only if spans
     qs = (q.stride(0), q.stride(1), q.stride(3))
     qk_scale = scale * LOG2E
     flags = configs.dot_flags(q.dtype)
@@ -344,16 +366,16 @@ def decode_attention(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, calib
 
     launch(_decode_split_kernel, (num_splits, programs),
         q, k, v, kpm_arg, first_valid, cal, part_m, part_l, part_acc, cand_s, cand_i, overflow,
-        *qs, *k.stride(), *v.stride(),
+        win_lo_arg, *qs, *k.stride(), *v.stride(),
         hq, hkv, group, n_chunks, nk, qk_scale, split, num_splits,
         math.log2(tau) - MARGIN if track else 0.0, win,
-        HAS_KPM=has_kpm, TRACK=track, **flags, **blocks, num_warps=num_warps)
+        HAS_KPM=has_kpm, TRACK=track, BLOCKS=spans, **flags, **blocks, num_warps=num_warps)
     launch(_decode_epilogue_kernel, (programs,),
         q, k, v, out, lse2, u32, u_slot, cal, mass, kpm_arg, first_valid,
-        part_m, part_l, part_acc, cand_s, cand_i,
+        part_m, part_l, part_acc, cand_s, cand_i, win_lo_arg,
         *qs, *k.stride(), *v.stride(), out.stride(0), out.stride(1), out.stride(3),
         hq, hkv, group, n_chunks, nk, qk_scale, num_splits, float(beta), float(tau),
-        float(stable_rest), win, HAS_KPM=has_kpm, TRACK=track, **flags, **blocks,
+        float(stable_rest), win, HAS_KPM=has_kpm, TRACK=track, BLOCKS=spans, **flags, **blocks,
         num_warps=num_warps)
     return out, lse2, u32, mass
 

@@ -16,6 +16,8 @@ Blocks past the diagonal, blocks entirely left of every row's window (``window``
 argument, ``Nk`` for none: then the first stage is empty) and blocks entirely before the first
 real key (left padding) are skipped: a windowed tile costs about ``(W + BLOCK_M) / BLOCK_N``
 blocks, not ``Nk / BLOCK_N``.
+With bidirectional blocks (``BLOCKS``, ``kernels.spans``) the same three stages run between the
+bounds of the tile's first and last rows' key intervals, the mask being each row's interval.
 GQA: query head ``h`` reads kv head ``h // group`` through its strides, nothing is copied.
 """
 import torch
@@ -25,20 +27,21 @@ import triton.language as tl
 from . import configs
 from .aot import launch
 from .common import (LOG2E, attend_blocks, cost, head_prologue, load_rows, loaded_keys, row_real,
-                     store_rows, window_arg, window_start, window_start_host)
+                     span_rows, span_walk, store_rows, window_arg, window_start,
+                     window_start_host)
 
 
 @configs.maybe_autotune("forward", key=["nq_key", "nk_key", "HEAD_DIM"])
 @triton.jit
 def _flash_forward_kernel(
-        Q, K, V, Out, Lse, U32, Kpm, FirstValid, USlot,
+        Q, K, V, Out, Lse, U32, Kpm, FirstValid, USlot, RowLo, RowHi,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_on, stride_od,
         Hq, group, Nq, Nk, qk_scale, window, nq_key, nk_key,
-        HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
-        F32_PREC: tl.constexpr,
+        HAS_KPM: tl.constexpr, BLOCKS: tl.constexpr, IN_PREC: tl.constexpr,
+        UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HEAD_DIM: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -56,29 +59,37 @@ def _flash_forward_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    # the first row's window starts the walk (block-aligned; 0 without a window)
-    lo = window_start(Nk - Nq + start_m, window, BLOCK_N)
-    if HAS_KPM:
-        lo = tl.maximum(lo, (tl.load(FirstValid + b) // BLOCK_N) * BLOCK_N)
-    hi = tl.minimum(Nk, Nk - Nq + start_m + BLOCK_M)        # one past the last row's position
-    mid = tl.maximum(lo, tl.minimum(hi, ((Nk - Nq + start_m + 1) // BLOCK_N) * BLOCK_N))
-    # keys from `full` on are inside the last row's window, hence inside every row's
-    full = tl.minimum(mid, tl.maximum(lo, tl.cdiv(tl.maximum(hi - window, 0), BLOCK_N) * BLOCK_N))
-    # stage 1: the left edge of the window, window mask on (empty without a window)
+    if BLOCKS:
+        # bidirectional blocks: each row's interval (window, block and first real key folded
+        # in), the tile's walk bounded by its first and last rows
+        lo_m, hi_m = span_rows(RowLo, RowHi, b, offs_m, Nq)
+        lo, full, mid, hi = span_walk(RowLo, RowHi, b, start_m, Nq, Nk, BLOCK_M, BLOCK_N)
+    else:
+        lo_m, hi_m = pos_m, pos_m                           # unused
+        # the first row's window starts the walk (block-aligned; 0 without a window)
+        lo = window_start(Nk - Nq + start_m, window, BLOCK_N)
+        if HAS_KPM:
+            lo = tl.maximum(lo, (tl.load(FirstValid + b) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(Nk, Nk - Nq + start_m + BLOCK_M)    # one past the last row's position
+        mid = tl.maximum(lo, tl.minimum(hi, ((Nk - Nq + start_m + 1) // BLOCK_N) * BLOCK_N))
+        # keys from `full` on are inside the last row's window, hence inside every row's
+        full = tl.minimum(mid, tl.maximum(lo, tl.cdiv(tl.maximum(hi - window, 0), BLOCK_N)
+                                          * BLOCK_N))
+    # stage 1: the left edge of the window (of the rows' intervals), mask on (empty without one)
     acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
-                                  stride_vn, stride_vd, kpm_row, Kpm, pos_m, window, offs_d, d_ok,
-                                  lo, full, Nk, qk_scale, BLOCK_N, HAS_KPM, True, False, IN_PREC,
-                                  UPCAST, F32_PREC)
+                                  stride_vn, stride_vd, kpm_row, Kpm, pos_m, window, lo_m, hi_m,
+                                  offs_d, d_ok, lo, full, Nk, qk_scale, BLOCK_N, HAS_KPM, True,
+                                  False, BLOCKS, IN_PREC, UPCAST, F32_PREC)
     # stage 2: blocks every row of the tile sees entirely (only padding can mask a key)
     acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
-                                  stride_vn, stride_vd, kpm_row, Kpm, pos_m, window, offs_d, d_ok,
-                                  full, mid, Nk, qk_scale, BLOCK_N, HAS_KPM, False, False, IN_PREC,
-                                  UPCAST, F32_PREC)
-    # stage 3: the diagonal blocks, causal (and window) mask on
+                                  stride_vn, stride_vd, kpm_row, Kpm, pos_m, window, lo_m, hi_m,
+                                  offs_d, d_ok, full, mid, Nk, qk_scale, BLOCK_N, HAS_KPM, False,
+                                  False, BLOCKS, IN_PREC, UPCAST, F32_PREC)
+    # stage 3: the diagonal blocks (up to the last row's block end), causal (and window) mask on
     acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd,
-                                  stride_vn, stride_vd, kpm_row, Kpm, pos_m, window, offs_d, d_ok,
-                                  mid, hi, Nk, qk_scale, BLOCK_N, HAS_KPM, True, False, IN_PREC,
-                                  UPCAST, F32_PREC)
+                                  stride_vn, stride_vd, kpm_row, Kpm, pos_m, window, lo_m, hi_m,
+                                  offs_d, d_ok, mid, hi, Nk, qk_scale, BLOCK_N, HAS_KPM, True,
+                                  False, BLOCKS, IN_PREC, UPCAST, F32_PREC)
 
     r_ok = row_real(kpm_row, offs_m, Nq, Nk, HAS_KPM) & (l_i > 0)
     o = acc / tl.where(r_ok, l_i, 1.0)[:, None]
@@ -93,11 +104,13 @@ def _flash_forward_kernel(
                    1)
 
 
-def flash_forward(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, window=None):
+def flash_forward(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, window=None,
+                  spans=None):
     """Launch the plain pass. Returns ``(out, lse2 [B*Hq, Nq] fp32, u32 [n_slots, Nq, D] fp32)``.
 
     ``kpm_i8``: int8 [B, Nk] or None; ``first_valid``: int32 [B]; ``u_slot``: int32 [B*Hq]
-    (-1: head not calibrated, no fp32 copy written); ``window``: None or ``W >= 1``.
+    (-1: head not calibrated, no fp32 copy written); ``window``: None or ``W >= 1``;
+    ``spans``: None or ``kernels.spans.Spans`` (bidirectional blocks, the window folded in).
     """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -106,18 +119,19 @@ def flash_forward(q, k, v, scale, kpm_i8, first_valid, u_slot, n_slots, window=N
     u32 = torch.empty(max(n_slots, 1), nq, dim, device=q.device, dtype=torch.float32)
     has_kpm = kpm_i8 is not None
     kpm_arg = kpm_i8 if has_kpm else first_valid   # any valid pointer; never read
+    row_lo, row_hi = (first_valid, first_valid) if spans is None else spans[:2]
     meta = configs.interp_meta("forward") if configs.INTERPRET else {}
 
     def grid(m):
         return (triton.cdiv(nq, m["BLOCK_M"]), bsz * hq)
 
     launch(_flash_forward_kernel, grid,
-        q, k, v, out, lse2, u32, kpm_arg, first_valid, u_slot,
+        q, k, v, out, lse2, u32, kpm_arg, first_valid, u_slot, row_lo, row_hi,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         hq, hq // hkv, nq, nk, scale * LOG2E, window_arg(window, nk),
         configs.len_bucket(nq), configs.len_bucket(nk),
-        HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), F32_PREC=configs.F32_PREC,
-        BLOCK_D=configs.head_block(dim), HEAD_DIM=dim, **meta)
+        HAS_KPM=has_kpm, BLOCKS=spans is not None, **configs.dot_flags(q.dtype),
+        F32_PREC=configs.F32_PREC, BLOCK_D=configs.head_block(dim), HEAD_DIM=dim, **meta)
     return out, lse2, u32
 
 

@@ -24,6 +24,9 @@ Sliding window (``window``, a runtime argument, ``Nk`` for none): a sink outside
 adds nothing to that row's ``m`` and ``w``, and the direct pass walks only the key blocks from
 the first row's window on, with the window mask (``common.attend_blocks``).
 
+Bidirectional blocks (``BLOCKS``, ``kernels.spans``): the row's key interval replaces the
+causal/window test, and the direct pass walks the tile's intervals (``common.span_walk``).
+
 Pairs with ``slot < 0`` are stats-only (``return_stats`` on an uncalibrated head): only ``m`` is
 written. Reads Q, the sink rows of K and V, lse2, u32; writes ``out`` rows and ``mass`` [P, Nq].
 """
@@ -33,21 +36,23 @@ import triton.language as tl
 
 from . import configs
 from .aot import launch
-from .common import (LOG2E, attend_blocks, cdiv, cost, head_prologue, load_rows, load_rows_t, mma,
-                     row_real, sees, store_rows, window_arg, window_start)
+from .common import (LOG2E, attend_blocks, cdiv, cost, head_prologue, in_span, load_rows,
+                     load_rows_t, mma, row_real, sees, span_rows, span_walk, store_rows,
+                     window_arg, window_start)
 
 
 @configs.maybe_autotune("correction", key=["nq_key", "nk_key", "HEAD_DIM"])
 @triton.jit
 def _sink_correction_kernel(
         Q, K, V, Out, Lse, U32, Pairs, Slots, NSinks, SinkIdx, SinkMask, Kpm, FirstValid, Mass,
+        RowLo, RowHi,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_on, stride_od,
         Hq, group, Nq, Nk, qk_scale, beta, stable_rest, window, nq_key, nk_key,
-        HAS_KPM: tl.constexpr, IN_PREC: tl.constexpr, UPCAST: tl.constexpr,
-        F32_PREC: tl.constexpr,
+        HAS_KPM: tl.constexpr, BLOCKS: tl.constexpr, IN_PREC: tl.constexpr,
+        UPCAST: tl.constexpr, F32_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -64,6 +69,10 @@ def _sink_correction_kernel(
     lse2 = tl.load(Lse + bh * Nq + offs_m, mask=r_ok, other=float("inf"))
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
+    if BLOCKS:
+        lo_m, hi_m = span_rows(RowLo, RowHi, b, offs_m, Nq)
+    else:
+        lo_m, hi_m = pos_m, pos_m                           # unused
 
     # m_i and w_i over the sink keys only
     mass = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -74,7 +83,11 @@ def _sink_correction_kernel(
         idx = tl.load(SinkIdx + pid_p * Nk + offs_s, mask=s_ok, other=0)
         kt = load_rows_t(k_base, idx, s_ok, stride_kn, offs_d, d_ok, stride_kd)
         s = mma(q, kt, IN_PREC, UPCAST) * qk_scale
-        vis = r_ok[:, None] & s_ok[None, :] & sees(pos_m, idx, window)
+        vis = r_ok[:, None] & s_ok[None, :]
+        if BLOCKS:
+            vis = vis & in_span(lo_m, hi_m, idx)
+        else:
+            vis = vis & sees(pos_m, idx, window)
         p = tl.math.exp2(tl.where(vis, s, float("-inf")) - lse2[:, None])
         mass += tl.sum(p, 1)
         v = load_rows(v_base, idx, s_ok, stride_vn, offs_d, d_ok, stride_vd).to(tl.float32)
@@ -92,14 +105,18 @@ def _sink_correction_kernel(
             m_ns = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             l_ns = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc_ns = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            lo = window_start(Nk - Nq + start_m, window, BLOCK_N)
-            if HAS_KPM:
-                lo = tl.maximum(lo, (tl.load(FirstValid + b) // BLOCK_N) * BLOCK_N)
-            hi = tl.minimum(Nk, Nk - Nq + start_m + BLOCK_M)
+            if BLOCKS:
+                lo, lo_full, lo_mid, hi = span_walk(RowLo, RowHi, b, start_m, Nq, Nk, BLOCK_M,
+                                                    BLOCK_N)
+            else:
+                lo = window_start(Nk - Nq + start_m, window, BLOCK_N)
+                if HAS_KPM:
+                    lo = tl.maximum(lo, (tl.load(FirstValid + b) // BLOCK_N) * BLOCK_N)
+                hi = tl.minimum(Nk, Nk - Nq + start_m + BLOCK_M)
             acc_ns, l_ns, m_ns = attend_blocks(
                 acc_ns, l_ns, m_ns, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                kpm_row, SinkMask + pid_p * Nk, pos_m, window, offs_d, d_ok, lo, hi, Nk,
-                qk_scale, BLOCK_N, HAS_KPM, True, True, IN_PREC, UPCAST, F32_PREC)
+                kpm_row, SinkMask + pid_p * Nk, pos_m, window, lo_m, hi_m, offs_d, d_ok, lo, hi,
+                Nk, qk_scale, BLOCK_N, HAS_KPM, True, True, BLOCKS, IN_PREC, UPCAST, F32_PREC)
             has = l_ns > 0
             l_safe = tl.where(has, l_ns, 1.0)
             rest_ns = tl.where(has, tl.math.exp2(m_ns + tl.math.log2(l_safe) - lse2), 0.0)
@@ -133,11 +150,12 @@ def compact_sinks(sinks):
 
 
 def sink_correction(q, k, v, out, lse2, u32, pairs, slots, sinks, beta, scale, kpm_i8,
-                    first_valid, stable_rest, window=None):
+                    first_valid, stable_rest, window=None, spans=None):
     """Rewrite ``out`` in place for pairs with ``slots >= 0``; return ``mass`` [P, Nq] fp32.
 
     ``pairs`` int32 [P] (b*Hq + h), ``slots`` int32 [P] (row of ``u32`` or -1 for stats only),
-    ``sinks`` bool [P, Nk], ``window`` None or ``W >= 1``.
+    ``sinks`` bool [P, Nk], ``window`` None or ``W >= 1``, ``spans`` None or
+    ``kernels.spans.Spans`` (bidirectional blocks, the window folded in).
     """
     bsz, hq, nq, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -156,11 +174,12 @@ def sink_correction(q, k, v, out, lse2, u32, pairs, slots, sinks, beta, scale, k
     launch(_sink_correction_kernel, grid,
         q, k, v, out, lse2, u32, pairs, slots, n_sinks, idx, sink_mask,
         kpm_i8 if has_kpm else pairs, first_valid, mass,
+        *((first_valid,) * 2 if spans is None else spans[:2]),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         hq, hq // hkv, nq, nk, scale * LOG2E, float(beta), float(stable_rest),
         window_arg(window, nk), configs.len_bucket(nq), configs.len_bucket(nk),
-        HAS_KPM=has_kpm, **configs.dot_flags(q.dtype), F32_PREC=configs.F32_PREC,
-        BLOCK_D=configs.head_block(dim), HEAD_DIM=dim, **meta)
+        HAS_KPM=has_kpm, BLOCKS=spans is not None, **configs.dot_flags(q.dtype),
+        F32_PREC=configs.F32_PREC, BLOCK_D=configs.head_block(dim), HEAD_DIM=dim, **meta)
     return mass
 
 
