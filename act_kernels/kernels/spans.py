@@ -55,11 +55,12 @@ def _run_bounds(ids: torch.Tensor):
     return start, end
 
 
-def block_spans(block_ids: torch.Tensor, nq: int, window: Optional[int],
-                first_valid: torch.Tensor) -> Spans:
-    """The ``Spans`` of a call: ``block_ids`` integer ``[B, Nk]`` (negative = in no block, each
-    block one contiguous run), ``window`` None or ``W >= 1``, ``first_valid`` ``[B]`` (the first
-    real key: keys before it are padding, so the intervals start there)."""
+def row_intervals(block_ids: torch.Tensor, nq: int, window: Optional[int],
+                  first_valid: Optional[torch.Tensor] = None):
+    """``(lo, hi)`` long ``[B, Nq]``: the first and last key (inclusive) each query row may see
+    (the interval of the module docstring; ``first_valid`` ``[B]``, the first real key, or None
+    for 0). The one home of this rule: the Triton kernels' spans and the torch backend's
+    masked path both read it."""
     bsz, nk = block_ids.shape
     ids = block_ids.to(torch.long)
     pos = torch.arange(nk, device=ids.device).expand(bsz, nk)
@@ -67,16 +68,25 @@ def block_spans(block_ids: torch.Tensor, nq: int, window: Optional[int],
     in_block = ids >= 0
     start = torch.where(in_block, start, pos)
     end = torch.where(in_block, end, pos)
-    floor = first_valid.to(torch.long)[:, None]
+    floor = (torch.zeros(bsz, 1, dtype=torch.long, device=ids.device) if first_valid is None
+             else first_valid.to(torch.long)[:, None])
     if window is None:
         lo = floor.expand(bsz, nk)
     else:
         lo = torch.maximum(torch.minimum(pos - window + 1, start), floor)
-    row_lo = lo[:, nk - nq:].contiguous()
-    row_hi = end[:, nk - nq:].contiguous()
+    return lo[:, nk - nq:].contiguous(), end[:, nk - nq:].contiguous()
+
+
+def block_spans(block_ids: torch.Tensor, nq: int, window: Optional[int],
+                first_valid: torch.Tensor) -> Spans:
+    """The ``Spans`` of a call: ``block_ids`` integer ``[B, Nk]`` (negative = in no block, each
+    block one contiguous run), ``window`` None or ``W >= 1``, ``first_valid`` ``[B]`` (the first
+    real key: keys before it are padding, so the intervals start there)."""
+    bsz, nk = block_ids.shape
+    row_lo, row_hi = row_intervals(block_ids, nq, window, first_valid)
     # rows that see key j: hi_i >= j (from the first such row on, hi grows) and lo_i <= j (up
     # to the last such row, lo grows)
-    keys = torch.arange(nk, device=ids.device).expand(bsz, nk).contiguous()
+    keys = torch.arange(nk, device=block_ids.device).expand(bsz, nk).contiguous()
     first = torch.searchsorted(row_hi, keys, side="left")
     stop = torch.searchsorted(row_lo, keys, side="right")
     return Spans(row_lo.to(torch.int32), row_hi.to(torch.int32),

@@ -17,7 +17,7 @@ Two passes over blocks of query rows, each block over the span of keys its rows 
 
 Uncalibrated pairs keep pass 1's output, bit for bit the output of this path with
 ``heads=None``. With blocks, row ``i`` sees the interval ``[lo_i, hi_i]`` of keys
-(:func:`row_intervals`), so a block of rows reads only ``[min lo, max hi]``.
+(:func:`act_kernels.kernels.spans.row_intervals`), so a block of rows reads only ``[min lo, max hi]``.
 """
 from __future__ import annotations
 
@@ -25,36 +25,13 @@ import torch
 
 from ..calibration import SUMMED, calibrate_rows, recalibrate_rows
 from ..sinks import first_seen_keys, first_valid_index, select_sinks
+from ..kernels.spans import row_intervals
 from .blocks import work_dtype
 from .stats import prefill_stats
 
 # Floats of one block of logits (heads x rows x keys): 4 MiB in float32, at least MIN_ROWS rows.
 MASKED_BLOCK_FLOATS = 1 << 20
 MIN_ROWS = 16
-
-
-def row_intervals(nq: int, nk: int, block_ids, window, device):
-    """``(lo, hi)`` long ``[B, Nq]``: row ``i`` sees (at most) the keys ``lo_i .. hi_i``.
-
-    ``hi_i = max(p_i, end of its block)``; ``lo_i = 0``, within a window
-    ``max(0, min(p_i - W + 1, start of its block))`` (a row in no block is its own block)."""
-    bsz = block_ids.shape[0]
-    pos = torch.arange(nk, device=device).expand(bsz, nk)
-    inside = block_ids >= 0
-    same_prev = torch.zeros_like(inside)
-    same_prev[:, 1:] = inside[:, 1:] & (block_ids[:, 1:] == block_ids[:, :-1])
-    same_next = torch.zeros_like(inside)
-    same_next[:, :-1] = same_prev[:, 1:]
-    # blocks are contiguous runs: the start of a position's run is the last run start before it
-    start = torch.where(same_prev, -1, pos).cummax(dim=1).values
-    end = torch.where(same_next, nk, pos).flip(1).cummin(dim=1).values.flip(1)
-    rows = slice(nk - nq, nk)
-    hi = end[:, rows]
-    if window is None:
-        lo = torch.zeros_like(hi)
-    else:
-        lo = torch.minimum(pos[:, rows] - window + 1, start[:, rows]).clamp_(min=0)
-    return lo, hi
 
 
 def _spans(lo_b, hi_b, nq: int, rows: int):
@@ -76,7 +53,7 @@ class _Visibility:
         if attn_mask is None:
             if block_ids is None:           # no block: causal, within the window if any
                 block_ids = torch.full((1, nk), -1, dtype=torch.long, device=device)
-            self.lo, self.hi = row_intervals(nq, nk, block_ids, window, device)
+            self.lo, self.hi = row_intervals(block_ids, nq, window)
 
     def spans(self, b: int, rows: int):
         if self.mask is None:
