@@ -296,6 +296,11 @@ def masks_seen(rec: Optional[dict]) -> str:
     return ", ".join(tag for tag, key in tags if rec.get(key))
 
 
+def _first_line(rec: dict) -> str:
+    lines = rec["message"].strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
 def compare(act: Dict[str, dict], base: Dict[str, dict], label: str = "act_torch"
             ) -> List[dict]:
     rows = []
@@ -312,13 +317,15 @@ def compare(act: Dict[str, dict], base: Dict[str, dict], label: str = "act_torch
             cause = "fails with sdpa only"
         else:
             cause = ""
-        failing = a if a_out in bad else b if b_out in bad else None
-        message = failing["message"].strip().splitlines()[0][:300] \
-            if failing and failing["message"].strip() else ""
         rows.append({"test": nodeid, "sdpa": b_out, label: a_out, "cause": cause,
                      "act_calls": a["act_calls"] if a else 0, "masks": masks_seen(a),
-                     "message": message})
+                     "message": _first_line(a) if a_out in bad else "",
+                     "sdpa_message": _first_line(b) if b_out in bad else ""})
     return rows
+
+
+def _cells(*cells) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
 def _file_of(nodeid: str) -> str:
@@ -328,6 +335,25 @@ def _file_of(nodeid: str) -> str:
 def _class_of(nodeid: str) -> str:
     parts = nodeid.split("::")
     return parts[1] if len(parts) > 2 else parts[0]
+
+
+_VARIANT = re.compile(r"_\d+(_[A-Za-z0-9_]*)?$")
+
+
+def compact(rows: List[dict]) -> List[tuple]:
+    """``(cause, test method, variants, classes)`` for the new failures: one line per test
+    method (parameterized variants counted) with the classes it fails in."""
+    groups: Dict[tuple, dict] = {}
+    for r in rows:
+        if not r["cause"] or r["cause"].startswith("fails with"):
+            continue
+        method = _VARIANT.sub("", r["test"].rsplit("::", 1)[-1])
+        cls = re.sub(r"(Model)?Test$", "", _class_of(r["test"]))
+        g = groups.setdefault((r["cause"], method), {"variants": set(), "classes": set()})
+        g["variants"].add(r["test"].rsplit("::", 1)[-1])
+        g["classes"].add(cls)
+    return [(cause, method, len(g["variants"]), ", ".join(sorted(g["classes"])))
+            for (cause, method), g in sorted(groups.items())]
 
 
 def write_report(rows: List[dict], out: Path, header: List[str], label: str = "act_torch",
@@ -359,19 +385,22 @@ def write_report(rows: List[dict], out: Path, header: List[str], label: str = "a
     md.append(f"| **total** | **{len(new)}** |")
     for kind in ("fails with sdpa too", "fails with sdpa only"):
         md.append(f"\n{kind}: {causes.get(kind, 0)}")
+    md += ["", "| cause | test | variants | classes |", "|---|---|---|---|"]
+    md += [f"| {c} | `{m}` | {n} | {k} |" for c, m, n, k in compact(rows)]
     md += ["", "| test | cause | masks built (seen before any refusal) | first line of the "
            "error |", "|---|---|---|---|"]
     for r in sorted(new, key=lambda r: (r["cause"], r["test"])):
-        msg = r["message"].replace("|", "\\|")
-        md.append(f"| `{r['test'].split('/')[-1]}` | {r['cause']} | {r['masks']} | {msg} |")
+        md.append(_cells(f"`{r['test'].split('/')[-1]}`", r["cause"], r["masks"],
+                         r["message"]))
     both = [r for r in rows if r["cause"].startswith("fails with")]
     if both:
         md += ["", "Failures that are not ACT's (sdpa fails too, or only sdpa fails):", "",
-               f"| test | sdpa | {label} | first line of the error |", "|---|---|---|---|"]
+               f"| test | sdpa | {label} | sdpa's error | {label}'s error (if other) |",
+               "|---|---|---|---|---|"]
         for r in both:
-            msg = r["message"].replace("|", "\\|")
-            md.append(f"| `{r['test'].split('/')[-1]}` | {r['sdpa']} | {r[label]} | "
-                      f"{msg} |")
+            mine = "" if r["message"] == r["sdpa_message"] else r["message"]
+            md.append(_cells(f"`{r['test'].split('/')[-1]}`", r["sdpa"], r[label],
+                             r["sdpa_message"], mine))
     text = "\n".join(md) + "\n"
     (out / f"{name}.md").write_text(text)
     return text
@@ -392,6 +421,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help=f"of act_torch, sdpa (the baseline) and {DIAGNOSIS} (diagnosis: an "
                    "eval() model's ACT calls in grad mode run under no_grad, to show what the "
                    "forward-only refusal hides)")
+    p.add_argument("--reuse", default="", help="modes whose results already in --out are read, "
+                   "not run again (e.g. sdpa)")
     p.add_argument("-k", dest="keyword", help="pytest -k expression")
     p.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     args = p.parse_args(argv)
@@ -404,7 +435,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     files = test_files(tree, args.models.split(","))
     modes = args.modes.split(",")
     seconds = {}
+    reuse = set(filter(None, args.reuse.split(",")))
     for mode in modes:
+        if mode in reuse and (out / f"results-{mode}.jsonl").exists():
+            continue
         seconds[mode] = run_mode(tree, deps, mode, files, out, args.keyword, args.pytest_args)
         print(f"{mode}: {seconds[mode]:.0f} s (log {out / f'pytest-{mode}.log'})", flush=True)
     loaded = {}

@@ -97,7 +97,13 @@ def test_compare_separates_new_failures_from_the_baseline_ones(tmp_path):
     assert rows["test_b"]["cause"] == "fails with sdpa too"
     assert rows["test_c"]["cause"] == "" and rows["test_c"]["act_calls"] == 4
     assert rows["test_d"]["cause"] == "fails with sdpa only"
-    assert rows["test_d"]["message"] == "E2"
+    assert rows["test_d"]["sdpa_message"] == "E2" and rows["test_d"]["message"] == ""
+    assert harness.compact(list(rows.values())) == [
+        ("gradient refusal: eval() forward outside no_grad", "test_a", 1, "X")]
+    more = [{"test": f"m/x.py::{c}::test_e_{i:02d}_fp16_pad", "cause": "refusal: image blocks"}
+            for c in ("Gemma3Vision2TextModelTest", "LlamaModelTest") for i in range(3)]
+    assert harness.compact(more) == [("refusal: image blocks", "test_e", 3,
+                                      "Gemma3Vision2Text, Llama")]
     text = harness.write_report(list(rows.values()), tmp_path, ["# header"])
     assert "| `test_modeling_x.py::XTest` | 4 | 2 / 2 / 0 | 2 / 2 / 0 | 1 |" in text
     assert "| gradient refusal: eval() forward outside no_grad | 1 |" in text
