@@ -188,7 +188,10 @@ def test_files(tree: Path, models: Iterable[str]) -> List[str]:
 
 
 def run_mode(tree: Path, deps: Path, mode: str, files: List[str], out: Path,
-             keyword: Optional[str], extra: List[str]) -> float:
+             keyword: Optional[str], extra: List[str], timeout: Optional[float] = None
+             ) -> float:
+    """Run the suites in one mode; returns the seconds taken. Past ``timeout`` the run is
+    stopped and what finished is reported (the log says so)."""
     results = out / f"results-{mode}.jsonl"
     results.unlink(missing_ok=True)
     env = dict(os.environ)
@@ -203,7 +206,13 @@ def run_mode(tree: Path, deps: Path, mode: str, files: List[str], out: Path,
            "--rootdir", str(tree), "-rN"] + (["-k", keyword] if keyword else []) + extra + files
     start = time.perf_counter()
     with open(out / f"pytest-{mode}.log", "w") as log:
-        subprocess.run(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            subprocess.run(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
+                           timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.write(f"\nhf_model_tests: stopped after {timeout} s; the report covers the "
+                      "tests that finished\n")
+            print(f"{mode}: stopped after {timeout} s", flush=True)
     return time.perf_counter() - start
 
 
@@ -423,6 +432,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "forward-only refusal hides)")
     p.add_argument("--reuse", default="", help="modes whose results already in --out are read, "
                    "not run again (e.g. sdpa)")
+    p.add_argument("--timeout", type=float, help="seconds each mode may run (default: no limit)")
     p.add_argument("-k", dest="keyword", help="pytest -k expression")
     p.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     args = p.parse_args(argv)
@@ -439,7 +449,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for mode in modes:
         if mode in reuse and (out / f"results-{mode}.jsonl").exists():
             continue
-        seconds[mode] = run_mode(tree, deps, mode, files, out, args.keyword, args.pytest_args)
+        seconds[mode] = run_mode(tree, deps, mode, files, out, args.keyword, args.pytest_args,
+                                 args.timeout)
         print(f"{mode}: {seconds[mode]:.0f} s (log {out / f'pytest-{mode}.log'})", flush=True)
     loaded = {}
     for mode in modes:
