@@ -167,3 +167,22 @@ def test_gradients_through_the_compiled_op():
         into.extend(t.grad for t in inputs)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_a_compiled_model_trains_through_act_torch():
+    """A training step of a compiled (AOTAutograd) profiled model: the opaque attention op's
+    registered backward gives the eager model's gradients."""
+    profile = ACTProfile(heads={1: [0, 2]}, tau=0.05)
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(5))
+    model = apply_profile(tiny_llama(0), profile, backend="torch").train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss, grads = _train_step(model, ids)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")
+        loss_c, grads_c = _train_step(compiled, ids)
+    torch.testing.assert_close(loss_c, loss, atol=1e-5, rtol=1e-5)
+    grads_c = {name.removeprefix("_orig_mod."): g for name, g in grads_c.items()}
+    assert grads_c.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_c[name], g, atol=1e-5, rtol=1e-4)

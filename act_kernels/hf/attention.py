@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..gradients import autograd_inside_an_op, reference_gradients
 from ..op import act_attention, normalize_heads
 from ..params import default_scale
 from ..reference import act_attention_reference
@@ -159,6 +160,12 @@ def hf_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     window: Optional[int] = None,
                     position_ids: Optional[torch.Tensor] = None,
                     causal: bool = True) -> torch.Tensor:
+    return _opaque_call(query, key, value, attention_mask, heads, beta, tau, scale, backend,
+                        window, position_ids, causal)
+
+
+def _opaque_call(query, key, value, attention_mask, heads, beta, tau, scale, backend, window,
+                 position_ids, causal):
     key, value, structure, _, dense = _visible_keys(query, key, value, attention_mask,
                                                     _OPAQUE_MASKS, window, position_ids, causal)
     if dense is not None:            # no model state here: Python shows a repeated text once
@@ -174,6 +181,46 @@ _OPAQUE_MASKS = TensorCache(views=False)
 def _hf_attention_fake(query, key, value, attention_mask, heads, beta, tau, scale, backend,
                        window=None, position_ids=None, causal=True):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+# Training through a compiled model: the backward of the opaque call is the eager reference's
+# on the same call (act_kernels.gradients), an opaque op of its own.
+@torch.library.custom_op("act_kernels::hf_attention_backward", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,))
+def hf_attention_backward_op(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                             heads: Optional[torch.Tensor], beta: float, tau: float, scale: float,
+                             backend: str, window: Optional[int] = None,
+                             position_ids: Optional[torch.Tensor] = None, causal: bool = True
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def exact(q, k, v):
+        return _opaque_call(q, k, v, attention_mask, heads, beta, tau, scale, "eager", window,
+                            position_ids, causal)
+
+    with autograd_inside_an_op():
+        return tuple(reference_gradients(exact, query, key, value, grad, (True, True, True),
+                                         backend))
+
+
+@hf_attention_backward_op.register_fake
+def _hf_attention_backward_fake(grad, query, key, value, *args, **kwargs):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _hf_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], inputs[10])
+    ctx.params = (inputs[5], inputs[6], inputs[7], inputs[8], inputs[9], inputs[11])
+
+
+def _hf_backward(ctx, grad):
+    query, key, value, mask, heads, position_ids = ctx.saved_tensors
+    beta, tau, scale, backend, window, causal = ctx.params
+    grads = hf_attention_backward_op(grad, query, key, value, mask, heads, beta, tau, scale,
+                                     backend, window, position_ids, causal)
+    return (*grads,) + (None,) * 9
+
+
+hf_attention_op.register_autograd(_hf_backward, setup_context=_hf_setup_context)
 
 
 def _make_attention_forward(name: str):
