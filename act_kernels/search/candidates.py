@@ -19,7 +19,7 @@ from ..scoring import (NEXT_TOKEN, PlainScorer, Results, Sample, check_protocol,
                        pad_batch)
 from ..tasks import score_last_logits
 from .layerwise import (Context, KVRecorder, LayerRunner, RowPrefixKV, one_hot_heads,
-                        run_layer_with_probe, suffix_mask)
+                        pack_suffixes, run_layer_with_probe)
 from .options import OptionItem, OptionRows, keep_of, option_sums, sums_scored
 
 
@@ -270,7 +270,9 @@ class Scorer(PlainScorer):
                       progress: Optional[Callable[[int], None]]) -> None:
         """Layers ``layer + 1 ..`` for every row's suffix, rows of similar suffix length (from
         any batch) sharing a forward: suffixes left-padded to the longest, prefixes (cached
-        keys/values) right-aligned before them, a causal + key-padding mask over both."""
+        keys/values) before them, each row packed as a left-padded sequence
+        (:func:`~.layerwise.pack_suffixes`), a causal (windowed where the layer has a window) +
+        key-padding mask over both."""
         rows = sorted(rows, key=lambda r: (-r.suffix.shape[0], r.st.index[r.row].item(), r.head))
         lengths = [r.suffix.shape[0] for r in rows]
         for lo, hi in partition_rows(lengths, self.batch_tokens, CALL_COST_TOKENS):
@@ -278,23 +280,13 @@ class Scorer(PlainScorer):
             width_q = lengths[lo]
             width_p = max(r.start for r in chunk)
             first = chunk[0]
-            n = len(chunk)
-            hidden = first.suffix.new_zeros(n, width_q, first.suffix.shape[-1])
-            cos = first.st.ctx.cos.new_zeros(n, width_q, first.st.ctx.cos.shape[-1])
-            sin = torch.zeros_like(cos)
-            pos = first.st.ctx.position_ids.new_zeros(n, width_q)
-            keys = torch.zeros(n, width_p + width_q, dtype=torch.bool, device=hidden.device)
+            hidden = first.suffix.new_zeros(len(chunk), width_q, first.suffix.shape[-1])
             for k, r in enumerate(chunk):
-                q, c = r.suffix.shape[0], r.st.ctx
-                hidden[k, width_q - q:] = r.suffix
-                cos[k, width_q - q:] = c.cos[r.row, r.start:]
-                sin[k, width_q - q:] = c.sin[r.row, r.start:]
-                pos[k, width_q - q:] = c.position_ids[r.row, r.start:]
-                keys[k, width_p - r.start:width_p] = c.key_mask[r.row, :r.start]
-                keys[k, width_p + width_q - q:] = c.key_mask[r.row, r.start:]
+                hidden[k, width_q - r.suffix.shape[0]:] = r.suffix
             if layer + 1 < self.num_layers:
-                ctx = Context(suffix_mask(keys, width_q), cos, sin, pos, keys)
-                cache = RowPrefixKV([(r.st.kv, r.row, r.start) for r in chunk], width_p)
+                ctx = pack_suffixes([(r.st.ctx, r.row, r.start) for r in chunk], width_q)
+                cache = RowPrefixKV([(r.st.kv, r.row, r.start) for r in chunk], width_p,
+                                    [r.suffix.shape[0] for r in chunk])
                 with self.override():
                     hidden = self.runner.run_layers(hidden, ctx, layer + 1, self.num_layers,
                                                     cache)
@@ -308,7 +300,7 @@ class Scorer(PlainScorer):
             for r in chunk:
                 r.suffix = None
             if progress:
-                progress(n)
+                progress(len(chunk))
 
 
     def _score_rows(self, hidden: torch.Tensor, items) -> dict[str, torch.Tensor]:

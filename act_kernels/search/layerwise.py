@@ -6,21 +6,32 @@ candidate of layer ``l`` (and later) starts from them. :class:`LayerRunner` expo
 the pieces of the model's own forward that this needs:
 
 * :meth:`LayerRunner.context`: token embeddings, position ids counted over real tokens (left
-  padding), rotary embeddings and the attention mask built by Transformers' own mask builder for
-  the model's current attention implementation;
+  padding), and what each decoder layer receives: the attention mask built by Transformers' own
+  mask builder for the model's current attention implementation, one per attention window
+  (causal for full-attention layers, the sliding-window mask for sliding layers), and the rotary
+  embeddings, one pair per layer type where the model's rotary module takes one (Gemma 3's local
+  and global bases);
 * :meth:`LayerRunner.run_layers`: decoder layers ``start .. stop - 1``, optionally over a suffix
   of the positions only, with the keys and values of the prefix taken from a cache
   (:class:`KVRecorder` records them in a full pass, :class:`RowPrefixKV` serves them);
-* :meth:`LayerRunner.last_logits`: final norm and ``lm_head`` on the LAST position only.
+* :meth:`LayerRunner.last_logits`: final norm and ``lm_head`` on the LAST position only (with
+  the model's final logit soft-capping, if it has one).
 
 It supports the Llama-style layout of Transformers (``model.model.embed_tokens / layers / norm
-/ rotary_emb`` and ``model.lm_head``: Llama, SmolLM, Mistral, Qwen2/3, OLMo, ...);
-:meth:`LayerRunner.check` compares it with the model's own forward once, so an unsupported
-architecture fails loudly instead of giving wrong scores.
+/ rotary_emb`` and ``model.lm_head``: Llama, SmolLM, Mistral, Qwen2/3, OLMo, Gemma 3, ...), with
+full-attention and sliding-window layers (``config.layer_types``, or ``config.sliding_window``
+for every layer where there are no layer types, as Mistral); :meth:`LayerRunner.check` compares
+it with the model's own forward once, so an unsupported architecture fails loudly instead of
+giving wrong scores.
+
+Suffix passes keep every row a left-padded sequence: padding in front, then the prefix's
+cached keys, then the suffix's own (:func:`pack_suffixes`, :class:`RowPrefixKV`), so that key
+slots are positions and a sliding window counts real distances.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+import inspect
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -30,15 +41,23 @@ from ..modelinfo import text_config
 from ..params import head_mask
 
 
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
 @dataclass
 class Context:
-    """Per-batch inputs shared by every decoder layer (rows may be repeated with :meth:`take`)."""
+    """Per-batch inputs shared by every decoder layer (rows may be repeated with :meth:`take`).
 
-    mask: Optional[torch.Tensor]          # what the mask builder returned ([B, 1, T, T] or None)
-    cos: torch.Tensor                     # rotary embeddings [B, T, D]
-    sin: torch.Tensor
+    ``masks``: attention window (``None``: full causal attention) -> what the mask builder
+    returned for it (``[B, 1, T, T]`` or None); ``rope``: rotary key (a layer type, or None
+    when every layer shares one) -> ``(cos, sin)`` ``[B, T, D]``. :class:`LayerRunner` knows
+    which window and rotary key each layer takes."""
+
+    masks: dict
+    rope: dict
     position_ids: torch.Tensor            # [B, T]
-    key_mask: torch.Tensor                # bool [B, T]: real (not padding) tokens
+    key_mask: torch.Tensor                # bool [B, K]: real (not padding) keys
 
     @property
     def batch(self) -> int:
@@ -46,26 +65,61 @@ class Context:
 
     def take(self, rows: torch.Tensor) -> "Context":
         """The context of batch rows ``rows`` (a long tensor; repeats allowed)."""
-        mask = self.mask
-        if isinstance(mask, torch.Tensor) and mask.shape[0] != 1:
-            mask = mask.index_select(0, rows)
-        return Context(mask, self.cos.index_select(0, rows), self.sin.index_select(0, rows),
+        def pick(mask):
+            if isinstance(mask, torch.Tensor) and mask.shape[0] != 1:
+                return mask.index_select(0, rows)
+            return mask
+        return Context({w: pick(m) for w, m in self.masks.items()},
+                       {k: (c.index_select(0, rows), s.index_select(0, rows))
+                        for k, (c, s) in self.rope.items()},
                        self.position_ids.index_select(0, rows), self.key_mask.index_select(0, rows))
 
     def suffix(self, start: int) -> "Context":
         """The context of the queries at positions ``start ..`` seeing every key ``0 .. T-1``
         (the keys before ``start`` come from a cache)."""
-        total = self.position_ids.shape[1]
-        return Context(suffix_mask(self.key_mask, total - start), self.cos[:, start:],
-                       self.sin[:, start:], self.position_ids[:, start:], self.key_mask)
+        q_len = self.position_ids.shape[1] - start
+        return Context({w: suffix_mask(self.key_mask, q_len, w) for w in self.masks},
+                       {k: (c[:, start:], s[:, start:]) for k, (c, s) in self.rope.items()},
+                       self.position_ids[:, start:], self.key_mask)
 
 
-def suffix_mask(key_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+def suffix_mask(key_mask: torch.Tensor, q_len: int, window: Optional[int] = None
+                ) -> torch.Tensor:
     """Boolean ``[B, 1, q_len, K]`` mask of the last ``q_len`` of ``K`` positions as queries:
-    causal (bottom-right aligned) and hiding the keys where ``key_mask [B, K]`` is False."""
+    causal (bottom-right aligned), within ``window`` keys of the query (the query's own
+    included, as Transformers' sliding-window mask) when given, and hiding the keys where
+    ``key_mask [B, K]`` is False. Key slots must be positions (left padding only)."""
     at = torch.arange(key_mask.shape[1], device=key_mask.device)
-    causal = at[None, :] <= at[key_mask.shape[1] - q_len:, None]          # [Q, K]
-    return (causal[None] & key_mask[:, None, :])[:, None]
+    lag = at[key_mask.shape[1] - q_len:, None] - at[None, :]              # [Q, K]
+    seen = lag >= 0
+    if window is not None:
+        seen = seen & (lag < int(window))
+    return (seen[None] & key_mask[:, None, :])[:, None]
+
+
+def pack_suffixes(parts: Sequence[tuple[Context, int, int]], width_q: int) -> Context:
+    """The context of a suffix pass whose row ``k`` is positions ``start_k ..`` of batch row
+    ``row_k`` of ``ctx_k`` (``parts``: ``(ctx_k, row_k, start_k)``), its queries left-padded to
+    ``width_q``. Row ``k``'s keys are packed as a left-padded sequence of ``width_p + width_q``
+    slots (``width_p``: the largest start): padding, the ``start_k`` prefix keys, the suffix's
+    own keys, as :class:`RowPrefixKV` lays them out (``lengths``: each row's suffix length)."""
+    first = parts[0][0]
+    n = len(parts)
+    width_p = max(start for _, _, start in parts)
+    total = width_p + width_q
+    device = first.position_ids.device
+    rope = {key: (cos.new_zeros(n, width_q, cos.shape[-1]), sin.new_zeros(n, width_q, sin.shape[-1]))
+            for key, (cos, sin) in first.rope.items()}
+    pos = first.position_ids.new_zeros(n, width_q)
+    keys = torch.zeros(n, total, dtype=torch.bool, device=device)
+    for k, (c, row, start) in enumerate(parts):
+        q = c.position_ids.shape[1] - start
+        for key, (cos, sin) in rope.items():
+            cos[k, width_q - q:] = c.rope[key][0][row, start:]
+            sin[k, width_q - q:] = c.rope[key][1][row, start:]
+        pos[k, width_q - q:] = c.position_ids[row, start:]
+        keys[k, total - q - start:] = c.key_mask[row]
+    return Context({w: suffix_mask(keys, width_q, w) for w in first.masks}, rope, pos, keys)
 
 
 class KVRecorder:
@@ -82,28 +136,36 @@ class KVRecorder:
 
 class RowPrefixKV:
     """A duck-typed Transformers cache for a suffix pass: each layer's keys and values are a
-    recorded prefix followed by the suffix's own. Row ``r`` of the pass takes the first
-    ``start_r`` positions of batch row ``row_r`` of the recording ``kv_r`` (a
-    :attr:`KVRecorder.kv` dict; rows may come from different batches), right-aligned in a
-    prefix of ``width`` positions (zeros in front, which the caller's mask hides). Each layer's
-    prefix is gathered when that layer runs."""
+    recorded prefix followed by the suffix's own, every row packed as a left-padded sequence
+    (:func:`pack_suffixes`). Row ``r`` of the pass takes the first ``start_r`` positions of batch
+    row ``row_r`` of the recording ``kv_r`` (a :attr:`KVRecorder.kv` dict; rows may come from
+    different batches) and the last ``lengths[r]`` of its own keys (its suffix; the pass's
+    queries are left-padded to the longest, every row fills them when ``lengths`` is None):
+    ``width + Lq`` key slots, zeros in front (which the caller's mask hides), then the prefix,
+    then the suffix. Each layer's prefix is gathered when that layer runs."""
 
-    def __init__(self, sources: Sequence[tuple[Mapping, int, int]], width: int):
+    def __init__(self, sources: Sequence[tuple[Mapping, int, int]], width: int,
+                 lengths: Optional[Sequence[int]] = None):
         self.sources = sources
         self.width = int(width)
+        self.lengths = None if lengths is None else [int(q) for q in lengths]
 
-    def _gather(self, layer: int, which: int, like: torch.Tensor) -> torch.Tensor:
-        rows, heads, _, dim = like.shape
-        out = like.new_zeros(rows, heads, self.width, dim)
+    def _packed(self, layer: int, which: int, own: torch.Tensor) -> torch.Tensor:
+        rows, heads, width_q, dim = own.shape
+        total = self.width + width_q
+        out = own.new_zeros(rows, heads, total, dim)
+        out[:, :, self.width:] = own
         for r, (kv, row, start) in enumerate(self.sources):
+            q = width_q if self.lengths is None else self.lengths[r]
+            if q < width_q:
+                out[r, :, self.width:total - q] = 0
             if start:
-                out[r, :, self.width - start:] = kv[layer][which][row, :, :start]
+                out[r, :, total - q - start:total - q] = kv[layer][which][row, :, :start]
         return out
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         layer = int(layer_idx)
-        return (torch.cat([self._gather(layer, 0, key_states), key_states], dim=2),
-                torch.cat([self._gather(layer, 1, value_states), value_states], dim=2))
+        return self._packed(layer, 0, key_states), self._packed(layer, 1, value_states)
 
 
 class LayerRunner:
@@ -125,10 +187,9 @@ class LayerRunner:
         self.config = config
         self.num_layers = len(self.layers)
         self.num_heads = int(config.num_attention_heads)
-        types = getattr(config, "layer_types", None)
-        if types and any(t != "full_attention" for t in types):
-            raise ValueError("act search: models with sliding-window or other non-full attention "
-                             f"layers are not supported (layer_types: {sorted(set(types))})")
+        self.windows = layer_windows(config, self.num_layers)
+        self.rope_keys = rope_keys(base.rotary_emb, config, self.num_layers)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
 
     @property
     def device(self) -> torch.device:
@@ -138,16 +199,23 @@ class LayerRunner:
     def context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Context]:
         """``(embeddings [B, T, H], Context)`` of a left-padded batch."""
-        from transformers.masking_utils import create_causal_mask
+        from transformers.masking_utils import (create_causal_mask,
+                                                create_sliding_window_causal_mask)
 
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.base.embed_tokens(input_ids)
-        mask = create_causal_mask(config=self.base.config, inputs_embeds=hidden,
+        masks = {}
+        for window in sorted(set(self.windows), key=lambda w: -1 if w is None else w):
+            build = create_causal_mask if window is None else create_sliding_window_causal_mask
+            masks[window] = build(config=self.base.config, inputs_embeds=hidden,
                                   attention_mask=attention_mask, past_key_values=None,
                                   position_ids=position_ids)
-        cos, sin = self.base.rotary_emb(hidden, position_ids=position_ids)
-        return hidden, Context(mask, cos, sin, position_ids, attention_mask.bool())
+        rope = {}
+        for key in dict.fromkeys(self.rope_keys):
+            rope[key] = (self.base.rotary_emb(hidden, position_ids=position_ids) if key is None
+                         else self.base.rotary_emb(hidden, position_ids, key))
+        return hidden, Context(masks, rope, position_ids, attention_mask.bool())
 
     def run_layers(self, hidden: torch.Tensor, ctx: Context, start: int, stop: int,
                    cache=None) -> torch.Tensor:
@@ -157,20 +225,24 @@ class LayerRunner:
         the keys and values, a :class:`RowPrefixKV` prepends a prefix's (``hidden`` and ``ctx``
         then cover the suffix only: see :meth:`Context.suffix`)."""
         for idx in range(start, stop):
-            out = self.layers[idx](hidden, attention_mask=ctx.mask, position_ids=ctx.position_ids,
-                                   past_key_values=cache, use_cache=False,
-                                   position_embeddings=(ctx.cos, ctx.sin))
+            out = self.layers[idx](hidden, attention_mask=ctx.masks[self.windows[idx]],
+                                   position_ids=ctx.position_ids, past_key_values=cache,
+                                   use_cache=False,
+                                   position_embeddings=ctx.rope[self.rope_keys[idx]])
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
     def last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, V]`` of the last position (float32)."""
-        return self.lm_head(self.base.norm(hidden[:, -1:]))[:, 0].float()
+        return self.tail_logits(hidden, 1)[:, 0]
 
     def tail_logits(self, hidden: torch.Tensor, keep: int) -> torch.Tensor:
         """Logits ``[B, keep, V]`` of the last ``keep`` positions (float32; the log-likelihood
         objective's continuation needs them)."""
-        return self.lm_head(self.base.norm(hidden[:, -keep:])).float()
+        logits = self.lm_head(self.base.norm(hidden[:, -keep:]))
+        if self.softcap is not None:       # as the model's own head (Gemma 2 and 3 configs)
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
 
     def forward_last(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         hidden, ctx = self.context(input_ids, attention_mask, position_ids)
@@ -202,6 +274,38 @@ class LayerRunner:
         part = self.last_logits(self.run_layers(hidden[:, start:], ctx.suffix(start), 0,
                                                 self.num_layers, prefix))
         return (full - part).abs().max().item() / max(1.0, full.abs().max().item())
+
+
+def layer_windows(config, num_layers: int) -> list[Optional[int]]:
+    """Each decoder layer's attention window (None: full causal attention), as the layers pass
+    it to the attention function: ``config.sliding_window`` for the ``"sliding_attention"``
+    entries of ``config.layer_types``, for every layer where the config has no layer types
+    (Mistral), none for full-attention layers. Other layer types are refused."""
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("act search: bidirectional attention is not supported")
+    if not types:
+        return [int(window) if window else None] * num_layers
+    unknown = sorted(set(types) - {FULL_ATTENTION, SLIDING_ATTENTION})
+    if unknown:
+        raise ValueError(f"act search: layer types {unknown} are not supported (only "
+                         f"{FULL_ATTENTION!r} and {SLIDING_ATTENTION!r})")
+    if len(types) < num_layers:
+        raise ValueError(f"act search: config.layer_types has {len(types)} entries for "
+                         f"{num_layers} layers")
+    if SLIDING_ATTENTION in types[:num_layers] and not window:
+        raise ValueError("act search: sliding-window layers but no config.sliding_window")
+    return [int(window) if t == SLIDING_ATTENTION else None for t in types[:num_layers]]
+
+
+def rope_keys(rotary, config, num_layers: int) -> list[Optional[str]]:
+    """Each decoder layer's rotary key: its layer type where the model's rotary module takes
+    one (``forward(x, position_ids, layer_type)``: Gemma 3's local and global bases), else None
+    (one pair of rotary embeddings for every layer)."""
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return list(config.layer_types[:num_layers])
+    return [None] * num_layers
 
 
 def one_hot_heads(heads: Sequence[int], num_heads: int, device=None) -> torch.Tensor:
