@@ -10,7 +10,8 @@ itself, no index lists: at decode sizes an op's dispatch costs more than its row
 calibrated row has a sink, the calibration is a shift of its sink logits (:func:`~act_kernels.calibration.sink_logit_shift`), given to the same SDPA call as
 an additive mask that is 0 on every other row: the kernel adds 0 exactly, so uncalibrated rows
 and calibrated rows without a sink are bit for bit the plain step. One host read per step
-decides whether any row changes.
+decides whether any row changes, and when one does, a second whether a row's non-sink mass is so
+small that it must be taken from the logits.
 
 Half-precision inputs are computed in float32 (q, k and v converted), the output cast back.
 Kept to few tensor ops: at decode sizes their dispatch cost, not arithmetic, is the bill.
