@@ -16,13 +16,15 @@ The first two are used unless the row's non-sink mass is below the threshold of
 :data:`STABLE_REST`, keyed by what ``a`` is derived from; then ``a`` is recomputed. Rows with
 ``m = 0``, or whose non-sink mass is 0 in the working precision, keep the plain output.
 
-The torch paths call :func:`calibrate_rows` (the decode step its form on rows of weights,
-:func:`calibrate_weights`) and :func:`recalibrate_rows`; the Triton kernels
-keep their own jit copy of the identity and are launched with :func:`stable_rest` of their
-float32 ``u``.
+The torch prefill paths call :func:`calibrate_rows` and :func:`recalibrate_rows`; the Triton
+kernels keep their own jit copy of the identity and are launched with :func:`stable_rest` of
+their float32 ``u``. The torch decode step, which has each row's logits, recomputes every row:
+:func:`sink_logit_shift` gives the rule as a shift of the sink logits (no identity, no
+threshold).
 """
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import torch
@@ -66,21 +68,39 @@ def calibrate_rows(plain: torch.Tensor, w: torch.Tensor, nonsink: torch.Tensor,
     return rows, has_sink & (rest < stable_rest(source))
 
 
-def calibrate_weights(probs: torch.Tensor, sinks: torch.Tensor, mass: torch.Tensor,
-                      beta: float):
-    """``(rows, redo)``: rows of attention weights ``P [..., Nk]`` calibrated by the identity,
-    :func:`calibrate_rows` with ``plain = P`` in ``P``'s dtype, ``w`` its ``sinks`` entries and
-    ``u - w`` the others, in fewer tensor ops (the torch decode step's bill is their dispatch).
+# log of float64's smallest subnormal: a non-sink mass below it is 0 in the float64 reference
+NO_REST_LOG = math.log(math.ulp(0.0))
 
-    Every entry of ``w`` or of ``u - w`` is 0, so ``beta w + gain (u - w)`` is ``P`` times one
-    factor per entry, ``beta`` on the sinks and ``gain`` off them: the same floats. ``mass`` =
-    ``m`` ``[..., 1]``, the sum of the sink entries. Rows with ``m = 0`` keep ``P`` (their
-    gain is 1); rows marked ``redo`` must be replaced by :func:`recalibrate_rows`.
+
+def sink_logit_shift(logits: torch.Tensor, probs: torch.Tensor, sinks: torch.Tensor,
+                     beta: float) -> torch.Tensor:
+    """The rule as a shift of the sink logits, for rows of logits ``l [..., Nk]`` (``-inf`` on the
+    keys a row does not see) and their softmax ``probs``: the rows calibrate to
+    ``softmax(l + s)``, with ``s`` the returned ``[..., Nk]``, ``log(beta r / (1 - beta m))`` on
+    the row's ``sinks`` and 0 elsewhere (``r = 1 - m``, the non-sink mass; ``beta = 1`` gives 0).
+
+    The shifted weights are ``beta P`` on the sinks and ``(1 - beta m) / r P`` off them (they sum
+    to ``beta m + 1 - beta m = 1``): the rule, with the non-sink part recomputed from the logits.
+    ``r`` is summed from ``P``'s non-sink entries (no cancellation) and ``1 - beta m`` is
+    ``(1 - beta) + beta r``, a sum of positive terms; where ``r`` is below the table's threshold
+    for sums of ``P`` (:data:`SUMMED`: ``P``'s non-sink entries may be subnormal or 0), it is
+    taken in log space from the logits instead (the log-sum-exp of the non-sink logits less the
+    row's), exact however close ``m`` is to 1; a row whose ``r`` is 0 even in float64 (below
+    :data:`NO_REST_LOG`) is left unchanged, as the spec's rows without non-sink mass are.
     """
-    rest = 1.0 - mass
-    has_sink, _, gain = _gain(mass, rest, beta)
-    rows = probs * torch.where(sinks, beta, gain)
-    return rows, has_sink & (rest < stable_rest(probs.dtype))
+    rest = torch.where(sinks, 0.0, probs).sum(-1, keepdim=True)                  # r = 1 - m
+    if bool((rest < stable_rest(SUMMED)).any()):
+        log_rest = torch.logsumexp(logits.masked_fill(sinks, float("-inf")), -1, keepdim=True) \
+            - torch.logsumexp(logits, -1, keepdim=True)
+        log_keep = math.log1p(-beta) if beta < 1 else float("-inf")              # log(1 - beta)
+        kept = log_rest + (math.log(beta) if beta > 0 else float("-inf"))          # log(beta r)
+        shift = kept - torch.logaddexp(kept, torch.full_like(kept, log_keep))
+        # no non-sink mass even in float64 (the spec's rows left unchanged): no shift
+        shift.masked_fill_(log_rest < NO_REST_LOG, 0.0)
+    else:
+        keep = (1.0 - beta) / beta if beta > 0 else float("inf")                 # (1 - beta) / beta
+        shift = torch.log(rest / (rest + keep))
+    return torch.where(sinks, shift, 0.0)
 
 
 def _gain(mass: torch.Tensor, rest: torch.Tensor, beta: float):

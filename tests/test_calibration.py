@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from act_kernels import act_attention, calibration
-from act_kernels.calibration import (SUMMED, STABLE_REST, calibrate_rows, calibrate_weights,
-                                     recalibrate_rows)
+from act_kernels.calibration import (SUMMED, STABLE_REST, calibrate_rows, recalibrate_rows,
+                                     sink_logit_shift)
 from bruteforce import bruteforce_details
 from inputs import make_qkv
 
@@ -48,23 +48,43 @@ def test_calibrate_rows_is_the_rule_in_float64():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_calibrate_weights_is_calibrate_rows_bit_for_bit(dtype):
-    """Rows of weights (the decode step's P): the same floats as calibrate_rows with w the sink
-    entries and u - w the others, on rows without a sink, ordinary rows and rows near m = 1."""
+@pytest.mark.parametrize("gap", [28.0, 200.0, 1000.0], ids=["summed", "log-space", "none"])
+def test_sink_logit_shift_is_the_rule(dtype, gap):
+    """The decode step's form: ``softmax(l + shift)`` is ``beta P`` on the sinks and
+    ``(1 - beta m) / (1 - m) P`` off them, against float64, on rows without a sink, ordinary
+    rows, a row whose sink logit leads by ``gap`` (``1 - m ~ e^-28``: summed from P; ``e^-200``:
+    P's non-sink entries are 0 even in float64, so ``1 - m`` comes from the logits), and padded
+    keys; beta 0 and 1 included (1 leaves every row exactly as it was)."""
     gen = torch.Generator().manual_seed(5)
-    probs = torch.softmax(torch.randn(7, 40, generator=gen, dtype=dtype) * 3, dim=-1)
-    probs[5, 3] = 0.97                                         # m near 1: redo
+    logits = torch.randn(6, 40, generator=gen, dtype=torch.float64) * 3
+    logits[4, 7] = gap
+    logits[5, 30:] = float("-inf")                             # padded keys
+    probs = torch.softmax(logits, dim=-1)
     sinks = probs > 0.04
+    sinks[:, 0] = False
     sinks[0] = False                                           # a row with no sink
-    w = torch.where(sinks, probs, 0.0)
-    mass = w.sum(-1, keepdim=True)
-    for beta in (0.0, 0.4, 1.0):
-        rows, redo = calibrate_weights(probs, sinks, mass, beta)
-        want, want_redo = calibrate_rows(probs, w, probs - w, mass, 1.0 - mass, beta, dtype)
-        assert torch.equal(redo, want_redo) and bool(redo.any())
-        keep = ~redo[:, 0]                   # redo rows are replaced by recalibrate_rows
-        assert torch.equal(rows[keep], want[keep])
-        assert torch.equal(rows[0], probs[0])
+    assert bool(sinks[1:].any(-1).all())
+    # the true non-sink mass (and so the weights) in float64 from the logits
+    log_rest = torch.logsumexp(logits.masked_fill(sinks, float("-inf")), -1, keepdim=True) \
+        - torch.logsumexp(logits, -1, keepdim=True)
+    rest = log_rest.exp()
+    small = torch.softmax(logits.masked_fill(sinks, float("-inf")), dim=-1)   # P / (1 - m)
+    assert (float(rest[4]) < calibration.stable_rest(SUMMED)) == (gap > 100)
+    assert (float(rest[4]) == 0.0) == (gap == 1000.0)
+    for beta in (0.0, 0.4, 0.999, 1.0):
+        shift = sink_logit_shift(logits.to(dtype), probs.to(dtype), sinks, beta)
+        got = torch.softmax(logits.to(dtype) + shift, dim=-1).double()
+        want = torch.where(sinks, beta * probs, ((1 - beta) + beta * rest) * small)
+        if gap == 1000.0:
+            want[4] = probs[4]
+        # float32: the logits (up to 30 here) round to ~30 eps in the exponent, and weights
+        # below 1e-38 (beta = 1 with the 200 gap: P itself) underflow
+        single = dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=5e-5 if single else 1e-12,
+                                   atol=1e-38 if single else 1e-300)
+        assert bool((shift[~sinks] == 0).all())
+        if beta == 1.0:
+            assert bool((shift == 0).all())
 
 
 @pytest.fixture
@@ -82,8 +102,8 @@ def sources(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_each_torch_path_asks_for_the_precision_it_starts_from(sources, monkeypatch, dtype):
-    """The pruned correction starts from the output in q's dtype; the decode step from float32
-    probabilities, whatever q's dtype; the dense path from direct sums."""
+    """The pruned correction starts from the output in q's dtype; the dense path and the decode
+    step from direct sums of P (the decode step then recomputes from its logits)."""
     from act_kernels.torch_backend import dense
 
     q, k, v = make_qkv(1, 4, 2, 24, 24, 16, seed=2, planted=(5,), sink_logit=9.0, dtype=dtype)
@@ -94,8 +114,9 @@ def test_each_torch_path_asks_for_the_precision_it_starts_from(sources, monkeypa
     act_attention(q, k, v, heads=[0, 1, 2, 3], backend="torch")
     assert set(sources) == {dtype}
     sources.clear()
-    act_attention(q[:, :, -1:], k, v, heads=[0, 1, 2, 3], backend="torch")
-    assert set(sources) == {torch.float32}
+    step, stats = act_attention(q[:, :, -1:], k, v, heads=[0, 1, 2, 3], backend="torch",
+                                return_stats=True)
+    assert bool(stats.sinks.any()) and set(sources) == {SUMMED}
 
 
 def test_the_table_decides_which_rows_are_recomputed(monkeypatch):

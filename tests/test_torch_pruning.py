@@ -200,7 +200,7 @@ def test_decode_without_sinks_skips_the_calibration(monkeypatch):
 
     def boom(*args, **kwargs):
         raise AssertionError("calibration ran without a sink")
-    monkeypatch.setattr(decode, "calibrate_probs", boom)
+    monkeypatch.setattr(decode, "sink_logit_shift", boom)
     out = act_attention(q, k, v, heads=[0, 1, 2, 3], backend="torch")
     assert torch.equal(out, act_attention(q, k, v, backend="torch"))
 
@@ -260,3 +260,27 @@ def test_decode_calibrates_only_the_calibrated_rows(pads):
         assert torch.equal(out[~heads], plain[~heads])
         torch.testing.assert_close(out.double(), bf.out, rtol=1e-5, atol=2e-5)
         assert not torch.equal(out[heads], plain[heads])
+
+
+@pytest.mark.parametrize("pads", [None, (0, 6)], ids=["no-pad", "pad"])
+def test_decode_with_underflowing_non_sink_mass_is_calibrated(pads):
+    """float32 decode rows whose sink leads every other key by ~150 in the logits: their non-sink
+    entries of P underflow to 0 in float32, yet the calibrated rows are the float64 brute force
+    (beta w + (1 - beta) a, a the non-sink average), not the plain row; the other heads are the
+    plain step bit for bit, with and without statistics."""
+    kpm = left_padding(71, list(pads)) if pads else None
+    q, k, v = make_qkv(2, 6, 2, 1, 71, 16, seed=43, planted=(30,), sink_logit=150.0)
+    heads = torch.tensor([[True, False, False, True, False, False],
+                          [False, True, False, False, False, True]])
+    bf = bruteforce_details(q, k, v, heads, 0.4, 0.1, None, kpm)
+    probs = torch.softmax(torch.matmul(q, k.repeat_interleave(3, 1).transpose(-1, -2)) * 16 ** -0.5,
+                          dim=-1)
+    assert bool((probs[..., 30] == 1.0).all())              # float32: 1 - m rounds to 0
+    plain = act_attention(q, k, v, key_padding_mask=kpm, backend="torch")
+    for stats in (False, True):
+        out = act_attention(q, k, v, heads=heads, key_padding_mask=kpm, backend="torch",
+                            return_stats=stats)
+        out = out[0] if stats else out
+        torch.testing.assert_close(out.double(), bf.out, rtol=1e-5, atol=2e-5)
+        assert torch.equal(out[~heads], plain[~heads])
+        assert float((out[heads] - plain[heads]).abs().max()) > 0.1

@@ -90,10 +90,10 @@ class ACTModelState:
         config = getattr(module, "config", None)
         profile = self.profile(config)
         layer = getattr(module, "layer_idx", None)
-        key = (-1 if layer is None else int(layer), str(device))
-        cached = self._settings.get(key)
+        cached = self._settings.get((layer, device))       # a device object hashes as its name
         if cached is not None:
             return cached
+        key = (layer, device)
         beta = profile.beta if profile is not None else DEFAULT_BETA
         tau = profile.tau if profile is not None else DEFAULT_TAU
         heads = None

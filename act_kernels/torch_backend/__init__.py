@@ -17,8 +17,9 @@ the column sums, the sinks, the sink mass and both halves of the calibrated outp
 batched products, for all pairs at once.
 With a sliding window (``window=W``) every pass works block by block on the span of keys the
 block's rows see (``blocks.key_span``), so the call costs ``O(Nq W)``; a windowed decode takes
-this path. A decode step (``Nq == 1``, no window) is ``decode.py``: one short vectorised pass over
-all heads at once, its single row of P calibrated directly, only when a calibrated row has a sink.
+this path. A decode step (``Nq == 1``, no window) is ``decode.py``: one fused SDPA call for all
+heads, the calibrated rows' sinks found first from their row of P and their calibration given to
+that call as a shift of their sink logits.
 Bidirectional blocks (``block_ids``) and a general mask (``attn_mask``) take ``masked.py``: two
 exact passes by blocks of rows over the keys they see (a decode step with blocks and no window
 is plain causal and stays in ``decode.py``).

@@ -16,6 +16,13 @@ from .blocks import (block_rows, blocks_seeing, key_span, kv_groups, probs_on_ke
 # Floats of one block of the bound pass (rows x heads x keys): 1 Mi entries, at least 32 rows.
 BOUND_BLOCK_FLOATS = 1 << 20
 BOUND_MIN_ROWS = 32
+# The bound matmul's key count is rounded up to a multiple of Nk / _WIDTH_STEPS (at least
+# _WIDTH_MIN_STEP keys): oneDNN keeps a compiled kernel, about 0.5 MiB, per matmul shape for the
+# life of the process, and a causal pass has a span per block of rows (512 at N=16384: ~300 MiB
+# kept after the first call). Rounded, a call has at most ~_WIDTH_STEPS shapes, for ~3% more
+# products.
+_WIDTH_STEPS = 32
+_WIDTH_MIN_STEP = 64
 # Stand-in for -inf on rows that count for nothing, so that no inf enters a matmul.
 _DEAD_ROW = -1e30
 _ROUNDING = 2.0 ** -24      # float32's unit roundoff (also used, conservatively, for float64)
@@ -72,6 +79,7 @@ def column_bounds(q, k, neg_lse, b_idx, h_idx, scale, window=None):
         rows = _bound_rows(nk, heads, window)
         width = nk if window is None else min(nk, rows + window - 1)      # keys of a span
         buffer = torch.empty(min(rows, nq) * heads * width, dtype=low, device=q.device)
+        quantum = max(_WIDTH_MIN_STEP, -(-nk // _WIDTH_STEPS))
         key_pos = torch.arange(nk, device=q.device)
         key_pos_f = key_pos.float()
         # What is the same for every full block of rows, relative to its first row: [rows, 1,
@@ -87,9 +95,12 @@ def column_bounds(q, k, neg_lse, b_idx, h_idx, scale, window=None):
             r1 = min(nq, r0 + rows)
             first_pos, last_pos = nk - nq + r0, nk - nq + r1 - 1
             lo, hi = key_span(first_pos, last_pos, window)
-            s = torch.mm(q_aug[r0:r1].view((r1 - r0) * heads, dim + 2), k_aug[lo:hi].t(),
-                         out=buffer[:(r1 - r0) * heads * (hi - lo)].view(-1, hi - lo))
-            s = s.view(r1 - r0, heads, hi - lo)
+            # the product over a few distinct key counts (see _WIDTH_STEPS), the keys past the
+            # span dropped after it
+            wide = min(width, nk - lo, -(-(hi - lo) // quantum) * quantum)
+            s = torch.mm(q_aug[r0:r1].view((r1 - r0) * heads, dim + 2), k_aug[lo:lo + wide].t(),
+                         out=buffer[:(r1 - r0) * heads * wide].view(-1, wide))
+            s = s[:, :hi - lo].view(r1 - r0, heads, hi - lo)
             # Only keys past a row are masked: the keys a window has left behind stay in the max
             # (a max over more entries is still a bound, and those entries are small).
             edge = max(first_pos, lo)

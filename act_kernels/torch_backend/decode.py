@@ -1,122 +1,102 @@
-"""A decode step (``Nq == 1``, no window): one short vectorised pass over all heads at once.
+"""A decode step (``Nq == 1``, no window): one fused SDPA call for every head, the calibrated
+rows' sinks found first.
 
-Its single row of ``P`` per head is as small as the output, so the row is calibrated directly
-(:func:`calibrate_probs`) and then multiplied by ``v``, and only when a calibrated row has a
-sink. Kept to few tensor ops: at decode sizes their dispatch cost, not arithmetic, is the bill.
+The ``g = Hq / Hkv`` query heads of a kv group are the ``g`` query rows of one SDPA call over
+their kv head (q viewed as ``[B, Hkv, g, D]``; k and v never repeated): a decode step costs
+SDPA's own fused kernel. A layer with calibrated heads first needs their rows of ``P`` for the
+sink test (``P > tau``, the first valid key excepted): one batched product for the logits of
+every head, one softmax, the test on every row, kept for the calibrated rows (the heads mask
+itself, no index lists: at decode sizes an op's dispatch costs more than its rows). Where a
+calibrated row has a sink, the calibration is a shift of its sink logits (:func:`~act_kernels.calibration.sink_logit_shift`), given to the same SDPA call as
+an additive mask that is 0 on every other row: the kernel adds 0 exactly, so uncalibrated rows
+and calibrated rows without a sink are bit for bit the plain step. One host read per step
+decides whether any row changes, and when one does, a second whether a row's non-sink mass is so
+small that it must be taken from the logits.
+
+Half-precision inputs are computed in float32 (q, k and v converted), the output cast back.
+Kept to few tensor ops: at decode sizes their dispatch cost, not arithmetic, is the bill.
 """
 from __future__ import annotations
 
 import torch
 
-from ..calibration import calibrate_weights, recalibrate_rows
+from ..calibration import sink_logit_shift
 from ..sinks import first_valid_index
-from ..tensor_cache import TensorCache
 from .blocks import as_dtype, work_dtype
 from .stats import calibrated_heads
 
 
 def decode_step(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
-    """``(out, stats)`` of one query row per head, ``P`` calibrated directly."""
+    """``(out, stats)`` of one query row per head, the calibrated rows with a sink calibrated."""
+    alive = None if key_padding_mask is None else key_padding_mask[:, -1]   # the query is real
+    shift = stats = None
+    if heads is not None or return_stats:
+        logits = all_logits(q, k, scale, key_padding_mask, alive)           # [B, Hq, Nk]
+        probs = torch.softmax(logits, dim=-1)
+        sinks = decode_sinks(probs, tau, key_padding_mask, alive)
+        if return_stats:
+            stats = _step_stats(probs, sinks, heads, alive)
+        if heads is not None:
+            sinks = sinks & heads.unsqueeze(-1)            # the calibrated rows' sinks only
+            if bool(sinks.any()):     # else no calibrated row has a sink: every row unchanged
+                shift = sink_logit_shift(logits, probs, sinks, beta)
+    return attend(q, k, v, scale, key_padding_mask, alive, shift), stats
+
+
+def attend(q, k, v, scale, key_padding_mask, alive, shift):
+    """``[B, Hq, 1, D]`` in q's dtype: every head's attention, one SDPA call with the query heads
+    of each kv group as its rows, ``shift [B, Hq, Nk]`` (or None) added to the logits; a padded
+    query's row is 0."""
+    bsz, hq, _, dim = q.shape
+    hkv = k.shape[1]
+    work = work_dtype(q.dtype)
+    mask = None if shift is None else shift.view(bsz, hkv, hq // hkv, shift.shape[-1])
+    if key_padding_mask is not None:
+        visible = (key_padding_mask & alive[:, None])[:, None, None, :]
+        mask = visible if mask is None else mask.masked_fill_(~visible, float("-inf"))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        as_dtype(q, work).reshape(bsz, hkv, hq // hkv, dim), as_dtype(k, work),
+        as_dtype(v, work), attn_mask=mask, scale=scale)
+    out = out.reshape(bsz, hq, 1, dim)
+    if alive is not None:        # a row that sees no key: 0 on every device
+        out = out.masked_fill(~alive[:, None, None, None], 0.0)
+    return as_dtype(out, q.dtype)
+
+
+def all_logits(q, k, scale, key_padding_mask, alive):
+    """``[B, Hq, Nk]``: ``scale q k^T`` of every head in the work dtype, one batched product (the
+    query heads of a group against their kv head, k unrepeated); padded keys ``-inf``, a padded
+    query's row 0 (finite: it gets no sink, and its output is 0)."""
     bsz, hq, _, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    group = hq // hkv
     work = work_dtype(q.dtype)
-    # [B, Hkv, group, Nk]: the query heads of a group read their kv head once, unrepeated.
-    logits = torch.matmul(as_dtype(q, work).reshape(bsz, hkv, group, dim) * scale,
-                          as_dtype(k, work).transpose(-1, -2))
-    alive = None
+    logits = torch.matmul(as_dtype(q, work).reshape(bsz, hkv, hq // hkv, dim) * scale,
+                          as_dtype(k, work).transpose(-1, -2)).view(bsz, hq, nk)
     if key_padding_mask is not None:
-        alive = key_padding_mask[:, -1]                       # is the query itself real?
         hidden = ~key_padding_mask | ~alive[:, None]
-        logits.masked_fill_(hidden[:, None, None, :], float("-inf"))
-        logits.masked_fill_(~alive[:, None, None, None], 0.0)   # a dead row: finite, zeroed below
-    logits = logits.view(bsz, hq, nk)
-    probs = torch.softmax(logits, dim=-1)
-
-    stats = sinks = None
-    if return_stats:
-        sinks = decode_sinks(probs, tau, key_padding_mask, alive)
-        mass = torch.where(sinks, probs, 0.0).sum(-1, keepdim=True)   # m, [B, Hq, 1]
-        scores = probs if alive is None else probs * alive[:, None, None]
-        stats = {"scores": scores.float(), "sinks": sinks, "sink_mass": mass.float(),
-                 "calibrated": calibrated_heads(heads, bsz, hq, q.device)}
-    if heads is not None:
-        if sinks is not None:
-            sinks = sinks & heads.unsqueeze(-1)
-            if bool(sinks.any()):     # else no calibrated row has a sink: every row unchanged
-                probs = calibrate_probs(probs, logits, sinks, beta)
-        else:
-            probs = calibrate_heads(probs, logits, heads, beta, tau, key_padding_mask, alive)
-    out = torch.matmul(probs.view(bsz, hkv, group, nk), as_dtype(v, work))
-    out = out.reshape(bsz, hq, 1, dim)
-    if alive is not None:
-        out = out * alive[:, None, None, None]
-    return out.to(q.dtype), stats
+        logits.masked_fill_(hidden[:, None, :], float("-inf"))
+        logits.masked_fill_(~alive[:, None, None], 0.0)
+    return logits
 
 
-def calibrate_heads(probs, logits, heads, beta, tau, key_padding_mask, alive):
-    """``probs [B, Hq, Nk]`` with the rows of the calibrated ``heads`` calibrated in place.
-
-    Only those rows are read (a layer calibrates a few of its heads; at decode sizes the time of
-    an elementwise op grows with its rows): their indices are read from ``heads`` once per mask
-    (:class:`~act_kernels.tensor_cache.TensorCache`), their sinks found, and when one has a sink
-    they are calibrated and written back. One host read per step decides whether any changes.
-    """
-    bsz, hq, nk = probs.shape
-    rows, batch = _ROWS.get(heads, lambda h: _calibrated_rows(h, hq), hq)
-    flat = probs.view(bsz * hq, nk)
-    picked = flat.index_select(0, rows)                                 # [R, Nk]
-    sinks = decode_sinks(picked, tau, key_padding_mask, alive, batch)
-    if bool(sinks.any()):         # else no calibrated row has a sink: every row unchanged
-        new = calibrate_probs(picked, logits.reshape(bsz * hq, nk).index_select(0, rows),
-                              sinks, beta)
-        flat.index_copy_(0, rows, new)
-    return probs
-
-
-# per heads mask [B, Hq] (and Hq): the flat indices of its calibrated rows and their batch rows
-_ROWS = TensorCache()
-
-
-def _calibrated_rows(heads, hq: int):
-    rows = heads.reshape(-1).nonzero()[:, 0]
-    return rows, torch.div(rows, hq, rounding_mode="floor")
-
-
-def decode_sinks(probs, tau, key_padding_mask, alive, batch=None):
-    """Sinks of single rows, ``[B, Hq, Nk]`` or, with ``batch`` (each row's batch row),
-    ``[R, Nk]``: ``P > tau``, the first valid key excepted (padded keys have ``P = 0``; a padded
-    query has no sink)."""
+def decode_sinks(probs, tau, key_padding_mask, alive):
+    """Sinks of single rows ``[B, Hq, Nk]``: ``P > tau``, the first valid key excepted (padded
+    keys have ``P = 0``; a padded query has no sink)."""
     sinks = probs > tau
     if key_padding_mask is None:
         sinks.select(-1, 0).fill_(False)
         return sinks
-    first = first_valid_index(key_padding_mask, key_padding_mask.shape[0], probs.device)
-    if batch is None:
-        bsz, hq = probs.shape[:2]
-        sinks.scatter_(2, first[:, None, None].expand(bsz, hq, 1), False)
-        sinks &= alive[:, None, None]
-    else:
-        sinks.scatter_(1, first[batch][:, None], False)
-        sinks &= alive[batch][:, None]
+    bsz, hq = probs.shape[:2]
+    first = first_valid_index(key_padding_mask, bsz, probs.device)
+    sinks.scatter_(2, first[:, None, None].expand(bsz, hq, 1), False)
+    sinks &= alive[:, None, None]
     return sinks
 
 
-def calibrate_probs(probs, logits, sinks, beta):
-    """``P'`` of whole rows of ``P [..., Nk]`` (``logits``: the masked logits they come from):
-    beta P on the sinks, ``(1 - beta m) / (1 - m) P`` off them.
-
-    The rule of :mod:`act_kernels.calibration` on rows of weights instead of outputs: the plain
-    row ``u`` is ``P`` itself (in float32, so float32's threshold), its sink part ``w`` the sink
-    entries and ``u - w`` the others, both exact. Rows below the threshold take their non-sink
-    part from a softmax over their non-sink logits, exact even when ``1 - m`` is subnormal or
-    rounds to 0. ``sinks`` holds the sinks of calibrated rows only; rows without one keep ``P``.
-    """
-    w = torch.where(sinks, probs, 0.0)
-    mass = w.sum(-1, keepdim=True)                                      # m, [B, Hq, 1]
-    new, redo = calibrate_weights(probs, sinks, mass, beta)
-    if bool(redo.any()):
-        share = torch.softmax(logits.masked_fill(sinks, float("-inf")), dim=-1)
-        fixed = recalibrate_rows(probs, w, mass, share, (probs - w).sum(-1, keepdim=True), beta)
-        new = torch.where(redo, fixed, new)
-    return new
+def _step_stats(probs, sinks, heads, alive) -> dict:
+    """The statistics of a decode step from the rows of ``P`` of every head."""
+    bsz, hq = probs.shape[:2]
+    mass = torch.where(sinks, probs, 0.0).sum(-1, keepdim=True)         # m, [B, Hq, 1]
+    scores = probs if alive is None else probs * alive[:, None, None]
+    return {"scores": scores.float(), "sinks": sinks, "sink_mass": mass.float(),
+            "calibrated": calibrated_heads(heads, bsz, hq, probs.device)}
