@@ -285,7 +285,7 @@ def test_no_harm_writes_an_empty_profile(setup, tmp_path, monkeypatch):
     from act_kernels.scoring import calibration_examples
     from act_kernels.search.core import split_score_val
 
-    from test_pipeline import WORDS
+    from helpers.search_data import WORDS
 
     gen = torch.Generator().manual_seed(3)
     rows = [{"id": f"m{i}", "text": " ".join(WORDS[int(j)] for j in
