@@ -24,6 +24,17 @@ def planted(b=2, hq=4, hkv=2, nq=7, nk=9, d=5, dtype=torch.float64, seed=0):
     return q, k, v
 
 
+def _gradcheck_torch_backend(q, k, v, args) -> bool:
+    """``gradcheck`` of the torch backend's output (its backward: the eager reference's) in
+    float64, against finite differences of its own forward."""
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.autograd.gradcheck(
+            lambda q, k, v: act_attention(q, k, v, backend="torch", **args), inputs,
+            eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 def _sinks_found(q, k, v, **kw):
     _, stats = act_attention(q, k, v, backend="eager", return_stats=True, **kw)
     return bool(stats.sinks.any())
@@ -39,12 +50,7 @@ def test_gradcheck_of_the_torch_backend(kw):
         kw = dict(key_padding_mask=kpm)
     args = dict(heads=[1], tau=0.08, **kw)
     assert _sinks_found(q, k, v, **args)            # the calibration is on the path checked
-    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert torch.autograd.gradcheck(
-            lambda q, k, v: act_attention(q, k, v, backend="torch", **args), inputs,
-            eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert _gradcheck_torch_backend(q, k, v, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -143,12 +149,7 @@ def test_gradcheck_under_the_general_masks(mask):
           "attn_mask": dict(attn_mask=torch.rand(1, 7, 7, generator=torch.Generator()
                                                  .manual_seed(3)) < 0.6)}[mask]
     args = dict(heads=[0], tau=0.08, **kw)
-    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert torch.autograd.gradcheck(
-            lambda q, k, v: act_attention(q, k, v, backend="torch", **args), inputs,
-            eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert _gradcheck_torch_backend(q, k, v, args)
 
 
 def test_gradients_through_the_compiled_op():
