@@ -211,18 +211,23 @@ def check_key_padding_mask(mask, bsz: int, nk: int, device, who: str = "act_atte
     Whether an integer mask holds only 0 and 1 is left to the caller (it reads the values)."""
     if mask is None:
         return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{who}: key_padding_mask must be a bool tensor [B, Nk], "
-                        f"got {type(mask).__name__}")
-    if tuple(mask.shape) != (bsz, nk):
-        raise ValueError(f"{who}: key_padding_mask must have shape [B, Nk]=[{bsz}, {nk}], "
-                         f"got {tuple(mask.shape)}")
+    _check_per_key(mask, "key_padding_mask", "a bool tensor", bsz, nk, device, who)
     if mask.dtype != torch.bool and (mask.is_floating_point() or mask.is_complex()):
         raise TypeError(f"{who}: key_padding_mask must be bool (True = real token), "
                         f"got {mask.dtype}")
-    if mask.device != device:
-        raise ValueError(f"{who}: key_padding_mask is on {mask.device} but q is on {device}")
     return mask
+
+
+def _check_per_key(t, name: str, kind: str, bsz: int, nk: int, device, who: str) -> None:
+    """The checks every per-key tensor argument shares: a tensor, shape ``[B, Nk]``, on q's
+    device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{who}: {name} must be {kind} [B, Nk], got {type(t).__name__}")
+    if tuple(t.shape) != (bsz, nk):
+        raise ValueError(f"{who}: {name} must have shape [B, Nk]=[{bsz}, {nk}], "
+                         f"got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{who}: {name} is on {t.device} but q is on {device}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,15 +239,9 @@ def check_position_ids(ids, name: str, bsz: int, nk: int, device, who: str = "ac
     tensor ``[B, Nk]`` on ``device``, returned as it is."""
     if ids is None:
         return None
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{who}: {name} must be an integer tensor [B, Nk], got {type(ids).__name__}")
+    _check_per_key(ids, name, "an integer tensor", bsz, nk, device, who)
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         raise TypeError(f"{who}: {name} must be an integer tensor, got {ids.dtype}")
-    if tuple(ids.shape) != (bsz, nk):
-        raise ValueError(f"{who}: {name} must have shape [B, Nk]=[{bsz}, {nk}], "
-                         f"got {tuple(ids.shape)}")
-    if ids.device != device:
-        raise ValueError(f"{who}: {name} is on {ids.device} but q is on {device}")
     return ids
 
 
