@@ -89,7 +89,7 @@ def sink_logit_shift(logits: torch.Tensor, probs: torch.Tensor, sinks: torch.Ten
     :data:`NO_REST_LOG`) is left unchanged, as the spec's rows without non-sink mass are.
     """
     rest = torch.where(sinks, 0.0, probs).sum(-1, keepdim=True)                  # r = 1 - m
-    if bool((rest < stable_rest(SUMMED)).any()):
+    if float(rest.amin()) < stable_rest(SUMMED):
         log_rest = torch.logsumexp(logits.masked_fill(sinks, float("-inf")), -1, keepdim=True) \
             - torch.logsumexp(logits, -1, keepdim=True)
         log_keep = math.log1p(-beta) if beta < 1 else float("-inf")              # log(1 - beta)

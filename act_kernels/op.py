@@ -32,7 +32,7 @@ from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_attn_ma
                      default_scale, head_indices, head_mask, resolve_backend)
 from .tensor_cache import TensorCache, data_owner
 
-__all__ = ["ACTStats", "BACKENDS", "act_attention", "normalize_heads",
+__all__ = ["ACTStats", "BACKENDS", "DecodeCall", "act_attention", "normalize_heads",
            "normalize_key_padding_mask", "resolve_backend"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -266,6 +266,43 @@ def _validated_args(q, k, v, heads, beta, tau, scale, key_padding_mask, backend,
     name = resolve_backend(backend, q.device)
     _remember_valid(q, k, v, backend, name)
     return calibrated, kpm, beta, tau, scale, name, window
+
+
+class DecodeCall:
+    """A decode step (``Nq == 1``, no mask, no window, no statistics, no gradients) validated once,
+    for a caller that repeats it step after step (a layer of a generating model): calling it on
+    q, k, v of the same batch, heads, head dim, dtype and device as the call it was made from,
+    with any number of keys, runs the backend directly. The caller checks those facts
+    (:meth:`fits`); the heads mask is read as it is on every call, and whether it calibrates
+    anything was read from the device once, so an in-place edit of it needs a new DecodeCall
+    (its ``_version`` changes: :attr:`heads_version`)."""
+
+    __slots__ = ("calibrated", "beta", "tau", "scale", "name", "facts", "heads", "heads_version")
+
+    def __init__(self, q, k, v, heads, beta, tau, scale, backend):
+        if q.shape[2] != 1:
+            raise ValueError(f"DecodeCall: one query row per head, got Nq={q.shape[2]}")
+        self.calibrated, _, self.beta, self.tau, self.scale, self.name, _ = _validated_args(
+            q, k, v, heads, beta, tau, scale, None, backend, None)
+        self.facts = (q.shape[0], q.shape[1], k.shape[1], q.shape[3], q.dtype, q.device)
+        self.heads = heads
+        self.heads_version = heads._version if isinstance(heads, torch.Tensor) else None
+
+    def fits(self, q, k, v) -> bool:
+        """Are q, k, v a decode step this call was validated for (plain tensors, no gradients)?"""
+        b, hq, hkv, dim, dtype, device = self.facts
+        qs, ks = q.shape, k.shape
+        return (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+                and qs[2] == 1 and qs[0] == b and qs[1] == hq and qs[3] == dim
+                and ks[0] == b and ks[1] == hkv and ks[2] > 0 and ks[3] == dim and v.shape == ks
+                and q.dtype == dtype and k.dtype == dtype and v.dtype == dtype
+                and q.device == device and k.device == device and v.device == device
+                and (self.heads_version is None or self.heads._version == self.heads_version)
+                and not needs_gradients(q, k, v))
+
+    def __call__(self, q, k, v):
+        return _backend_fn(self.name)(q, k, v, self.calibrated, self.beta, self.tau, self.scale,
+                                      None, False)[0]
 
 
 # facts about segment_ids / block_ids read on the host once per pair of tensors (and Nq): their

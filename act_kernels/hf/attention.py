@@ -21,13 +21,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..gradients import autograd_inside_an_op, reference_gradients
-from ..op import act_attention, normalize_heads
+from ..gradients import autograd_inside_an_op, needs_gradients, reference_gradients
+from ..op import DecodeCall, act_attention, normalize_heads
 from ..params import default_scale
 from ..reference import act_attention_reference
 from ..tensor_cache import TensorCache
 from .masks import MaskPlan, act_sdpa_mask, dense_mask, keys_dropped, mask_plan, warn_dense
-from .state import state_of_module
+from .state import STATE_ATTR, state_of_module
 
 ACT_ATTENTION_BACKENDS = types.MappingProxyType({"act_torch": "torch", "act_triton": "triton"})
 """Registered attention implementation name -> ``act_attention`` backend."""
@@ -223,6 +223,65 @@ def _hf_backward(ctx, grad):
 hf_attention_op.register_autograd(_hf_backward, setup_context=_hf_setup_context)
 
 
+# The steady decode step. A generating model calls each layer once per token with the same
+# settings, shapes (but one more key), dtype and device, and, where nothing is padded, no mask.
+# After one such call has passed every check, the layer keeps what it established (a
+# _SteadyDecode in the module's __dict__: state that belongs to the layer) and its next calls,
+# after a few comparisons, run the op's validated decode call (op.DecodeCall) directly: at decode
+# sizes on a CPU every Python call and tensor op skipped is a visible part of the step.
+_STEADY_ATTR = "_act_steady_decode"
+_WATCHED_KWARGS = frozenset(_UNSUPPORTED_KWARGS) | {"cache", "output_attentions",
+                                                    "sliding_window"}
+
+
+class _SteadyDecode:
+    """A layer's checked decode step. It fits a later call while the model's state, the config's
+    profile and the layer's settings are those it was made with, no recorder listens, the call
+    brings the same keyword arguments (the watched ones unset) and no mask, and q, k, v fit its
+    :class:`~act_kernels.op.DecodeCall`."""
+
+    __slots__ = ("state", "config_vars", "raw", "settings", "scaling", "keys", "watched", "call")
+
+    def __init__(self, state, module, settings, scaling, kwargs, call: DecodeCall):
+        self.state, self.settings, self.scaling, self.call = state, settings, scaling, call
+        # the config's instance dict, read directly (a config's attribute lookup is Python
+        # code); a profile that is not an instance attribute never matches: no steady step
+        config = getattr(module, "config", None)
+        self.config_vars = getattr(config, "__dict__", {})
+        self.raw = getattr(config, "act_profile", None)
+        self.keys = frozenset(kwargs)
+        self.watched = tuple(self.keys & _WATCHED_KWARGS)
+
+    def fits(self, module, query, key, value, dropout, scaling, kwargs) -> bool:
+        state = self.state
+        if (dropout or scaling != self.scaling or kwargs.keys() != self.keys
+                or module.__dict__.get(STATE_ATTR) is not state or state.recorders
+                or GLOBAL_RECORDERS.get()
+                or self.config_vars.get("act_profile") is not self.raw
+                or state.cached_settings(module, query.device) is not self.settings):
+            return False
+        for name in self.watched:
+            if kwargs[name]:
+                return False
+        return self.call.fits(query, key, value)
+
+
+def _keep_steady(module, state, settings, backend, query, key, value, scaling, kwargs,
+                 structure, front, dense) -> None:
+    """After a full call: keep a :class:`_SteadyDecode` on ``module`` when the call was a steady
+    decode step (one query row, no mask, window, padding or stand-in key, no recorder, no
+    gradients)."""
+    if (query.shape[2] == 1 and dense is None and front == 0 and len(structure) == 2
+            and structure["window"] is None and structure["key_padding_mask"] is None
+            and not state.recorders and not GLOBAL_RECORDERS.get()
+            and not any(kwargs.get(name) for name in _WATCHED_KWARGS)
+            and not needs_gradients(query, key, value)):
+        call = DecodeCall(query, key, value, settings[0], settings[1], settings[2], scaling,
+                          backend)
+        module.__dict__[_STEADY_ATTR] = _SteadyDecode(state, module, settings, scaling, kwargs,
+                                                      call)
+
+
 def _make_attention_forward(name: str):
     backend = ACT_ATTENTION_BACKENDS[name]
 
@@ -231,13 +290,20 @@ def _make_attention_forward(name: str):
                               dropout: float = 0.0, scaling: Optional[float] = None,
                               is_causal: Optional[bool] = None, **kwargs
                               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        compiling = torch.compiler.is_compiling()
+        if not compiling and attention_mask is None:
+            steady = module.__dict__.get(_STEADY_ATTR)
+            if steady is not None and steady.fits(module, query, key, value, dropout, scaling,
+                                                  kwargs):
+                return steady.call(query, key, value).transpose(1, 2).contiguous(), None
         _refuse_unsupported(name, dropout, kwargs)
         state = state_of_module(module)
-        heads, beta, tau = state.layer_settings(module, query.device)
+        settings = state.layer_settings(module, query.device)
+        heads, beta, tau = settings
         window = kwargs.get("sliding_window")
         position_ids = kwargs.get("position_ids")
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-        if torch.compiler.is_compiling():
+        if compiling:
             if kwargs.get("output_attentions", False) or state.recorders or \
                     _global_recording():
                 raise NotImplementedError(f"{name} attention: output_attentions and recording() "
@@ -268,6 +334,9 @@ def _make_attention_forward(name: str):
                 recorder(module, stats, query, key, value, structure["key_padding_mask"])
         else:
             out = act_attention(query, key, value, **args)
+            if attention_mask is None:
+                _keep_steady(module, state, settings, backend, query, key, value, scaling,
+                             kwargs, structure, front, dense)
         return out.transpose(1, 2).contiguous(), None
 
     act_attention_forward.__name__ = f"{name}_attention_forward"

@@ -112,6 +112,11 @@ class ACTModelState:
         self._settings[key] = settings
         return settings
 
+    def cached_settings(self, module, device: torch.device) -> Optional[tuple]:
+        """The settings :meth:`layer_settings` last returned for ``module`` on ``device``, while
+        no profile or override change has dropped them, else None (reads nothing else)."""
+        return self._settings.get((getattr(module, "layer_idx", None), device))
+
     # -- recorders ----------------------------------------------------------------------------
 
     def recorders_for(self, layer: Optional[int], extra: Sequence[Recorder] = ()

@@ -18,10 +18,13 @@ Kept to few tensor ops: at decode sizes their dispatch cost, not arithmetic, is 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..calibration import sink_logit_shift
 from ..sinks import first_valid_index
+from ..tensor_cache import TensorCache
 from .blocks import as_dtype, work_dtype
 from .stats import calibrated_heads
 
@@ -29,18 +32,31 @@ from .stats import calibrated_heads
 def decode_step(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
     """``(out, stats)`` of one query row per head, the calibrated rows with a sink calibrated."""
     alive = None if key_padding_mask is None else key_padding_mask[:, -1]   # the query is real
+    if heads is None and not return_stats:
+        return attend(q, k, v, scale, key_padding_mask, alive, None), None
+    logits = all_logits(q, k, scale, key_padding_mask, alive)               # [B, Hq, Nk]
+    probs = torch.softmax(logits, dim=-1)
     shift = stats = None
-    if heads is not None or return_stats:
-        logits = all_logits(q, k, scale, key_padding_mask, alive)           # [B, Hq, Nk]
-        probs = torch.softmax(logits, dim=-1)
+    if return_stats:                 # every head's sinks, then the calibrated rows' only
         sinks = decode_sinks(probs, tau, key_padding_mask, alive)
-        if return_stats:
-            stats = _step_stats(probs, sinks, heads, alive)
+        stats = _step_stats(probs, sinks, heads, alive)
         if heads is not None:
-            sinks = sinks & heads.unsqueeze(-1)            # the calibrated rows' sinks only
-            if bool(sinks.any()):     # else no calibrated row has a sink: every row unchanged
-                shift = sink_logit_shift(logits, probs, sinks, beta)
+            sinks = sinks & heads.unsqueeze(-1)
+    else:                            # the calibrated rows' sinks, in one comparison
+        sinks = decode_sinks(probs, row_limits(heads, tau, probs.dtype), key_padding_mask, alive)
+    if heads is not None and bool(sinks.any()):   # else every row is the plain step
+        shift = sink_logit_shift(logits, probs, sinks, beta)
     return attend(q, k, v, scale, key_padding_mask, alive, shift), stats
+
+
+def row_limits(heads, tau: float, dtype) -> torch.Tensor:
+    """``[B, Hq, 1]``: ``tau`` on the calibrated rows, ``+inf`` on the others (no ``P`` exceeds
+    it), so that one comparison finds the calibrated rows' sinks; made once per heads mask."""
+    return _LIMITS.get(heads, lambda h: torch.where(h, tau, float("inf")).to(dtype)[..., None],
+                       (float(tau), dtype))
+
+
+_LIMITS = TensorCache()
 
 
 def attend(q, k, v, scale, key_padding_mask, alive, shift):
@@ -70,8 +86,13 @@ def all_logits(q, k, scale, key_padding_mask, alive):
     bsz, hq, _, dim = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     work = work_dtype(q.dtype)
-    logits = torch.matmul(as_dtype(q, work).reshape(bsz, hkv, hq // hkv, dim) * scale,
-                          as_dtype(k, work).transpose(-1, -2)).view(bsz, hq, nk)
+    # one baddbmm on 3-D views ([B Hkv, g, D] x [B Hkv, D, Nk]; a cache's slice along Nk stays a
+    # view), the scale as its alpha: a 4-D matmul and a separate scaling cost a decode step
+    # more in dispatch than in arithmetic
+    logits = torch.baddbmm(_no_input(work, q.device),
+                           as_dtype(q, work).reshape(bsz * hkv, hq // hkv, dim),
+                           as_dtype(k, work).reshape(bsz * hkv, nk, dim).transpose(1, 2),
+                           beta=0.0, alpha=scale).view(bsz, hq, nk)
     if key_padding_mask is not None:
         hidden = ~key_padding_mask | ~alive[:, None]
         logits.masked_fill_(hidden[:, None, :], float("-inf"))
@@ -79,9 +100,16 @@ def all_logits(q, k, scale, key_padding_mask, alive):
     return logits
 
 
+@functools.lru_cache(maxsize=None)
+def _no_input(dtype, device) -> torch.Tensor:
+    """The ignored ``input`` of a ``baddbmm`` with ``beta=0`` (a ``[1, 1, 1]`` zero)."""
+    return torch.zeros(1, 1, 1, dtype=dtype, device=device)
+
+
 def decode_sinks(probs, tau, key_padding_mask, alive):
-    """Sinks of single rows ``[B, Hq, Nk]``: ``P > tau``, the first valid key excepted (padded
-    keys have ``P = 0``; a padded query has no sink)."""
+    """Sinks of single rows ``[B, Hq, Nk]``: ``P > tau`` (``tau`` a float or per-row limits
+    ``[B, Hq, 1]``), the first valid key excepted (padded keys have ``P = 0``; a padded query has
+    no sink)."""
     sinks = probs > tau
     if key_padding_mask is None:
         sinks.select(-1, 0).fill_(False)
