@@ -1,20 +1,26 @@
-"""A decode step (``Nq == 1``, no window): one fused SDPA call for every head, the calibrated
-rows' sinks found first.
+"""A decode step (``Nq == 1``, no window), in one of two ways chosen by the number of keys
+alone (never by the heads, so that an uncalibrated row is bit for bit the ``heads=None`` step):
 
-The ``g = Hq / Hkv`` query heads of a kv group are the ``g`` query rows of one SDPA call over
-their kv head (q viewed as ``[B, Hkv, g, D]``; k and v never repeated): a decode step costs
-SDPA's own fused kernel. A layer with calibrated heads first needs their rows of ``P`` for the
-sink test (``P > tau``, the first valid key excepted): one batched product for the logits of
-every head, one softmax, the test on every row, kept for the calibrated rows (the heads mask
-itself, no index lists: at decode sizes an op's dispatch costs more than its rows). Where a
-calibrated row has a sink, the calibration is a shift of its sink logits (:func:`~act_kernels.calibration.sink_logit_shift`), given to the same SDPA call as
-an additive mask that is 0 on every other row: the kernel adds 0 exactly, so uncalibrated rows
-and calibrated rows without a sink are bit for bit the plain step. One host read per step
-decides whether any row changes, and when one does, a second whether a row's non-sink mass is so
-small that it must be taken from the logits.
+* **fused** (``Nk < DIRECT_MIN_KEYS``): one SDPA call for every head. The ``g = Hq / Hkv``
+  query heads of a kv group are the ``g`` query rows of one call over their kv head (q viewed as
+  ``[B, Hkv, g, D]``; k and v never repeated): a step costs SDPA's own fused kernel. A call with
+  calibrated heads first needs their rows of ``P`` for the sink test (``P > tau``, the first
+  valid key excepted): one batched product for the logits of every head, one softmax, one
+  comparison with per-row limits (``tau`` on the calibrated rows, ``+inf`` elsewhere). Where a
+  calibrated row has a sink, the calibration is a shift of its sink logits
+  (:func:`~act_kernels.calibration.sink_logit_shift`), given to the same SDPA call as an additive
+  mask that is 0 on every other row: the kernel adds 0 exactly, so uncalibrated rows and
+  calibrated rows without a sink are the plain step. A calibrated call reads K twice.
+* **direct** (``Nk >= DIRECT_MIN_KEYS``): the logits, their softmax and one product with v,
+  for every head. A calibrated call reads K once (its logits serve the sink test and the
+  output): about 0.6x the fused calibrated step at 8k keys; a call without calibrated heads
+  costs 1.00x-1.10x the fused one there (measured: ``benchmarks/RESULTS.md``, issue 22). The
+  shift is added to the logits before the softmax; a row without one adds 0 exactly.
 
-Half-precision inputs are computed in float32 (q, k and v converted), the output cast back.
-Kept to few tensor ops: at decode sizes their dispatch cost, not arithmetic, is the bill.
+One host read per step decides whether any row changes, and when one does, a second whether a
+row's non-sink mass is so small that it must be taken from the logits. Half-precision inputs
+are computed in float32 (q, k and v converted), the output cast back. Kept to few tensor ops: at
+decode sizes their dispatch cost, not arithmetic, is the bill.
 """
 from __future__ import annotations
 
@@ -29,10 +35,15 @@ from .blocks import as_dtype, work_dtype
 from .stats import calibrated_heads
 
 
+# From this many keys on, a decode step takes the direct way (see the module docstring).
+DIRECT_MIN_KEYS = 4096
+
+
 def decode_step(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
     """``(out, stats)`` of one query row per head, the calibrated rows with a sink calibrated."""
     alive = None if key_padding_mask is None else key_padding_mask[:, -1]   # the query is real
-    if heads is None and not return_stats:
+    direct = k.shape[2] >= DIRECT_MIN_KEYS
+    if heads is None and not return_stats and not direct:
         return attend(q, k, v, scale, key_padding_mask, alive, None), None
     logits = all_logits(q, k, scale, key_padding_mask, alive)               # [B, Hq, Nk]
     probs = torch.softmax(logits, dim=-1)
@@ -42,11 +53,27 @@ def decode_step(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats
         stats = _step_stats(probs, sinks, heads, alive)
         if heads is not None:
             sinks = sinks & heads.unsqueeze(-1)
-    else:                            # the calibrated rows' sinks, in one comparison
+    elif heads is not None:          # the calibrated rows' sinks, in one comparison
         sinks = decode_sinks(probs, row_limits(heads, tau, probs.dtype), key_padding_mask, alive)
     if heads is not None and bool(sinks.any()):   # else every row is the plain step
         shift = sink_logit_shift(logits, probs, sinks, beta)
+    if direct:
+        if shift is not None:
+            probs = torch.softmax(logits + shift, dim=-1)
+        return weigh(probs, v, q.dtype, alive), stats
     return attend(q, k, v, scale, key_padding_mask, alive, shift), stats
+
+
+def weigh(probs, v, dtype, alive):
+    """``[B, Hq, 1, D]`` in ``dtype``: the rows of weights ``probs [B, Hq, Nk]`` times their kv
+    head's v (one batched product, v unrepeated); a padded query's row is 0."""
+    bsz, hq, nk = probs.shape
+    hkv, dim = v.shape[1], v.shape[3]
+    out = torch.matmul(probs.view(bsz, hkv, hq // hkv, nk), as_dtype(v, probs.dtype))
+    out = out.view(bsz, hq, 1, dim)
+    if alive is not None:
+        out = out.masked_fill(~alive[:, None, None, None], 0.0)
+    return as_dtype(out, dtype)
 
 
 def row_limits(heads, tau: float, dtype) -> torch.Tensor:
