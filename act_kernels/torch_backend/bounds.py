@@ -83,12 +83,11 @@ def column_bounds(q, k, neg_lse, b_idx, h_idx, scale, window=None):
         key_pos = torch.arange(nk, device=q.device)
         key_pos_f = key_pos.float()
         # What is the same for every full block of rows, relative to its first row: [rows, 1,
-        # rows], -inf where row i does not see the key d > i places after the first row (added:
-        # cheaper than a fill), and how many of its rows see the key d places after its first
+        # rows], True where row i does not see the key d > i places after the first row (set to
+        # -inf before the max), and how many of its rows see the key d places after its first
         # row, for d = full - width .. full - 1
         full = min(rows, nq)
-        ahead = torch.full((full, full), float("-inf"), dtype=low,
-                           device=q.device).triu_(1)[:, None, :]
+        ahead = torch.ones(full, full, dtype=torch.bool, device=q.device).triu_(1)[:, None, :]
         seen_full = rows_seeing(torch.arange(full - width, full, device=q.device).float(), 0,
                                  full - 1, window)
         for r0 in range(0, nq, rows):
@@ -104,10 +103,11 @@ def column_bounds(q, k, neg_lse, b_idx, h_idx, scale, window=None):
             # Only keys past a row are masked: the keys a window has left behind stay in the max
             # (a max over more entries is still a bound, and those entries are small).
             edge = max(first_pos, lo)
-            s[:, :, edge - lo:].add_(ahead[:r1 - r0, :, edge - first_pos:hi - first_pos])
+            s[:, :, edge - lo:].masked_fill_(ahead[:r1 - r0, :, edge - first_pos:hi - first_pos],
+                                             float("-inf"))
             # every key of the span is seen by some row, so the max is finite (no inf - inf)
             top = float_max(s).float()                                     # [G, keys]
-            top = top.abs().mul_(out_rounding).add_(top).add_(slack[lo:hi]).exp_()
+            top = top.add(top.abs(), alpha=out_rounding).add_(slack[lo:hi]).exp_()
             seen = (seen_full[width - full - (first_pos - lo):] if r1 - r0 == full
                     else rows_seeing(key_pos_f[lo:hi], first_pos, last_pos, window))
             acc[:, lo:hi].addcmul_(top, seen)
