@@ -73,7 +73,7 @@ NO_REST_LOG = math.log(math.ulp(0.0))
 
 
 def sink_logit_shift(logits: torch.Tensor, probs: torch.Tensor, sinks: torch.Tensor,
-                     beta: float) -> torch.Tensor:
+                     beta: float, host_reads: bool = True) -> torch.Tensor:
     """The rule as a shift of the sink logits, for rows of logits ``l [..., Nk]`` (``-inf`` on the
     keys a row does not see) and their softmax ``probs``: the rows calibrate to
     ``softmax(l + s)``, with ``s`` the returned ``[..., Nk]``, ``log(beta r / (1 - beta m))`` on
@@ -87,11 +87,16 @@ def sink_logit_shift(logits: torch.Tensor, probs: torch.Tensor, sinks: torch.Ten
     taken in log space from the logits instead (the log-sum-exp of the non-sink logits less the
     row's), exact however close ``m`` is to 1; a row whose ``r`` is 0 even in float64 (below
     :data:`NO_REST_LOG`) is left unchanged, as the spec's rows without non-sink mass are.
+
+    One host read decides whether any row needs the log space; with ``host_reads=False`` (a
+    compiled graph) every row takes it where its ``r`` is below the threshold, by a select.
     """
     rest = torch.where(sinks, 0.0, probs).sum(-1, keepdim=True)                  # r = 1 - m
-    if float(rest.amin()) < stable_rest(SUMMED):
+    if not host_reads or float(rest.amin()) < stable_rest(SUMMED):
         log_rest = torch.logsumexp(logits.masked_fill(sinks, float("-inf")), -1, keepdim=True) \
             - torch.logsumexp(logits, -1, keepdim=True)
+        if not host_reads:
+            log_rest = torch.where(rest < stable_rest(SUMMED), log_rest, torch.log(rest))
         log_keep = math.log1p(-beta) if beta < 1 else float("-inf")              # log(1 - beta)
         kept = log_rest + (math.log(beta) if beta > 0 else float("-inf"))          # log(beta r)
         shift = kept - torch.logaddexp(kept, torch.full_like(kept, log_keep))

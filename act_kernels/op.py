@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import segments
+from . import segments, torch_backend
 from .gradients import (autograd_inside_an_op, differentiable_call, needs_gradients,
                         reference_gradients)
 from .params import (BACKENDS, DEFAULT_BETA, DEFAULT_TAU, as_real, check_attn_mask, check_beta,
@@ -517,6 +517,25 @@ def _op_backward(ctx, grad):
 act_attention_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
+def _traced_decode(q, k, v, heads, key_padding_mask, beta, tau, scale, attn_mask):
+    """A torch-backend decode step inside a compiled graph, traced as the ordinary tensor ops of
+    ``torch_backend.decode`` (which read nothing on the host there: a calibrated row without a
+    sink gets a zero shift, chosen by a select), so that the compiler fuses them instead of
+    calling an opaque op per layer. The checks here read shapes, dtypes and devices only."""
+    _check_tensors(q, k, v)
+    bsz, hq = q.shape[:2]
+    nk = k.shape[2]
+    if heads is not None:
+        heads = (heads[None].expand(bsz, hq) if heads.dim() == 1 else heads).to(q.device)
+    kpm = check_key_padding_mask(key_padding_mask, bsz, nk, q.device)
+    if kpm is not None and kpm.dtype != torch.bool:
+        kpm = kpm != 0
+    attn_mask = check_attn_mask(attn_mask, bsz, 1, nk, q.device)
+    extra = {} if attn_mask is None else {"attn_mask": attn_mask}
+    return torch_backend.act_attention_torch(q, k, v, heads, beta, tau, scale, kpm, False,
+                                             **extra)[0]
+
+
 def _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, return_stats,
                    window, segment_ids=None, block_ids=None, attn_mask=None):
     if return_stats:
@@ -534,6 +553,15 @@ def _compiled_call(q, k, v, heads, beta, tau, scale, key_padding_mask, backend, 
     if isinstance(heads, tuple):   # a constant row; an index tensor is read by the op's body
         heads = head_mask(heads, q.shape[1], who="act_attention", device=q.device) if heads \
             else None
+    given_window, window = window, check_window(window)
+    if window is not None and window >= k.shape[2]:
+        window = None
+    if (resolve_backend(backend, q.device) == "torch" and q.shape[2] == 1 and window is None
+            and segment_ids is None and block_ids is None and not needs_gradients(q, k, v)
+            and (heads is None or heads.dtype == torch.bool)):
+        check_mask_combination(given_window, segment_ids, block_ids, attn_mask)
+        return _traced_decode(q, k, v, heads, key_padding_mask, check_beta(beta),
+                              check_tau(tau), scale, attn_mask)
     return act_attention_op(q, k, v, heads, key_padding_mask, check_beta(beta), check_tau(tau),
                             scale, backend, check_window(window), segment_ids, block_ids,
                             attn_mask)

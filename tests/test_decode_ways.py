@@ -84,3 +84,31 @@ def test_the_way_follows_the_number_of_keys_alone(heads, monkeypatch):
         tol = TOLS[torch.float32]
         torch.testing.assert_close(out.double(), bf.out, rtol=tol.out_rtol,
                                    atol=tol.out_atol * float(v.abs().max()))
+
+
+@pytest.mark.parametrize("shape", ["B,1,Nk", "1,1,Nk", "B,1,1,Nk"])
+@pytest.mark.parametrize("padded", [False, True], ids=["no-pad", "pad"])
+def test_a_decode_step_under_a_general_mask_is_the_bruteforce(way, shape, padded):
+    """The row's visible keys are its real keys: the first one is never a sink (here not the
+    sequence's first key), a row that sees nothing is 0, and keys past an unseen gap count."""
+    bsz, hq, hkv, nk, dim = 3, 6, 2, 37, 16
+    q, k, v = make_qkv(bsz, hq, hkv, 1, nk, dim, seed=61, planted=(5, 12, 30), sink_logit=5.0)
+    gen = torch.Generator().manual_seed(61)
+    mask = torch.rand(bsz, 1, nk, generator=gen) < 0.6
+    mask[0, 0, :3] = False                   # row 0: the first key it sees is not key 0
+    mask[0, 0, [3, 12, 30]] = True
+    mask[1, 0, :] = False                    # row 1 sees nothing
+    if shape.startswith("1"):
+        mask = mask[:1]
+    elif shape == "B,1,1,Nk":
+        mask = mask[:, None]
+    kpm = left_padding(nk, [0, 2, 4]) if padded else None
+    heads = torch.zeros(bsz, hq, dtype=torch.bool)
+    heads[:, [0, 3, 4]] = True
+    out, stats, bf = check("torch", q, k, v, heads=heads, tau=0.05, key_padding_mask=kpm,
+                           attn_mask=mask)
+    assert bool(bf.sinks[heads].any())
+    plain = act_attention(q, k, v, key_padding_mask=kpm, backend="torch", attn_mask=mask)
+    assert torch.equal(out[~heads], plain[~heads])
+    if not shape.startswith("1"):
+        assert not bool(out[1].any())         # the row that sees nothing

@@ -282,6 +282,19 @@ def _keep_steady(module, state, settings, backend, query, key, value, scaling, k
                                                       call)
 
 
+def _traceable_decode(query, key, value, attention_mask, backend, window) -> bool:
+    """Inside a compiled forward: is this call a torch-backend decode step (no window, no
+    gradients) whose mask, if any, is a boolean ``[B or 1, 1, 1, Nk]`` row? Then the op traces
+    it into the graph with the mask as its visibility (a static cache's unfilled slots are
+    keys the row does not see), instead of the opaque op's host reads and cut."""
+    return (backend == "torch" and window is None and query.shape[2] == 1
+            and not needs_gradients(query, key, value)
+            and (attention_mask is None or (attention_mask.dtype == torch.bool
+                                            and attention_mask.dim() == 4
+                                            and attention_mask.shape[1] == 1
+                                            and attention_mask.shape[2] == 1)))
+
+
 def _make_attention_forward(name: str):
     backend = ACT_ATTENTION_BACKENDS[name]
 
@@ -309,8 +322,13 @@ def _make_attention_forward(name: str):
                 raise NotImplementedError(f"{name} attention: output_attentions and recording() "
                                           "need eager execution, not torch.compile")
             scale = default_scale(query.shape[-1]) if scaling is None else float(scaling)
-            out = hf_attention_op(query, key, value, attention_mask, heads, beta, tau, scale,
-                                  backend, window, position_ids, causal)
+            if _traceable_decode(query, key, value, attention_mask, backend, window):
+                # traced into the graph (op._traced_decode): the mask row is the visibility
+                out = act_attention(query, key, value, heads=heads, beta=beta, tau=tau,
+                                    scale=scale, backend=backend, attn_mask=attention_mask)
+            else:
+                out = hf_attention_op(query, key, value, attention_mask, heads, beta, tau,
+                                      scale, backend, window, position_ids, causal)
             return out.transpose(1, 2).contiguous(), None
 
         kv_len = key.shape[2]

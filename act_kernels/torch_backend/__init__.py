@@ -19,7 +19,9 @@ With a sliding window (``window=W``) every pass works block by block on the span
 block's rows see (``blocks.key_span``), so the call costs ``O(Nq W)``; a windowed decode takes
 this path. A decode step (``Nq == 1``, no window) is ``decode.py``: one fused SDPA call for all
 heads, the calibrated rows' sinks found first from their row of P and their calibration given to
-that call as a shift of their sink logits.
+that call as a shift of their sink logits (from ``decode.DIRECT_MIN_KEYS`` keys on: the logits,
+their softmax and one product with v, for every head). A decode step under a general mask is the
+same step with the row's visible keys as its real keys.
 Bidirectional blocks (``block_ids``) and a general mask (``attn_mask``) take ``masked.py``: two
 exact passes by blocks of rows over the keys they see (a decode step with blocks and no window
 is plain causal and stays in ``decode.py``).
@@ -62,12 +64,12 @@ def act_attention_torch(q, k, v, heads, beta, tau, scale, key_padding_mask, retu
     """
     bsz, hq, nq, _ = q.shape
     nk = k.shape[2]
+    if nq == 1 and window is None:     # a decode step (with blocks: plain causal), any mask
+        return decode_step(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats,
+                           attn_mask)
     if attn_mask is not None or (block_ids is not None and (nq > 1 or window is not None)):
         return masked_attention(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats,
                                 window, block_ids, attn_mask)
-    if nq == 1 and window is None:
-        return decode_step(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats)
-
     out, lse = plain_attention(q, k, v, scale, key_padding_mask, window)
     wanted = torch.ones(bsz, hq, dtype=torch.bool, device=q.device) if return_stats else heads
     if wanted is None:

@@ -39,9 +39,23 @@ from .stats import calibrated_heads
 DIRECT_MIN_KEYS = 4096
 
 
-def decode_step(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats):
-    """``(out, stats)`` of one query row per head, the calibrated rows with a sink calibrated."""
-    alive = None if key_padding_mask is None else key_padding_mask[:, -1]   # the query is real
+def decode_step(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats,
+                attn_mask=None):
+    """``(out, stats)`` of one query row per head, the calibrated rows with a sink calibrated.
+
+    With ``attn_mask`` (bool ``[B or 1, 1, Nk]``: the keys the row sees, ANDed with the key
+    padding) the row's visible keys play the part of the real keys: the first one is never a
+    sink, and a row that sees none is 0 (``docs/spec.md`` section 3a for one row). Inside a
+    compiled graph the step reads nothing on the host: every calibrated row takes the shift
+    (0 where it has no sink), chosen by selects."""
+    host_reads = not torch.compiler.is_compiling()
+    if attn_mask is not None:
+        visible = attn_mask[:, 0].expand(q.shape[0], k.shape[2])
+        if key_padding_mask is not None:
+            visible = visible & key_padding_mask & key_padding_mask[:, -1:]
+        key_padding_mask, alive = visible, visible.any(-1)
+    else:
+        alive = None if key_padding_mask is None else key_padding_mask[:, -1]   # the query is real
     direct = k.shape[2] >= DIRECT_MIN_KEYS
     if heads is None and not return_stats and not direct:
         return attend(q, k, v, scale, key_padding_mask, alive, None), None
@@ -55,8 +69,8 @@ def decode_step(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats
             sinks = sinks & heads.unsqueeze(-1)
     elif heads is not None:          # the calibrated rows' sinks, in one comparison
         sinks = decode_sinks(probs, row_limits(heads, tau, probs.dtype), key_padding_mask, alive)
-    if heads is not None and bool(sinks.any()):   # else every row is the plain step
-        shift = sink_logit_shift(logits, probs, sinks, beta)
+    if heads is not None and (not host_reads or bool(sinks.any())):   # else: the plain step
+        shift = sink_logit_shift(logits, probs, sinks, beta, host_reads)
     if direct:
         if shift is not None:
             probs = torch.softmax(logits + shift, dim=-1)
@@ -79,8 +93,12 @@ def weigh(probs, v, dtype, alive):
 def row_limits(heads, tau: float, dtype) -> torch.Tensor:
     """``[B, Hq, 1]``: ``tau`` on the calibrated rows, ``+inf`` on the others (no ``P`` exceeds
     it), so that one comparison finds the calibrated rows' sinks; made once per heads mask."""
-    return _LIMITS.get(heads, lambda h: torch.where(h, tau, float("inf")).to(dtype)[..., None],
-                       (float(tau), dtype))
+    def limits(h):
+        return torch.where(h, tau, float("inf")).to(dtype)[..., None]
+
+    if torch.compiler.is_compiling():
+        return limits(heads)
+    return _LIMITS.get(heads, limits, (float(tau), dtype))
 
 
 _LIMITS = TensorCache()
@@ -116,7 +134,9 @@ def all_logits(q, k, scale, key_padding_mask, alive):
     # one baddbmm on 3-D views ([B Hkv, g, D] x [B Hkv, D, Nk]; a cache's slice along Nk stays a
     # view), the scale as its alpha: a 4-D matmul and a separate scaling cost a decode step
     # more in dispatch than in arithmetic
-    logits = torch.baddbmm(_no_input(work, q.device),
+    ignored = (torch.zeros(1, 1, 1, dtype=work, device=q.device)
+               if torch.compiler.is_compiling() else _no_input(work, q.device))
+    logits = torch.baddbmm(ignored,
                            as_dtype(q, work).reshape(bsz * hkv, hq // hkv, dim),
                            as_dtype(k, work).reshape(bsz * hkv, nk, dim).transpose(1, 2),
                            beta=0.0, alpha=scale).view(bsz, hq, nk)
@@ -129,7 +149,8 @@ def all_logits(q, k, scale, key_padding_mask, alive):
 
 @functools.lru_cache(maxsize=None)
 def _no_input(dtype, device) -> torch.Tensor:
-    """The ignored ``input`` of a ``baddbmm`` with ``beta=0`` (a ``[1, 1, 1]`` zero)."""
+    """The ignored ``input`` of a ``baddbmm`` with ``beta=0`` (a ``[1, 1, 1]`` zero), made once
+    per dtype and device (eagerly: a compiled graph makes its own)."""
     return torch.zeros(1, 1, 1, dtype=dtype, device=device)
 
 
