@@ -235,7 +235,7 @@ def test_bound_pass_holds_one_block_of_rows(monkeypatch):
     monkeypatch.setattr(tb.torch, "bmm", spy)
     act_attention(q, k, v, heads=list(range(6)), backend="torch")
     monkeypatch.setattr(tb.torch, "bmm", real_bmm)
-    kv_heads, group, rows = 2, 3, 4           # 4096 floats hold fewer than 4 rows of 2 x 3 heads
+    kv_heads, group, rows = 2, 3, 4           # 4096 floats hold fewer than 4 rows of 3 heads
     assert max(sizes) <= kv_heads * rows * group * 400
     assert len(sizes) >= 400 // rows          # both kv heads in one product, every block
 

@@ -16,6 +16,9 @@ from .blocks import (block_rows, blocks_seeing, key_span, kv_groups, probs_on_ke
 # Floats of one block of the bound pass (rows x heads x keys): 1 Mi entries, at least 32 rows.
 BOUND_BLOCK_FLOATS = 1 << 20
 BOUND_MIN_ROWS = 32
+# At most this many kv groups share one batched product per block (its output is this many
+# blocks: 4 x 2 MiB in bfloat16).
+BOUND_BATCH_GROUPS = 4
 # The bound matmul's key count is rounded up to a multiple of Nk / _WIDTH_STEPS (at least
 # _WIDTH_MIN_STEP keys): oneDNN keeps a compiled kernel, about 0.5 MiB, per matmul shape for the
 # life of the process, and a causal pass has a span per block of rows (512 at N=16384: ~300 MiB
@@ -62,7 +65,9 @@ def column_bounds(q, k, neg_lse, b_idx, h_idx, scale, window=None):
     for (b, kv_head), members in kv_groups(b_idx, h_idx, group).items():
         by_size.setdefault(len(members), []).append((b, kv_head, members))
     for heads, batch in by_size.items():
-        _group_bounds(q, k, neg_lse, batch, heads, scale, window, bounds)
+        for start in range(0, len(batch), BOUND_BATCH_GROUPS):
+            _group_bounds(q, k, neg_lse, batch[start:start + BOUND_BATCH_GROUPS], heads, scale,
+                          window, bounds)
     return bounds
 
 
@@ -98,7 +103,7 @@ def _group_bounds(q, k, neg_lse, batch, heads: int, scale, window, bounds) -> No
     for i, kh in enumerate(k_heads):
         k_aug[i, :, :dim] = kh
     acc = torch.zeros(nb, heads, nk, dtype=torch.float32, device=q.device)
-    rows = _bound_rows(nk, heads * nb, window)
+    rows = _bound_rows(nk, heads, window)
     width = nk if window is None else min(nk, rows + window - 1)          # keys of a span
     buffer = torch.empty(nb * min(rows, nq) * heads * width, dtype=low, device=q.device)
     quantum = max(_WIDTH_MIN_STEP, -(-nk // _WIDTH_STEPS))
