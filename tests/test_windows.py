@@ -216,23 +216,19 @@ def test_windowed_passes_read_only_the_span_of_each_block(monkeypatch):
     n, w = 700, 40
     q, k, v = make_qkv(1, 4, 2, n, n, 16, seed=33, planted=[100, 400], sink_logit=9.0)
     widths = []
-    real_mm, real_bmm = torch.mm, torch.bmm
-    real_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    real_mm, real_sdpa = torch.mm, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
-    def bmm_spy(a, b, *, out=None):
-        if a.shape[2] == 16 + 2:             # the bound pass: (q, -lse high, -lse low)
-            widths.append(("bound", a.shape[1] // 2, b.shape[2]))   # rows x 2 heads, keys
-        return real_bmm(a, b, out=out)
-
-    def mm_spy(a, b, *, out=None):       # the non-sink part of sink-dominated rows
-        widths.append(("rows", w + 1, b.shape[1]))
+    def mm_spy(a, b, *, out=None):
+        if a.shape[1] == 16 + 2:             # the bound pass: (q, -lse high, -lse low)
+            widths.append(("bound", a.shape[0] // 2, b.shape[1]))   # rows x 2 heads, keys
+        else:                                # the non-sink part of sink-dominated rows
+            widths.append(("rows", w + 1, b.shape[1]))
         return real_mm(a, b, out=out)
 
     def sdpa_spy(q_, k_, v_, *args, **kwargs):
         widths.append(("plain", q_.shape[2], k_.shape[2]))
         return real_sdpa(q_, k_, v_, *args, **kwargs)
     monkeypatch.setattr(tb.torch, "mm", mm_spy)
-    monkeypatch.setattr(tb.torch, "bmm", bmm_spy)
     monkeypatch.setattr(tb.torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu",
                         sdpa_spy)
     out = act_attention(q, k, v, heads=[0, 1, 2, 3], window=w, tau=0.05, backend="torch")

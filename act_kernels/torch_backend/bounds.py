@@ -16,9 +16,6 @@ from .blocks import (block_rows, blocks_seeing, key_span, kv_groups, probs_on_ke
 # Floats of one block of the bound pass (rows x heads x keys): 1 Mi entries, at least 32 rows.
 BOUND_BLOCK_FLOATS = 1 << 20
 BOUND_MIN_ROWS = 32
-# At most this many kv groups share one batched product per block (its output is this many
-# blocks: 4 x 2 MiB in bfloat16).
-BOUND_BATCH_GROUPS = 4
 # The bound matmul's key count is rounded up to a multiple of Nk / _WIDTH_STEPS (at least
 # _WIDTH_MIN_STEP keys): oneDNN keeps a compiled kernel, about 0.5 MiB, per matmul shape for the
 # life of the process, and a causal pass has a span per block of rows (512 at N=16384: ~300 MiB
@@ -55,108 +52,83 @@ def column_bounds(q, k, neg_lse, b_idx, h_idx, scale, window=None):
     its output and of the exact path's own logits, widens the bound (:func:`_logit_slack`), so
     it also bounds what :func:`column_sums` would compute.
     """
-    nk = k.shape[2]
-    group = q.shape[1] // k.shape[1]
-    bounds = torch.empty(len(b_idx), nk, dtype=torch.float32, device=q.device)
-    # kv groups with the same number of wanted heads go through the blocks together (one
-    # batched product and one set of small ops per block for all of them: at two threads and
-    # more, the small ops' parallel overhead, not their arithmetic, is the bill)
-    by_size = {}
-    for (b, kv_head), members in kv_groups(b_idx, h_idx, group).items():
-        by_size.setdefault(len(members), []).append((b, kv_head, members))
-    for heads, batch in by_size.items():
-        for start in range(0, len(batch), BOUND_BATCH_GROUPS):
-            _group_bounds(q, k, neg_lse, batch[start:start + BOUND_BATCH_GROUPS], heads, scale,
-                          window, bounds)
-    return bounds
-
-
-def _group_bounds(q, k, neg_lse, batch, heads: int, scale, window, bounds) -> None:
-    """:func:`column_bounds` of ``batch``, kv groups ``(b, kv_head, members)`` of ``heads`` wanted
-    query heads each, written into the rows of ``bounds`` of their pairs."""
     nq, dim = q.shape[2], q.shape[3]
     nk = k.shape[2]
+    group = q.shape[1] // k.shape[1]
     work = work_dtype(q.dtype)
-    nb = len(batch)
-    pairs = [[p for p, _ in members] for _, _, members in batch]
-    q_heads = [_heads_of(q[b], [h for _, h in members]).to(work) for b, _, members in batch]
-    k_heads = [k[b, kv_head].to(work) for b, kv_head, _ in batch]                 # [Nk, D]
-    nls = [neg_lse[p].clamp(min=_DEAD_ROW).float() for p in pairs]                # [G, Nq]
-
-    def slacks(low):
-        return torch.stack([_logit_slack(qh, kh, nl, scale, low)
-                            for qh, kh, nl in zip(q_heads, k_heads, nls)])        # [nb, Nk]
-
-    low = _bound_dtype(q.device)
-    slack = slacks(low)
-    if low != torch.float32 and float(slack.max()) > MAX_LOW_SLACK:             # huge logits
-        low = torch.float32
-        slack = slacks(low)
-    out_rounding = 2 * torch.finfo(low).eps      # |x - fl(x)| <= 2 u |fl(x)|, u = eps / 2
-    # rows: [nb, Nq, G, D + 2] = (scale q, -lse high, -lse low); keys: [nb, Nk, D + 2] = (k, 1, 1)
-    q_aug = torch.empty(nb, nq, heads, dim + 2, dtype=low, device=q.device)
-    for i, (qh, nl) in enumerate(zip(q_heads, nls)):
-        torch.mul(qh.transpose(0, 1), scale, out=q_aug[i, ..., :dim])
-        q_aug[i, ..., dim] = nl.t()
-        q_aug[i, ..., dim + 1] = nl.t() - q_aug[i, ..., dim].float()
-    k_aug = torch.ones(nb, nk, dim + 2, dtype=low, device=q.device)
-    for i, kh in enumerate(k_heads):
-        k_aug[i, :, :dim] = kh
-    acc = torch.zeros(nb, heads, nk, dtype=torch.float32, device=q.device)
-    rows = _bound_rows(nk, heads, window)
-    width = nk if window is None else min(nk, rows + window - 1)          # keys of a span
-    buffer = torch.empty(nb * min(rows, nq) * heads * width, dtype=low, device=q.device)
-    quantum = max(_WIDTH_MIN_STEP, -(-nk // _WIDTH_STEPS))
-    key_pos_f = torch.arange(nk, device=q.device).float()
-    # What is the same for every full block of rows, relative to its first row: [rows, 1,
-    # rows], True where row i does not see the key d > i places after the first row (set to
-    # -inf before the max), and how many of its rows see the key d places after its first
-    # row, for d = full - width .. full - 1
-    full = min(rows, nq)
-    ahead = torch.ones(full, full, dtype=torch.bool, device=q.device).triu_(1)[:, None, :]
-    seen_full = rows_seeing(torch.arange(full - width, full, device=q.device).float(), 0,
-                             full - 1, window)
-    for r0 in range(0, nq, rows):
-        r1 = min(nq, r0 + rows)
-        first_pos, last_pos = nk - nq + r0, nk - nq + r1 - 1
-        lo, hi = key_span(first_pos, last_pos, window)
-        # the product over a few distinct key counts (see _WIDTH_STEPS), the keys past the
-        # span dropped after it
-        wide = min(width, nk - lo, -(-(hi - lo) // quantum) * quantum)
-        s = torch.bmm(q_aug[:, r0:r1].reshape(nb, (r1 - r0) * heads, dim + 2),
-                      k_aug[:, lo:lo + wide].transpose(1, 2),
-                      out=buffer[:nb * (r1 - r0) * heads * wide].view(nb, -1, wide))
-        s = s[:, :, :hi - lo].view(nb, r1 - r0, heads, hi - lo)
-        # Only keys past a row are masked: the keys a window has left behind stay in the max
-        # (a max over more entries is still a bound, and those entries are small).
-        edge = max(first_pos, lo)
-        s[..., edge - lo:].masked_fill_(ahead[:r1 - r0, :, edge - first_pos:hi - first_pos],
-                                        float("-inf"))
-        # every key of the span is seen by some row, so the max is finite (no inf - inf)
-        top = float_max(s, 1).float()                                      # [nb, G, keys]
-        top = top.add(top.abs(), alpha=out_rounding).add_(slack[:, None, lo:hi]).exp_()
-        seen = (seen_full[width - full - (first_pos - lo):] if r1 - r0 == full
-                else rows_seeing(key_pos_f[lo:hi], first_pos, last_pos, window))
-        acc[:, :, lo:hi].addcmul_(top, seen)
-    acc.mul_(1.0 + (2 * nq + 64) * 4 * _ROUNDING)                            # rounding of sums
-    for i, p in enumerate(pairs):
-        bounds[p] = acc[i]
+    bounds = torch.empty(len(b_idx), nk, dtype=torch.float32, device=q.device)
+    for (b, kv_head), members in kv_groups(b_idx, h_idx, group).items():
+        pairs = [p for p, _ in members]
+        heads = len(pairs)
+        q_heads = _heads_of(q[b], [h for _, h in members]).to(work)        # [G, Nq, D]
+        k_head = k[b, kv_head].to(work)                                    # [Nk, D]
+        nl = neg_lse[pairs].clamp(min=_DEAD_ROW).float()                   # [G, Nq]
+        low = _bound_dtype(q.device)
+        slack = _logit_slack(q_heads, k_head, nl, scale, low)              # [Nk]
+        if low != torch.float32 and float(slack.max()) > MAX_LOW_SLACK:    # huge logits
+            low = torch.float32
+            slack = _logit_slack(q_heads, k_head, nl, scale, low)
+        out_rounding = 2 * torch.finfo(low).eps      # |x - fl(x)| <= 2 u |fl(x)|, u = eps / 2
+        # rows: [Nq, G, D + 2] = (scale q, -lse high, -lse low); keys: [Nk, D + 2] = (k, 1, 1)
+        q_aug = torch.empty(nq, heads, dim + 2, dtype=low, device=q.device)
+        torch.mul(q_heads.transpose(0, 1), scale, out=q_aug[..., :dim])
+        q_aug[..., dim] = nl.t()
+        q_aug[..., dim + 1] = nl.t() - q_aug[..., dim].float()
+        k_aug = torch.cat([k_head.to(low), torch.ones(nk, 2, dtype=low, device=q.device)], -1)
+        acc = torch.zeros(heads, nk, dtype=torch.float32, device=q.device)
+        rows = _bound_rows(nk, heads, window)
+        width = nk if window is None else min(nk, rows + window - 1)      # keys of a span
+        buffer = torch.empty(min(rows, nq) * heads * width, dtype=low, device=q.device)
+        quantum = max(_WIDTH_MIN_STEP, -(-nk // _WIDTH_STEPS))
+        key_pos = torch.arange(nk, device=q.device)
+        key_pos_f = key_pos.float()
+        # What is the same for every full block of rows, relative to its first row: [rows, 1,
+        # rows], True where row i does not see the key d > i places after the first row (set to
+        # -inf before the max), and how many of its rows see the key d places after its first
+        # row, for d = full - width .. full - 1
+        full = min(rows, nq)
+        ahead = torch.ones(full, full, dtype=torch.bool, device=q.device).triu_(1)[:, None, :]
+        seen_full = rows_seeing(torch.arange(full - width, full, device=q.device).float(), 0,
+                                 full - 1, window)
+        for r0 in range(0, nq, rows):
+            r1 = min(nq, r0 + rows)
+            first_pos, last_pos = nk - nq + r0, nk - nq + r1 - 1
+            lo, hi = key_span(first_pos, last_pos, window)
+            # the product over a few distinct key counts (see _WIDTH_STEPS), the keys past the
+            # span dropped after it
+            wide = min(width, nk - lo, -(-(hi - lo) // quantum) * quantum)
+            s = torch.mm(q_aug[r0:r1].view((r1 - r0) * heads, dim + 2), k_aug[lo:lo + wide].t(),
+                         out=buffer[:(r1 - r0) * heads * wide].view(-1, wide))
+            s = s[:, :hi - lo].view(r1 - r0, heads, hi - lo)
+            # Only keys past a row are masked: the keys a window has left behind stay in the max
+            # (a max over more entries is still a bound, and those entries are small).
+            edge = max(first_pos, lo)
+            s[:, :, edge - lo:].masked_fill_(ahead[:r1 - r0, :, edge - first_pos:hi - first_pos],
+                                             float("-inf"))
+            # every key of the span is seen by some row, so the max is finite (no inf - inf)
+            top = float_max(s).float()                                     # [G, keys]
+            top = top.add(top.abs(), alpha=out_rounding).add_(slack[lo:hi]).exp_()
+            seen = (seen_full[width - full - (first_pos - lo):] if r1 - r0 == full
+                    else rows_seeing(key_pos_f[lo:hi], first_pos, last_pos, window))
+            acc[:, lo:hi].addcmul_(top, seen)
+        bounds[pairs] = acc * (1.0 + (2 * nq + 64) * 4 * _ROUNDING)       # rounding of sums
+    return bounds
 
 
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
          torch.float64: torch.int64}
 
 
-def float_max(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """``x.amax(dim)`` of a float tensor without NaN, read through its bits as integers.
+def float_max(x: torch.Tensor) -> torch.Tensor:
+    """``x.amax(0)`` of a float tensor without NaN, read through its bits as integers.
 
     Non-negative floats order like their bits, negative ones (sign bit set) in reverse, so the
     largest float is the largest integer when that is non-negative, else the smallest one. CPUs
     reduce integers an order of magnitude faster than bfloat16 (two integer reductions of the
     bound pass's block cost a tenth of one ``amax``)."""
     bits = x.view(_BITS[x.dtype])
-    high = bits.amax(dim)
-    return torch.where(high >= 0, high, bits.amin(dim)).view(x.dtype)
+    high = bits.amax(0)
+    return torch.where(high >= 0, high, bits.amin(0)).view(x.dtype)
 
 
 def _heads_of(x: torch.Tensor, heads: list) -> torch.Tensor:
