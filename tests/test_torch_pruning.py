@@ -96,6 +96,24 @@ def test_bound_holds_for_huge_logits(tiny_blocks):
     assert torch.isfinite(bounds[seen]).all()
 
 
+@pytest.mark.parametrize("pads", [0, 7])
+def test_bound_holds_where_a_sink_takes_almost_every_row(pads, tiny_blocks):
+    """A sink about 12 ahead in the logits: s_ij - lse_i is within rounding of 0 for most rows,
+    where the lowered entries of the bound pass come closest to 0 (bfloat16 products kept)."""
+    q, k, v = make_qkv(2, 6, 2, 57, 57, 32, seed=9, planted=(9,), sink_logit=12.0)
+    kpm = left_padding(57, [0, pads]) if pads else None
+    scale = 32 ** -0.5
+    b_idx, h_idx, neg_lse = pairs_and_lse(q, k, v, kpm, scale)
+    bounds = bound_pass.column_bounds(q, k, neg_lse, b_idx, h_idx, scale).double()
+    bf = bruteforce_details(q, k, v, None, 0.4, 0.1, scale, kpm)
+    counts = seen_counts(57, 57, kpm, 2, q.device)[b_idx].double()
+    truth = bf.scores[b_idx, h_idx] * counts
+    assert float(bf.scores[:, :, 9].min()) > 0.9                # the sink takes almost all
+    seen = counts > 0
+    assert bool((bounds[seen] >= truth[seen] - 1e-37).all()), float((truth - bounds)[seen].max())
+    assert float((bounds[:, 9] / truth[:, 9]).max()) < 1.5     # and stays close on the sink
+
+
 def near_tau_targets(bf, first, count=3):
     """Keys whose score, moved by ``NEAR`` relatively, is no closer than ``10 NEAR`` to any other
     key's: tau can sit right next to them without a tie elsewhere. Strongest keys first, then the

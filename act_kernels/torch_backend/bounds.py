@@ -65,15 +65,24 @@ def column_bounds(q, k, neg_lse, b_idx, h_idx, scale, window=None):
         nl = neg_lse[pairs].clamp(min=_DEAD_ROW).float()                   # [G, Nq]
         low = _bound_dtype(q.device)
         slack = _logit_slack(q_heads, k_head, nl, scale, low)              # [Nk]
-        if low != torch.float32 and float(slack.max()) > MAX_LOW_SLACK:    # huge logits
+        most = float(slack.max())
+        if low != torch.float32 and most > MAX_LOW_SLACK:                  # huge logits
             low = torch.float32
             slack = _logit_slack(q_heads, k_head, nl, scale, low)
+            most = float(slack.max())
         out_rounding = 2 * torch.finfo(low).eps      # |x - fl(x)| <= 2 u |fl(x)|, u = eps / 2
-        # rows: [Nq, G, D + 2] = (scale q, -lse high, -lse low); keys: [Nk, D + 2] = (k, 1, 1)
+        # Every entry is lowered by `lift`: exactly, s_ij - lse_i <= 0 (P <= 1) and the product
+        # is off by at most the slack, so every computed entry is negative and a column's max is
+        # one integer min of the bits (negative_max). The lift comes back with the slack (its
+        # own roundings in the split -lse columns are far below lift * 1e-4).
+        lift = 2.0 * most + 1e-3
+        slack = slack + lift * (1.0 + 1e-4)
+        nl_lifted = nl.t() - lift
+        # rows: [Nq, G, D + 2] = (scale q, -lse - lift high, low); keys: [Nk, D + 2] = (k, 1, 1)
         q_aug = torch.empty(nq, heads, dim + 2, dtype=low, device=q.device)
         torch.mul(q_heads.transpose(0, 1), scale, out=q_aug[..., :dim])
-        q_aug[..., dim] = nl.t()
-        q_aug[..., dim + 1] = nl.t() - q_aug[..., dim].float()
+        q_aug[..., dim] = nl_lifted
+        q_aug[..., dim + 1] = nl_lifted - q_aug[..., dim].float()
         k_aug = torch.cat([k_head.to(low), torch.ones(nk, 2, dtype=low, device=q.device)], -1)
         acc = torch.zeros(heads, nk, dtype=torch.float32, device=q.device)
         rows = _bound_rows(nk, heads, window)
@@ -106,7 +115,7 @@ def column_bounds(q, k, neg_lse, b_idx, h_idx, scale, window=None):
             s[:, :, edge - lo:].masked_fill_(ahead[:r1 - r0, :, edge - first_pos:hi - first_pos],
                                              float("-inf"))
             # every key of the span is seen by some row, so the max is finite (no inf - inf)
-            top = float_max(s).float()                                     # [G, keys]
+            top = negative_max(s).float()                                  # [G, keys]
             top = top.add(top.abs(), alpha=out_rounding).add_(slack[lo:hi]).exp_()
             seen = (seen_full[width - full - (first_pos - lo):] if r1 - r0 == full
                     else rows_seeing(key_pos_f[lo:hi], first_pos, last_pos, window))
@@ -119,16 +128,12 @@ _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32:
          torch.float64: torch.int64}
 
 
-def float_max(x: torch.Tensor) -> torch.Tensor:
-    """``x.amax(0)`` of a float tensor without NaN, read through its bits as integers.
-
-    Non-negative floats order like their bits, negative ones (sign bit set) in reverse, so the
-    largest float is the largest integer when that is non-negative, else the smallest one. CPUs
-    reduce integers an order of magnitude faster than bfloat16 (two integer reductions of the
-    bound pass's block cost a tenth of one ``amax``)."""
-    bits = x.view(_BITS[x.dtype])
-    high = bits.amax(0)
-    return torch.where(high >= 0, high, bits.amin(0)).view(x.dtype)
+def negative_max(x: torch.Tensor) -> torch.Tensor:
+    """``x.amax(0)`` of a float tensor whose entries are all negative or ``-inf`` (no NaN, no
+    zero), read through its bits as integers: negative floats (sign bit set) order in reverse
+    of their bits, so the largest is the smallest integer. CPUs reduce integers an order of
+    magnitude faster than bfloat16, and one reduction is all it takes."""
+    return x.view(_BITS[x.dtype]).amin(0).view(x.dtype)
 
 
 def _heads_of(x: torch.Tensor, heads: list) -> torch.Tensor:
