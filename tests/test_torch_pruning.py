@@ -62,20 +62,29 @@ def pairs_and_lse(q, k, v, kpm, scale, window=None):
     return b_idx, h_idx, tb.pair_neg_lse(lse, b_idx, h_idx, kpm, q.dtype)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("q_scale", [1.0, 4.0])
-@pytest.mark.parametrize("window", WINDOWS)
-def test_bound_is_at_least_the_exact_column_sum(shape, q_scale, window, tiny_blocks):
-    q, k, v, kpm = inputs(shape, seed=3, q_scale=q_scale)
+def bounds_and_truth(q, k, v, kpm, window=None):
+    """``(bounds, truth, seen, bf)``: the bound pass's column bounds of every pair, the float64
+    column sums ``sum_i P_ij`` over the rows that see ``j``, which keys some row sees, and the
+    brute force; the bounds are checked to hold (float32 exponentials underflow below ~1e-45,
+    where the float64 truth does not)."""
     scale = q.shape[-1] ** -0.5
     b_idx, h_idx, neg_lse = pairs_and_lse(q, k, v, kpm, scale, window)
     bounds = bound_pass.column_bounds(q, k, neg_lse, b_idx, h_idx, scale, window).double()
     bf = bruteforce_details(q, k, v, None, 0.4, 0.1, scale, kpm, window=window)
     nq, nk = q.shape[2], k.shape[2]
     counts = seen_counts(nq, nk, kpm, q.shape[0], q.device, window)[b_idx].double()
-    truth = bf.scores[b_idx, h_idx] * counts                # sum_i P_ij over the rows that see j
-    seen = counts > 0
+    truth = bf.scores[b_idx, h_idx] * counts
+    seen = counts > 0                        # padded keys have no score and no useful bound
     assert bool((bounds[seen] >= truth[seen] - 1e-37).all()), float((truth - bounds)[seen].max())
+    return bounds, truth, seen, bf
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("q_scale", [1.0, 4.0])
+@pytest.mark.parametrize("window", WINDOWS)
+def test_bound_is_at_least_the_exact_column_sum(shape, q_scale, window, tiny_blocks):
+    q, k, v, kpm = inputs(shape, seed=3, q_scale=q_scale)
+    bounds, truth, seen, _ = bounds_and_truth(q, k, v, kpm, window)
     # and it is a bound worth having: within the block factor of the truth for most keys
     assert float((bounds[seen] < 1e3 * truth[seen] + 1e-3).double().mean()) > 0.5
 
@@ -83,16 +92,7 @@ def test_bound_is_at_least_the_exact_column_sum(shape, q_scale, window, tiny_blo
 def test_bound_holds_for_huge_logits(tiny_blocks):
     """Integer q/k scaled by 1000: exact float32 logits of magnitude ~1e4, nearly one-hot rows."""
     q, k, v = integer_qkv(2, 4, 2, 41, 41, 64, seed=5, q_scale=1000)
-    kpm = left_padding(41, [0, 9])
-    scale = 64 ** -0.5
-    b_idx, h_idx, neg_lse = pairs_and_lse(q, k, v, kpm, scale)
-    bounds = bound_pass.column_bounds(q, k, neg_lse, b_idx, h_idx, scale).double()
-    bf = bruteforce_details(q, k, v, None, 0.4, 0.1, scale, kpm)
-    counts = seen_counts(41, 41, kpm, 2, q.device)[b_idx].double()
-    truth = bf.scores[b_idx, h_idx] * counts
-    # float32 exponentials underflow below ~1e-45, where the float64 truth does not
-    seen = counts > 0                        # padded keys have no score and no useful bound
-    assert bool((bounds[seen] >= truth[seen] - 1e-37).all()), float((truth - bounds)[seen].max())
+    bounds, _, seen, _ = bounds_and_truth(q, k, v, left_padding(41, [0, 9]))
     assert torch.isfinite(bounds[seen]).all()
 
 
@@ -102,15 +102,8 @@ def test_bound_holds_where_a_sink_takes_almost_every_row(pads, tiny_blocks):
     where the lowered entries of the bound pass come closest to 0 (bfloat16 products kept)."""
     q, k, v = make_qkv(2, 6, 2, 57, 57, 32, seed=9, planted=(9,), sink_logit=12.0)
     kpm = left_padding(57, [0, pads]) if pads else None
-    scale = 32 ** -0.5
-    b_idx, h_idx, neg_lse = pairs_and_lse(q, k, v, kpm, scale)
-    bounds = bound_pass.column_bounds(q, k, neg_lse, b_idx, h_idx, scale).double()
-    bf = bruteforce_details(q, k, v, None, 0.4, 0.1, scale, kpm)
-    counts = seen_counts(57, 57, kpm, 2, q.device)[b_idx].double()
-    truth = bf.scores[b_idx, h_idx] * counts
+    bounds, truth, _, bf = bounds_and_truth(q, k, v, kpm)
     assert float(bf.scores[:, :, 9].min()) > 0.9                # the sink takes almost all
-    seen = counts > 0
-    assert bool((bounds[seen] >= truth[seen] - 1e-37).all()), float((truth - bounds)[seen].max())
     assert float((bounds[:, 9] / truth[:, 9]).max()) < 1.5     # and stays close on the sink
 
 
