@@ -137,6 +137,11 @@ def test_bad_input_after_steady_steps_is_still_refused():
         forward(attn, q, k, k, None, dropout=0.1, scaling=attn.scaling)
     with pytest.raises(NotImplementedError, match="softcap"):
         forward(attn, q, k, k, None, scaling=attn.scaling, softcap=30.0)
+    forward(attn, q, k, k, None, scaling=attn.scaling, cache=None)    # a steady step with cache=
+    forward(attn, q, k, k, None, scaling=attn.scaling, cache=None)
+    assert attn.__dict__[hf_attention._STEADY_ATTR].watched == ("cache",)
+    with pytest.raises(NotImplementedError, match="paged caches"):
+        forward(attn, q, k, k, None, scaling=attn.scaling, cache=object())
     with pytest.raises(ValueError, match="head dims differ"):
         forward(attn, q, torch.randn(1, 2, 13, 10), torch.randn(1, 2, 13, 10), None,
                 scaling=attn.scaling)

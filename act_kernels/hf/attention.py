@@ -261,9 +261,14 @@ class _SteadyDecode:
                 or state.cached_settings(module, query.device) is not self.settings):
             return False
         for name in self.watched:
-            if kwargs[name]:
+            if _is_set(kwargs[name]):
                 return False
         return self.call.fits(query, key, value)
+
+
+def _is_set(value) -> bool:
+    """Is a watched keyword argument given (anything but ``None`` and ``False``)?"""
+    return value is not None and value is not False
 
 
 def _keep_steady(module, state, settings, backend, query, key, value, scaling, kwargs,
@@ -274,7 +279,7 @@ def _keep_steady(module, state, settings, backend, query, key, value, scaling, k
     if (query.shape[2] == 1 and dense is None and front == 0 and len(structure) == 2
             and structure["window"] is None and structure["key_padding_mask"] is None
             and not state.recorders and not GLOBAL_RECORDERS.get()
-            and not any(kwargs.get(name) for name in _WATCHED_KWARGS)
+            and not any(_is_set(kwargs.get(name)) for name in _WATCHED_KWARGS)
             and not needs_gradients(query, key, value)):
         call = DecodeCall(query, key, value, settings[0], settings[1], settings[2], scaling,
                           backend)
