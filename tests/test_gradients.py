@@ -127,15 +127,25 @@ def test_a_model_trains_through_act_torch_as_through_the_reference(monkeypatch):
     assert not torch.allclose(plain_grads[name], grads[name], atol=1e-5)
 
 
-def test_gradient_checkpointing_trains_through_act_torch():
+def _step_and_variant(seed, variant):
+    """One training step of a tiny Llama calibrating layer 1's heads 0 and 2, then the same step
+    of ``variant(model)`` (a model changed or wrapped): ``(loss, grads), (loss, grads)``."""
     profile = ACTProfile(heads={1: [0, 2]}, tau=0.05)
-    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(seed))
     model = apply_profile(tiny_llama(0), profile, backend="torch").train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loss, grads = _train_step(model, ids)
-        model.gradient_checkpointing_enable()
-        loss_ckpt, grads_ckpt = _train_step(model, ids)
+        first = _train_step(model, ids)
+        return first, _train_step(variant(model), ids)
+
+
+def _checkpointed(model):
+    model.gradient_checkpointing_enable()
+    return model
+
+
+def test_gradient_checkpointing_trains_through_act_torch():
+    (loss, grads), (loss_ckpt, grads_ckpt) = _step_and_variant(2, _checkpointed)
     torch.testing.assert_close(loss_ckpt, loss)
     for name, g in grads.items():
         torch.testing.assert_close(grads_ckpt[name], g, atol=1e-6, rtol=1e-5)
@@ -173,15 +183,11 @@ def test_gradients_through_the_compiled_op():
 def test_a_compiled_model_trains_through_act_torch():
     """A training step of a compiled (AOTAutograd) profiled model: the opaque attention op's
     registered backward gives the eager model's gradients."""
-    profile = ACTProfile(heads={1: [0, 2]}, tau=0.05)
-    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(5))
-    model = apply_profile(tiny_llama(0), profile, backend="torch").train()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loss, grads = _train_step(model, ids)
+    def compiled(model):
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="aot_eager")
-        loss_c, grads_c = _train_step(compiled, ids)
+        return torch.compile(model, backend="aot_eager")
+
+    (loss, grads), (loss_c, grads_c) = _step_and_variant(5, compiled)
     torch.testing.assert_close(loss_c, loss, atol=1e-5, rtol=1e-5)
     grads_c = {name.removeprefix("_orig_mod."): g for name, g in grads_c.items()}
     assert grads_c.keys() == grads.keys()

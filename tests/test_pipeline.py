@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import require
-from helpers.search_data import GGUF, gguf_folder, write_data
+from helpers.search_data import (GGUF, assert_same_scores, count_prefix_widths, encoded_samples,
+                                 fast_candidates, gguf_folder, write_data)
 
 pytest.importorskip("transformers")
 
@@ -86,23 +87,11 @@ def _files(out: Path) -> dict:
 
 
 def test_fast_scores_equal_naive(setup, monkeypatch):
-    from act_kernels.scoring import calibration_examples, encode_examples
-    from act_kernels.search import Scorer, candidates, naive_candidates
+    from act_kernels.search import Scorer, naive_candidates
 
-    starts = []       # the prefix widths of every prefix-reuse pass
-
-    class CountingPrefixKV(candidates.RowPrefixKV):
-        def __init__(self, sources, width, *args):
-            super().__init__(sources, width, *args)
-            starts.append(width)
-
-    monkeypatch.setattr(candidates, "RowPrefixKV", CountingPrefixKV)
-
+    starts = count_prefix_widths(monkeypatch)     # the prefix widths of every prefix-reuse pass
     model, tok = setup["model"], setup["tok"]
-    per_task = calibration_examples(["sst2", "arc_easy"], 10, 0, setup["data"])
-    samples = []
-    for task, exs in per_task.items():
-        samples += encode_examples(task, exs, tok, False, None, start=len(samples))
+    samples = encoded_samples(tok, setup["data"], 10)
     n = len(samples)
     todo = {1: [0, 1, 2, 3], 3: [0, 2]}
     naive = naive_candidates(model, tok, n, samples, todo, tau=TAU)
@@ -112,17 +101,7 @@ def test_fast_scores_equal_naive(setup, monkeypatch):
         scorer.check(samples)
         assert scorer.reuse_prefix == reuse     # the suffix self-check passed on Llama
         starts.clear()
-        baseline = scorer.plain(n, samples)
-        fast = {}
-        scorer.candidates(n, samples, baseline, todo,
-                          lambda layer, res: fast.update({(layer, h): r for h, r in res.items()}))
-        assert set(fast) == set(naive)
-        ran = 0
-        for key in naive:
-            assert torch.equal(fast[key].correct, naive[key].correct), key
-            assert torch.equal(fast[key].pred, naive[key].pred), key
-            torch.testing.assert_close(fast[key].margin, naive[key].margin, atol=1e-4, rtol=1e-4)
-            ran += int(fast[key].ran.sum())
+        ran = assert_same_scores(fast_candidates(scorer, n, samples, todo), naive)
         total = len(naive) * n
         if skip:   # the test is meaningful: some rows have sinks, some are skipped
             assert 0 < ran < total, (ran, total)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import require
-from helpers.search_data import gguf_folder, write_data
+from helpers.search_data import (assert_same_scores, count_prefix_widths, encoded_samples,
+                                 fast_candidates, gguf_folder, write_data)
 
 transformers = pytest.importorskip("transformers")
 
@@ -142,22 +143,11 @@ def setup(tmp_path_factory):
 def test_fast_scores_equal_naive_with_windows(setup, monkeypatch):
     """The candidate engine (sink skipping, prefix reuse, packed suffix passes) gives the naive
     loop's scores on candidates in sliding and full layers, prompts longer than the window."""
-    from act_kernels.scoring import calibration_examples, encode_examples
-    from act_kernels.search import Scorer, candidates, naive_candidates
+    from act_kernels.search import Scorer, naive_candidates
 
-    starts = []
-
-    class CountingPrefixKV(candidates.RowPrefixKV):
-        def __init__(self, sources, width, *args):
-            super().__init__(sources, width, *args)
-            starts.append(width)
-
-    monkeypatch.setattr(candidates, "RowPrefixKV", CountingPrefixKV)
+    starts = count_prefix_widths(monkeypatch)
     model, tok = setup["model"], setup["tok"]
-    per_task = calibration_examples(["sst2", "arc_easy"], 8, 0, setup["data"])
-    samples = []
-    for task, exs in per_task.items():
-        samples += encode_examples(task, exs, tok, False, None, start=len(samples))
+    samples = encoded_samples(tok, setup["data"], 8)
     assert min(len(s.ids) for s in samples) > 6          # every prompt is past the window
     n = len(samples)
     todo = {1: [0, 1, 2, 3], 2: [0, 3]}                  # a sliding and a full layer
@@ -165,17 +155,7 @@ def test_fast_scores_equal_naive_with_windows(setup, monkeypatch):
     scorer = Scorer(model, tok, tau=TAU, batch_size=3, max_rows=5)
     scorer.check(samples)
     assert scorer.reuse_prefix
-    baseline = scorer.plain(n, samples)
-    fast = {}
-    scorer.candidates(n, samples, baseline, todo,
-                      lambda layer, res: fast.update({(layer, h): r for h, r in res.items()}))
-    assert set(fast) == set(naive)
-    ran = 0
-    for key in naive:
-        assert torch.equal(fast[key].correct, naive[key].correct), key
-        assert torch.equal(fast[key].pred, naive[key].pred), key
-        torch.testing.assert_close(fast[key].margin, naive[key].margin, atol=1e-4, rtol=1e-4)
-        ran += int(fast[key].ran.sum())
+    ran = assert_same_scores(fast_candidates(scorer, n, samples, todo), naive)
     assert ran > 0
     assert starts and max(starts) > 1, starts      # some passes reused a prefix ...
     assert len(set(starts)) > 1, starts            # ... of different lengths

@@ -40,3 +40,55 @@ def write_data(folder: Path) -> dict:
         p.write_text("".join(json.dumps(r) + "\n" for r in rows))
         paths[name] = str(p)
     return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# the fast candidate engine against the naive loop (test_pipeline, test_search_sliding)
+# ----------------------------------------------------------------------------------------------
+
+def count_prefix_widths(monkeypatch) -> list:
+    """The prefix width of every prefix-reuse pass the candidate engine starts, appended to the
+    returned list as it runs."""
+    from act_kernels.search import candidates
+
+    starts = []
+
+    class CountingPrefixKV(candidates.RowPrefixKV):
+        def __init__(self, sources, width, *args):
+            super().__init__(sources, width, *args)
+            starts.append(width)
+
+    monkeypatch.setattr(candidates, "RowPrefixKV", CountingPrefixKV)
+    return starts
+
+
+def encoded_samples(tok, data, per_task: int) -> list:
+    """``per_task`` calibration examples of sst2 and arc_easy, encoded in one numbering."""
+    from act_kernels.scoring import calibration_examples, encode_examples
+
+    samples = []
+    for task, exs in calibration_examples(["sst2", "arc_easy"], per_task, 0, data).items():
+        samples += encode_examples(task, exs, tok, False, None, start=len(samples))
+    return samples
+
+
+def fast_candidates(scorer, n: int, samples, todo) -> dict:
+    """``{(layer, head): result}`` of the candidate engine on ``todo`` (after the plain pass)."""
+    baseline = scorer.plain(n, samples)
+    fast = {}
+    scorer.candidates(n, samples, baseline, todo,
+                      lambda layer, res: fast.update({(layer, h): r for h, r in res.items()}))
+    return fast
+
+
+def assert_same_scores(fast: dict, naive: dict) -> int:
+    """The engine's results are the naive loop's (correct and predicted exactly, margins to
+    1e-4); returns how many (candidate, sample) pairs the engine really ran."""
+    assert set(fast) == set(naive)
+    ran = 0
+    for key in naive:
+        assert torch.equal(fast[key].correct, naive[key].correct), key
+        assert torch.equal(fast[key].pred, naive[key].pred), key
+        torch.testing.assert_close(fast[key].margin, naive[key].margin, atol=1e-4, rtol=1e-4)
+        ran += int(fast[key].ran.sum())
+    return ran
