@@ -19,6 +19,8 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.9"],
+        # the CPU decode step's calibrated rows in one compiled loop (torch_backend/cpu_rows.py)
+        "cpu": ["numba>=0.68"],
         "gguf": ["gguf", "accelerate"],
         "data": ["pyarrow"],
         "plot": ["matplotlib"],

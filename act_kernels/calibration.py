@@ -92,7 +92,7 @@ def sink_logit_shift(logits: torch.Tensor, probs: torch.Tensor, sinks: torch.Ten
     compiled graph) every row takes it where its ``r`` is below the threshold, by a select.
     """
     rest = torch.where(sinks, 0.0, probs).sum(-1, keepdim=True)                  # r = 1 - m
-    if not host_reads or float(rest.amin()) < stable_rest(SUMMED):
+    if not host_reads or float(rest.detach().amin()) < stable_rest(SUMMED):
         log_rest = torch.logsumexp(logits.masked_fill(sinks, float("-inf")), -1, keepdim=True) \
             - torch.logsumexp(logits, -1, keepdim=True)
         if not host_reads:

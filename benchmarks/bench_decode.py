@@ -1,6 +1,10 @@
 """SmolLM2-135M-Instruct decode steps: ACT (empty and typical profile) against sdpa, interleaved
 step by step, plus what one step does (Python calls, tensor ops, per attention layer).
 
+The typical profile runs twice: as users get it (the calibrated rows in the CPU loop of
+``torch_backend/cpu_rows.py`` when numba is installed) and as the torch step (the loop switched
+off during its steps, as without numba).
+
 Each method is its own model object (same weights) with its own dynamic cache, prefilled with
 the same prompt; then the methods take one decode step each in turn (the order reversed every
 other round), so a noisy neighbour slows all of them alike. Each step's time is taken with the
@@ -32,28 +36,39 @@ from bench_model import prefill_inputs, set_method, typical_profile  # noqa: E40
 from common import append_results, machine_line  # noqa: E402
 
 from act_kernels import load_model  # noqa: E402
+from act_kernels.torch_backend import cpu_rows  # noqa: E402
 
-METHODS = ("sdpa", "act_torch empty", "act_torch typical")
+# "torch step": the typical profile with the CPU loop of torch_backend/cpu_rows.py switched off
+# during its steps (the calibrated rows by torch ops, as without numba)
+TORCH_STEP = "act_torch typical, torch step"
+METHODS = ("sdpa", "act_torch empty", "act_torch typical", TORCH_STEP)
 
 
 def prepared(methods, context):
-    """``{method: [model, cache, next token]}`` after a prefill of ``context`` tokens."""
+    """``{method: [model, cache, next token, loop on]}`` after a prefill of ``context``
+    tokens."""
     from transformers import DynamicCache
 
     runs = {}
     for method in methods:
         model, tok = load_model()
-        set_method(model, method, typical_profile(model))
+        set_method(model, "act_torch typical" if method == TORCH_STEP else method,
+                   typical_profile(model))
         ids = prefill_inputs(tok, context)
         cache = DynamicCache(config=model.config)
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        runs[method] = [model, cache, out.logits[:, -1:].argmax(-1)]
+        runs[method] = [model, cache, out.logits[:, -1:].argmax(-1), method != TORCH_STEP]
     return runs
 
 
 def step(run) -> None:
-    model, cache, nxt = run
-    out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+    model, cache, nxt, loop = run
+    limit = cpu_rows.MAX_ROW_KEYS
+    cpu_rows.MAX_ROW_KEYS = limit if loop else 0
+    try:
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+    finally:
+        cpu_rows.MAX_ROW_KEYS = limit
     run[2] = out.logits[:, -1:].argmax(-1)
 
 

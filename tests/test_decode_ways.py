@@ -7,18 +7,24 @@ import pytest
 import torch
 
 from act_kernels import act_attention
-from act_kernels.torch_backend import decode
+from act_kernels.torch_backend import cpu_rows, decode
 from bruteforce import bruteforce_details
 from helpers.compare import TOLS, check
 from inputs import left_padding, make_qkv
 
-WAYS = {"fused": 1 << 40, "direct": 1}
+WAYS = {  # DIRECT_MIN_KEYS, and whether the CPU loop may take the calibrated rows
+    "fused": (1 << 40, False), "fused+loop": (1 << 40, True), "direct": (1, False)}
 
 
 @pytest.fixture(params=list(WAYS))
 def way(request, monkeypatch):
-    """Every decode step of the test takes this way (the threshold moved, nothing else)."""
-    monkeypatch.setattr(decode, "DIRECT_MIN_KEYS", WAYS[request.param])
+    """Every decode step of the test takes this way (the thresholds moved, nothing else): the
+    fused way with its calibration by torch ops or (where the call qualifies: no mask, no
+    statistics, float32/64) by the CPU loop of ``cpu_rows``, or the direct way."""
+    direct_min, loop = WAYS[request.param]
+    monkeypatch.setattr(decode, "DIRECT_MIN_KEYS", direct_min)
+    monkeypatch.setattr(cpu_rows, "MAX_ROW_KEYS", 1 << 40 if loop else 0)
+    monkeypatch.setattr(cpu_rows, "MAX_ROW_SHARE", 1)
     return request.param
 
 

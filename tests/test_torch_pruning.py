@@ -13,7 +13,7 @@ import torch
 
 from act_kernels import act_attention
 from act_kernels import torch_backend as tb
-from act_kernels.torch_backend import blocks, columns, decode, plain
+from act_kernels.torch_backend import blocks, columns, cpu_rows, decode, plain
 from act_kernels.torch_backend import bounds as bound_pass
 from act_kernels.sinks import first_valid_index, seen_counts
 from bruteforce import bruteforce_details
@@ -212,6 +212,7 @@ def test_decode_without_sinks_skips_the_calibration(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("calibration ran without a sink")
     monkeypatch.setattr(decode, "sink_logit_shift", boom)
+    monkeypatch.setattr(cpu_rows, "MAX_ROW_KEYS", 0)     # the torch step, not the CPU loop
     out = act_attention(q, k, v, heads=[0, 1, 2, 3], backend="torch")
     assert torch.equal(out, act_attention(q, k, v, backend="torch"))
 

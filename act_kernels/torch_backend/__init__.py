@@ -20,8 +20,10 @@ block's rows see (``blocks.key_span``), so the call costs ``O(Nq W)``; a windowe
 this path. A decode step (``Nq == 1``, no window) is ``decode.py``: one fused SDPA call for all
 heads, the calibrated rows' sinks found first from their row of P and their calibration given to
 that call as a shift of their sink logits (from ``decode.DIRECT_MIN_KEYS`` keys on: the logits,
-their softmax and one product with v, for every head). A decode step under a general mask is the
-same step with the row's visible keys as its real keys.
+their softmax and one product with v, for every head; on the CPU, with few calibrated rows and
+no mask, the plain SDPA call and then ``cpu_rows.py``, one compiled loop over the calibrated
+rows). A decode step under a general mask is the same step with the row's visible keys as its
+real keys.
 Bidirectional blocks (``block_ids``) and a general mask (``attn_mask``) take ``masked.py``: two
 exact passes by blocks of rows over the keys they see (a decode step with blocks and no window
 is plain causal and stays in ``decode.py``).

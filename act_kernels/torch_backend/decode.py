@@ -14,6 +14,10 @@ alone (never by the heads, so that an uncalibrated row is bit for bit the ``head
   (:func:`~act_kernels.calibration.sink_logit_shift`), given to the same SDPA call as an additive
   mask that is 0 on every other row: the kernel adds 0 exactly, so uncalibrated rows and
   calibrated rows without a sink are the plain step. A calibrated call reads K twice.
+  On the CPU, in float32/64, without a mask, padding, statistics or gradients, and while the
+  calibrated rows are few (``cpu_rows.rows_to_take``), the plain step runs instead for every
+  row and the calibrated ones are then rewritten by one compiled loop (:mod:`.cpu_rows`, numba):
+  at decode sizes the ops above cost their dispatch, the loop one call.
 * **direct** (``Nk >= DIRECT_MIN_KEYS``): the logits, their softmax and one product with v,
   for every head. A calibrated call reads K once (its logits serve the sink test and the
   output): about 0.6x the fused calibrated step at 8k keys; a call without calibrated heads
@@ -34,6 +38,7 @@ import torch
 from ..calibration import sink_logit_shift
 from ..sinks import first_valid_index
 from ..tensor_cache import TensorCache
+from . import cpu_rows
 from .blocks import as_dtype, work_dtype
 from .stats import calibrated_heads
 
@@ -62,6 +67,13 @@ def decode_step(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats
     direct = k.shape[2] >= DIRECT_MIN_KEYS
     if heads is None and not return_stats and not direct:
         return attend(q, k, v, scale, key_padding_mask, alive, None), None
+    if (heads is not None and not (return_stats or direct) and attn_mask is None
+            and key_padding_mask is None and host_reads):
+        rows = cpu_rows.rows_to_take(q, k, v, heads)
+        if rows is not None:       # the plain step, then its calibrated rows in one loop
+            out = attend(q, k, v, scale, None, None, None)
+            cpu_rows.calibrate(q, k, v, out, rows, beta, tau, scale)
+            return out, None
     logits = all_logits(q, k, scale, key_padding_mask, alive)               # [B, Hq, Nk]
     probs = torch.softmax(logits, dim=-1)
     shift = stats = None
@@ -112,20 +124,25 @@ def attend(q, k, v, scale, key_padding_mask, alive, shift):
     unrepeated (on the CPU ``enable_gqa``; elsewhere the query heads of each kv group as the rows
     of one item, which the GPU's fused kernels take with a mask), ``shift [B, Hq, Nk]`` (or None)
     added to the logits; a padded query's row is 0."""
-    bsz, hq, _, dim = q.shape
-    rows = 1 if q.device.type == "cpu" else hq // k.shape[1]       # query rows per SDPA item
-    work = work_dtype(q.dtype)
-    mask = None if shift is None else shift.view(bsz, hq // rows, rows, shift.shape[-1])
+    dtype, work, gqa = q.dtype, work_dtype(q.dtype), q.is_cpu
+    query = as_dtype(q, work)
+    mask = None if shift is None else shift.unsqueeze(2)                     # [B, Hq, 1, Nk]
+    if not gqa:
+        bsz, hq, _, dim = q.shape
+        rows = hq // k.shape[1]
+        query = query.reshape(bsz, hq // rows, rows, dim)
+        mask = None if mask is None else mask.view(bsz, hq // rows, rows, mask.shape[-1])
     if key_padding_mask is not None:
         visible = (key_padding_mask & alive[:, None])[:, None, None, :]
         mask = visible if mask is None else mask.masked_fill_(~visible, float("-inf"))
     out = torch.nn.functional.scaled_dot_product_attention(
-        as_dtype(q, work).reshape(bsz, hq // rows, rows, dim), as_dtype(k, work),
-        as_dtype(v, work), attn_mask=mask, scale=scale, enable_gqa=rows == 1)
-    out = out.reshape(bsz, hq, 1, dim)
+        query, as_dtype(k, work), as_dtype(v, work), attn_mask=mask, scale=scale,
+        enable_gqa=gqa)
+    if not gqa:
+        out = out.reshape(bsz, hq, 1, dim)
     if alive is not None:        # a row that sees no key: 0 on every device
         out = out.masked_fill(~alive[:, None, None, None], 0.0)
-    return as_dtype(out, q.dtype)
+    return as_dtype(out, dtype)
 
 
 def all_logits(q, k, scale, key_padding_mask, alive):
