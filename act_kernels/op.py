@@ -162,7 +162,7 @@ def _backend_fn(name: str):
     if name == "eager":
         return _eager
     if name == "torch":
-        return _backend_module("torch_backend").act_attention_torch
+        return torch_backend.act_attention_torch
     # importing the Triton backend raises a clear error if it cannot run
     return _backend_module("triton_backend").act_attention_triton
 

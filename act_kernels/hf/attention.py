@@ -240,10 +240,13 @@ class _SteadyDecode:
     brings the same keyword arguments (the watched ones unset) and no mask, and q, k, v fit its
     :class:`~act_kernels.op.DecodeCall`."""
 
-    __slots__ = ("state", "config_vars", "raw", "settings", "scaling", "keys", "watched", "call")
+    __slots__ = ("state", "config_vars", "raw", "epoch", "scaling", "keys", "watched", "call")
 
     def __init__(self, state, module, settings, scaling, kwargs, call: DecodeCall):
-        self.state, self.settings, self.scaling, self.call = state, settings, scaling, call
+        # the settings were made in this epoch of the state's cache: while no profile or
+        # override change drops that cache, they are the layer's settings still
+        self.state, self.epoch = state, state.settings_epoch
+        self.scaling, self.call = scaling, call
         # the config's instance dict, read directly (a config's attribute lookup is Python
         # code); a profile that is not an instance attribute never matches: no steady step
         config = getattr(module, "config", None)
@@ -258,7 +261,7 @@ class _SteadyDecode:
                 or module.__dict__.get(STATE_ATTR) is not state or state.recorders
                 or GLOBAL_RECORDERS.get()
                 or self.config_vars.get("act_profile") is not self.raw
-                or state.cached_settings(module, query.device) is not self.settings):
+                or state.settings_epoch != self.epoch):
             return False
         for name in self.watched:
             if _is_set(kwargs[name]):

@@ -61,6 +61,9 @@ class ACTModelState:
     _raw: object = None
     _profile: Optional[ACTProfile] = None
     _settings: Dict[Tuple[int, str], tuple] = field(default_factory=dict)
+    # bumped whenever the cached settings are dropped: a layer's steady decode step compares it
+    # (one attribute) instead of looking its settings up again
+    settings_epoch: int = 0
 
     # -- the profile and the override stack ---------------------------------------------------
 
@@ -70,17 +73,21 @@ class ACTModelState:
         if raw is not self._raw:
             self._raw = raw
             self._profile = None if raw is None else ACTProfile.from_dict(raw)
-            self._settings.clear()
+            self._drop_settings()
         return self._profile
 
     def push(self, override: Override) -> None:
         self.overrides.append(override)
-        self._settings.clear()
+        self._drop_settings()
 
     def pop(self, override: Override) -> None:
         if override in self.overrides:
             self.overrides.remove(override)
+        self._drop_settings()
+
+    def _drop_settings(self) -> None:
         self._settings.clear()
+        self.settings_epoch += 1
 
     def layer_settings(self, module, device: torch.device
                        ) -> Tuple[Optional[torch.Tensor], float, float]:
@@ -111,11 +118,6 @@ class ACTModelState:
         settings = (heads, beta, tau)
         self._settings[key] = settings
         return settings
-
-    def cached_settings(self, module, device: torch.device) -> Optional[tuple]:
-        """The settings :meth:`layer_settings` last returned for ``module`` on ``device``, while
-        no profile or override change has dropped them, else None (reads nothing else)."""
-        return self._settings.get((getattr(module, "layer_idx", None), device))
 
     # -- recorders ----------------------------------------------------------------------------
 

@@ -96,8 +96,11 @@ def calibrate(q, k, v, out, rows, beta: float, tau: float, scale: float) -> None
     """Calibrate in place the ``rows`` (from :func:`rows_to_take`) of ``out [B, Hq, 1, D]``, the
     plain step of ``q [B, Hq, 1, D]`` over ``k, v [B, Hkv, Nk, D]``."""
     if len(rows):
-        _calibrate_rows(_array(q), _array(k), _array(v), out.numpy(), rows, float(beta),
-                        float(tau), float(scale), NO_REST_LOG, stable_rest(out.dtype))
+        _calibrate_rows(_array(q), _array(k), _array(v), out.numpy(), rows, beta, tau, scale,
+                        NO_REST_LOG, _STABLE[out.dtype])
+
+
+_STABLE = {dtype: stable_rest(dtype) for dtype in _DTYPES}
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
