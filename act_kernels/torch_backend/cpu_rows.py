@@ -57,7 +57,7 @@ _RESCALE = -600.0
 
 # The loop is taken while the calibrated rows are at most 1 / MAX_ROW_SHARE of the call's rows
 # and, times the keys, at most MAX_ROW_KEYS: measured against the torch step at 1 and 2 threads
-# (benchmarks/RESULTS.md, issue 22), it is then 0.55x-0.9x of it; beyond either it can be slower.
+# (benchmarks/RESULTS.md, issue 22), it is then 0.44x-0.79x of it; beyond either it can be slower.
 MAX_ROW_SHARE = 4
 MAX_ROW_KEYS = 8192
 
