@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_results, machine_line  # noqa: E402
+from common import machine_line, publish  # noqa: E402
 
 from act_kernels import act_attention  # noqa: E402
 from act_kernels.torch_backend import cpu_rows  # noqa: E402
@@ -96,10 +96,8 @@ def main(argv=None) -> int:
             f"{args.calls} calls, both ways alternately on the same inputs. Rule: calibrated "
             f"rows <= 1/{cpu_rows.MAX_ROW_SHARE} of the rows and rows x keys <= "
             f"{cpu_rows.MAX_ROW_KEYS}.\n\n" + "\n".join(lines))
-    print(body)
-    if not args.no_write:
-        append_results("CPU decode: the calibrated rows' loop against the torch step "
-                       "(bench_cpu_rows.py)", body)
+    publish("CPU decode: the calibrated rows' loop against the torch step (bench_cpu_rows.py)",
+            body, not args.no_write)
     return 0
 
 

@@ -109,3 +109,10 @@ def append_results(title: str, body: str) -> None:
     with RESULTS.open("a") as f:
         f.write(text)
     print(f"appended to {RESULTS}")
+
+
+def publish(title: str, body: str, write: bool) -> None:
+    """Print a benchmark's ``body`` and, when ``write``, append it to RESULTS.md as ``title``."""
+    print(body)
+    if write:
+        append_results(title, body)
