@@ -213,3 +213,11 @@ def test_a_backend_call_that_builds_a_graph_keeps_the_torch_step(monkeypatch):
         grads.append(qq.grad)
     assert taken == []
     assert torch.equal(grads[0], grads[1])
+
+
+def test_without_a_place_to_cache_the_loop_still_compiles():
+    """numba refuses ``cache=True`` where it finds no writable cache location (here: a function
+    with no source file); the module then compiles per process instead of failing to import."""
+    namespace = {}
+    exec("def bump(x):\n    return x + 1\n", namespace)
+    assert cpu_rows.compiled(namespace["bump"])(41) == 42

@@ -180,7 +180,18 @@ def _loop(q, k, v, out, rows, beta, tau, scale, no_rest_log, stable):
             out[b, h, 0, d] = acc[d]
 
 
-# reassociation lets the dot products and the row sums use vector lanes; no other fast-math
-# flag (infinities are real values here)
-_calibrate_rows = (numba.njit(_loop, cache=True, nogil=True, fastmath={"reassoc", "contract"})
-                   if numba is not None else None)
+def compiled(fn):
+    """``fn`` compiled by numba (None without numba): reassociation lets the dot products and
+    the row sums use vector lanes, no other fast-math flag (infinities are real values here).
+    Cached on disk where numba finds a writable place, else compiled once per process (numba
+    refuses ``cache=True`` outright when it finds none; a read-only install must still import)."""
+    if numba is None:
+        return None
+    options = dict(nogil=True, fastmath={"reassoc", "contract"})
+    try:
+        return numba.njit(fn, cache=True, **options)
+    except RuntimeError:
+        return numba.njit(fn, **options)
+
+
+_calibrate_rows = compiled(_loop)
