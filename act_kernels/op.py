@@ -277,25 +277,28 @@ class DecodeCall:
     anything was read from the device once, so an in-place edit of it needs a new DecodeCall
     (its ``_version`` changes: :attr:`heads_version`)."""
 
-    __slots__ = ("calibrated", "beta", "tau", "scale", "name", "facts", "heads", "heads_version")
+    __slots__ = ("calibrated", "beta", "tau", "scale", "name", "facts", "q_shape", "heads",
+                 "heads_version")
 
     def __init__(self, q, k, v, heads, beta, tau, scale, backend):
         if q.shape[2] != 1:
             raise ValueError(f"DecodeCall: one query row per head, got Nq={q.shape[2]}")
         self.calibrated, _, self.beta, self.tau, self.scale, self.name, _ = _validated_args(
             q, k, v, heads, beta, tau, scale, None, backend, None)
-        self.facts = (q.shape[0], q.shape[1], k.shape[1], q.shape[3], q.dtype, q.device)
+        self.facts = (q.shape[0], k.shape[1], q.shape[3], q.dtype, q.device)
+        self.q_shape = q.shape
         self.heads = heads
         self.heads_version = heads._version if isinstance(heads, torch.Tensor) else None
 
     def fits(self, q, k, v) -> bool:
         """Are q, k, v a decode step this call was validated for (plain tensors, no gradients)?"""
-        b, hq, hkv, dim, dtype, device = self.facts
-        qs, ks = q.shape, k.shape
+        # few bytecodes: this runs for every layer of every decode step, cold after the linears
+        b, hkv, dim, dtype, device = self.facts
+        ks = k.shape
         return (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
-                and qs[2] == 1 and qs[0] == b and qs[1] == hq and qs[3] == dim
+                and q.shape == self.q_shape
                 and ks[0] == b and ks[1] == hkv and ks[2] > 0 and ks[3] == dim and v.shape == ks
-                and q.dtype == dtype and k.dtype == dtype and v.dtype == dtype
+                and q.dtype is dtype and k.dtype is dtype and v.dtype is dtype
                 and q.device == device and k.device == device and v.device == device
                 and (self.heads_version is None or self.heads._version == self.heads_version)
                 and not needs_gradients(q, k, v))
