@@ -301,7 +301,8 @@ class DecodeCall:
                 and q.dtype is dtype and k.dtype is dtype and v.dtype is dtype
                 and q.device == device and k.device == device and v.device == device
                 and (self.heads_version is None or self.heads._version == self.heads_version)
-                and not needs_gradients(q, k, v))
+                and not (torch.is_grad_enabled()          # needs_gradients, written out
+                         and (q.requires_grad or k.requires_grad or v.requires_grad)))
 
     def __call__(self, q, k, v):
         return _backend_fn(self.name)(q, k, v, self.calibrated, self.beta, self.tau, self.scale,

@@ -56,6 +56,17 @@ def decode_step(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats
     sink, and a row that sees none is 0 (``docs/spec.md`` section 3a for one row). Inside a
     compiled graph the step reads nothing on the host: every calibrated row takes the shift
     (0 where it has no sink), chosen by selects."""
+    direct = k.shape[2] >= DIRECT_MIN_KEYS
+    if attn_mask is None and key_padding_mask is None and not (return_stats or direct):
+        # a generating model's usual step, first and in few lines (it runs for every layer)
+        if heads is None:
+            return attend(q, k, v, scale, None, None, None), None
+        if not torch.compiler.is_compiling():
+            rows = cpu_rows.rows_to_take(q, k, v, heads)
+            if rows is not None:       # the plain step, then its calibrated rows in one loop
+                out = attend(q, k, v, scale, None, None, None)
+                cpu_rows.calibrate(q, k, v, out, rows, beta, tau, scale)
+                return out, None
     host_reads = not torch.compiler.is_compiling()
     if attn_mask is not None:
         visible = attn_mask[:, 0].expand(q.shape[0], k.shape[2])
@@ -64,16 +75,8 @@ def decode_step(q, k, v, heads, beta, tau, scale, key_padding_mask, return_stats
         key_padding_mask, alive = visible, visible.any(-1)
     else:
         alive = None if key_padding_mask is None else key_padding_mask[:, -1]   # the query is real
-    direct = k.shape[2] >= DIRECT_MIN_KEYS
     if heads is None and not return_stats and not direct:
         return attend(q, k, v, scale, key_padding_mask, alive, None), None
-    if (heads is not None and not (return_stats or direct) and attn_mask is None
-            and key_padding_mask is None and host_reads):
-        rows = cpu_rows.rows_to_take(q, k, v, heads)
-        if rows is not None:       # the plain step, then its calibrated rows in one loop
-            out = attend(q, k, v, scale, None, None, None)
-            cpu_rows.calibrate(q, k, v, out, rows, beta, tau, scale)
-            return out, None
     logits = all_logits(q, k, scale, key_padding_mask, alive)               # [B, Hq, Nk]
     probs = torch.softmax(logits, dim=-1)
     shift = stats = None
@@ -119,11 +122,18 @@ def row_limits(heads, tau: float, dtype) -> torch.Tensor:
 _LIMITS = TensorCache()
 
 
+_OWN_WORK = (torch.float32, torch.float64)     # dtypes that are their own work dtype
+
+
 def attend(q, k, v, scale, key_padding_mask, alive, shift):
     """``[B, Hq, 1, D]`` in q's dtype: every head's attention, one SDPA call with k and v
     unrepeated (on the CPU ``enable_gqa``; elsewhere the query heads of each kv group as the rows
     of one item, which the GPU's fused kernels take with a mask), ``shift [B, Hq, Nk]`` (or None)
     added to the logits; a padded query's row is 0."""
+    if (shift is None and key_padding_mask is None and q.is_cpu and q.dtype in _OWN_WORK
+            and q.dtype is k.dtype is v.dtype):        # the same call below, in fewer lines
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale,
+                                                                enable_gqa=True)
     dtype, work, gqa = q.dtype, work_dtype(q.dtype), q.is_cpu
     query = as_dtype(q, work)
     mask = None if shift is None else shift.unsqueeze(2)                     # [B, Hq, 1, Nk]
