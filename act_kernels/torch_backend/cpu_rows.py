@@ -69,7 +69,7 @@ def rows_to_take(q, k, v, heads):
     None: CPU, float32 or float64, no gradient to keep, ``R x Nk <=`` :data:`MAX_ROW_KEYS`
     (``heads`` a bool ``[B, Hq]``, read once per heads tensor). Warns (once) when numba is
     missing. Kept to attribute reads: on a decode step's hot path every line runs cold."""
-    if not (q.is_cpu and q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype):
+    if not (q.is_cpu and q.dtype in _DTYPES and q.dtype is k.dtype is v.dtype):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
@@ -95,17 +95,14 @@ _ROWS = TensorCache(views=False)     # keyed by the heads tensor itself: a third
 def calibrate(q, k, v, out, rows, beta: float, tau: float, scale: float) -> None:
     """Calibrate in place the ``rows`` (from :func:`rows_to_take`) of ``out [B, Hq, 1, D]``, the
     plain step of ``q [B, Hq, 1, D]`` over ``k, v [B, Hkv, Nk, D]``."""
-    if len(rows):
-        _calibrate_rows(_array(q), _array(k), _array(v), out.numpy(), rows, beta, tau, scale,
-                        NO_REST_LOG, _STABLE[out.dtype])
+    if len(rows):          # numpy views of the data (detached: no graph, as checked)
+        _calibrate_rows((q.detach() if q.requires_grad else q).numpy(),
+                        (k.detach() if k.requires_grad else k).numpy(),
+                        (v.detach() if v.requires_grad else v).numpy(), out.numpy(), rows,
+                        beta, tau, scale, NO_REST_LOG, _STABLE[out.dtype])
 
 
 _STABLE = {dtype: stable_rest(dtype) for dtype in _DTYPES}
-
-
-def _array(t: torch.Tensor) -> np.ndarray:
-    """``t``'s data as a numpy array (a view; without grad, as :func:`rows_to_take` checked)."""
-    return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
 def _loop(q, k, v, out, rows, beta, tau, scale, no_rest_log, stable):
