@@ -61,7 +61,8 @@ def run(calls):
                 for count in sorted({1, 2, hq // 4, hq}):
                     heads = torch.zeros(bsz, hq, dtype=torch.bool)
                     heads[:, :count] = True
-                    taken = (bsz * count * nk <= rule[1]) and (bsz * count * rule[0] <= bsz * hq)
+                    cpu_rows.MAX_ROW_SHARE, cpu_rows.MAX_ROW_KEYS = rule
+                    taken = cpu_rows.rows_to_take(q, k, v, heads) is not None
 
                     def call():
                         act_attention(q, k, v, heads=heads, backend="torch")
