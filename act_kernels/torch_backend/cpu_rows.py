@@ -42,7 +42,6 @@ import numpy as np
 import torch
 
 from ..calibration import NO_REST_LOG, stable_rest
-from ..gradients import needs_gradients
 from ..tensor_cache import TensorCache
 
 try:
@@ -72,7 +71,8 @@ def rows_to_take(q, k, v, heads):
     missing. Kept to attribute reads: on a decode step's hot path every line runs cold."""
     if not (q.is_cpu and q.dtype in _DTYPES and q.dtype is k.dtype is v.dtype):
         return None
-    if needs_gradients(q, k, v):
+    # gradients.needs_gradients, written out: that module is a layer above the backend
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
     rows = _ROWS.get(heads, _listed)
     if len(rows) * k.shape[2] > MAX_ROW_KEYS or len(rows) * MAX_ROW_SHARE > heads.numel():
